@@ -1,0 +1,42 @@
+# DefectOps developer entry points. `make run` and `make test` create .venv with pinned dependencies when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP_FLAGS := --disable-pip-version-check -q
+export MLFLOW_DISABLE_TELEMETRY := true
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+
+.PHONY: run test lint typecheck bench clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements.lock -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements.lock -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed  ## train, gate, register and export on the embedded synthetic data (ARGS="key=value ...")
+	$(BIN)/defectops run $(ARGS)
+
+test: $(VENV)/.installed-test  ## run the whole test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test  ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed  ## wall time of each step of the default run
+	$(BIN)/python benchmarks/bench_run.py
+
+clean:  ## remove the venv and the default home
+	rm -rf $(VENV) defectops-home

@@ -1,0 +1,223 @@
+"""Release gates: may this model replace the champion on the line?
+
+What: :func:`evaluate_gates` turns :class:`~evaluation.metrics.ClassificationMetrics` (plus, optionally, the
+champion's metrics on the same evaluation set and a measured per-crop latency) into a :class:`GateReport` with
+one :class:`GateResult` per check:
+
+- ``macro_recall``            macro recall >= ``min_macro_recall``;
+- ``recall[<class>]``         recall of every class (the good class included) >= its threshold,
+                              ``class_recall[<class>]`` when given, else ``min_class_recall``. A class with no
+                              samples in the evaluation set fails: an unevaluated class must not pass silently;
+- ``escape_rate``             <= ``max_escape_rate``;
+- ``false_call_rate``         <= ``max_false_call_rate``;
+- ``no_regression:macro_recall`` and ``no_regression:recall[<class>]`` (only with a champion): the candidate
+                              may lose at most ``max_regression`` against the champion. Skipped for a class the
+                              champion has no recall for (absent from its classes or without support), since
+                              there is no baseline; a candidate class without support already fails above;
+- ``latency``                 per-crop latency <= ``max_latency_ms``; skipped when the budget is ``None`` or no
+                              latency is given.
+
+Why: promotion must be decided by explicit, logged, individually explainable checks rather than one score.
+Everything here is pure (no I/O). Comparisons allow a 1e-9 tolerance so that e.g. ``0.88 >= 0.90 - 0.02``
+holds despite floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from evaluation.metrics import ClassificationMetrics
+
+__all__ = ["GateConfig", "GateReport", "GateResult", "evaluate_gates"]
+
+_TOL = 1e-9
+
+
+@dataclass
+class GateConfig:
+    """Thresholds of the release gates (a Hydra structured-config group; field names are part of the config API).
+
+    Rates and recalls are fractions in ``[0, 1]``; ``class_recall`` maps class names to a per-class minimum
+    recall that overrides ``min_class_recall``; ``max_regression`` is the allowed drop of macro recall and of any
+    class recall against the champion; ``max_latency_ms`` is the per-crop latency budget (``None`` = no gate).
+    """
+
+    min_macro_recall: float = 0.90
+    min_class_recall: float = 0.80
+    class_recall: dict[str, float] = field(default_factory=dict)
+    max_escape_rate: float = 0.05
+    max_false_call_rate: float = 0.25
+    max_regression: float = 0.02
+    max_latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of one gate: ``value <comparison> threshold`` with ``comparison`` in ``{">=", "<="}``.
+
+    ``value`` is ``None`` when the metric could not be measured (then ``passed`` is ``False``).
+    """
+
+    name: str
+    metric: str
+    value: float | None
+    threshold: float
+    comparison: str
+    passed: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "value": self.value,
+            "threshold": self.threshold,
+            "comparison": self.comparison,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GateResult:
+        """Inverse of :meth:`to_dict`."""
+        value = d["value"]
+        return cls(
+            name=str(d["name"]),
+            metric=str(d["metric"]),
+            value=None if value is None else float(value),
+            threshold=float(d["threshold"]),
+            comparison=str(d["comparison"]),
+            passed=bool(d["passed"]),
+            detail=str(d["detail"]),
+        )
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """All gate results; ``passed`` is true only when every gate passed."""
+
+    passed: bool
+    results: tuple[GateResult, ...]
+
+    def failed(self) -> tuple[GateResult, ...]:
+        """The gates that did not pass, in evaluation order."""
+        return tuple(r for r in self.results if not r.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"passed": self.passed, "results": [r.to_dict() for r in self.results]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GateReport:
+        """Inverse of :meth:`to_dict`."""
+        return cls(passed=bool(d["passed"]), results=tuple(GateResult.from_dict(r) for r in d["results"]))
+
+
+def _fmt(x: float, unit: str = "") -> str:
+    return f"{x:.2f} {unit}" if unit else f"{x:.4f}"
+
+
+def _check(
+    name: str, metric: str, value: float, threshold: float, comparison: str, what: str, unit: str = ""
+) -> GateResult:
+    """Compare a measured value against a threshold and explain the outcome in ``detail``."""
+    if comparison == ">=":
+        passed = value >= threshold - _TOL
+        verdict = "meets" if passed else "is below"
+        bound = "minimum"
+    else:
+        passed = value <= threshold + _TOL
+        verdict = "is within" if passed else "exceeds"
+        bound = "maximum"
+    detail = f"{what} {_fmt(value, unit)} {verdict} the {bound} {_fmt(threshold, unit)}"
+    return GateResult(name, metric, float(value), float(threshold), comparison, passed, detail)
+
+
+def _validate_config(cfg: GateConfig, classes: tuple[str, ...]) -> None:
+    unknown = sorted(set(cfg.class_recall) - set(classes))
+    if unknown:
+        raise ValueError(f"GateConfig.class_recall names unknown classes {unknown}; known classes: {list(classes)}")
+    fractions = {
+        "min_macro_recall": cfg.min_macro_recall,
+        "min_class_recall": cfg.min_class_recall,
+        "max_escape_rate": cfg.max_escape_rate,
+        "max_false_call_rate": cfg.max_false_call_rate,
+        "max_regression": cfg.max_regression,
+        **{f"class_recall[{c}]": v for c, v in cfg.class_recall.items()},
+    }
+    bad = {k: v for k, v in fractions.items() if not 0.0 <= float(v) <= 1.0}  # NaN fails this test too
+    if bad:
+        raise ValueError(f"GateConfig values must be fractions in [0, 1], got {bad}")
+    if cfg.max_latency_ms is not None and not float(cfg.max_latency_ms) > 0:
+        raise ValueError(f"GateConfig.max_latency_ms must be positive or None, got {cfg.max_latency_ms}")
+
+
+def evaluate_gates(
+    metrics: ClassificationMetrics,
+    cfg: GateConfig,
+    *,
+    champion: ClassificationMetrics | None = None,
+    latency_ms: float | None = None,
+) -> GateReport:
+    """Evaluate every release gate (listed in the module docstring) for a candidate model.
+
+    Inputs: ``metrics`` of the candidate; ``cfg`` thresholds; ``champion`` the current production model's metrics
+    on the same evaluation set (enables the no-regression gates); ``latency_ms`` the measured per-crop latency.
+    Raises ``ValueError`` when ``cfg.class_recall`` names classes unknown to ``metrics`` or thresholds are out of
+    range.
+    """
+    _validate_config(cfg, metrics.classes)
+    results: list[GateResult] = []
+
+    results.append(
+        _check("macro_recall", "macro_recall", metrics.macro_recall, cfg.min_macro_recall, ">=", "macro recall")
+    )
+
+    for c in metrics.classes:
+        key = f"recall[{c}]"
+        threshold = float(cfg.class_recall.get(c, cfg.min_class_recall))
+        recall = metrics.per_class_recall.get(c, math.nan)
+        if metrics.support.get(c, 0) == 0 or math.isnan(recall):
+            detail = f"no samples of class {c} in the evaluation set"
+            results.append(GateResult(key, key, None, threshold, ">=", False, detail))
+        else:
+            results.append(_check(key, key, recall, threshold, ">=", f"recall of {c}"))
+
+    results.append(_check("escape_rate", "escape_rate", metrics.escape_rate, cfg.max_escape_rate, "<=", "escape rate"))
+    results.append(
+        _check(
+            "false_call_rate",
+            "false_call_rate",
+            metrics.false_call_rate,
+            cfg.max_false_call_rate,
+            "<=",
+            "false-call rate",
+        )
+    )
+
+    if champion is not None:
+        floor = champion.macro_recall - cfg.max_regression
+        what = f"macro recall (champion {_fmt(champion.macro_recall)}, allowed drop {_fmt(cfg.max_regression)})"
+        results.append(_check("no_regression:macro_recall", "macro_recall", metrics.macro_recall, floor, ">=", what))
+        for c in metrics.classes:
+            key = f"recall[{c}]"
+            mine = metrics.per_class_recall.get(c, math.nan)
+            theirs = champion.per_class_recall.get(c, math.nan)
+            if math.isnan(mine) or math.isnan(theirs):
+                continue  # no baseline, or the candidate already fails its recall gate
+            what = f"recall of {c} (champion {_fmt(theirs)}, allowed drop {_fmt(cfg.max_regression)})"
+            results.append(_check(f"no_regression:{key}", key, mine, theirs - cfg.max_regression, ">=", what))
+
+    if cfg.max_latency_ms is not None and latency_ms is not None:
+        results.append(
+            _check(
+                "latency", "latency_ms", float(latency_ms), float(cfg.max_latency_ms), "<=", "latency per crop", "ms"
+            )
+        )
+
+    out = tuple(results)
+    return GateReport(passed=all(r.passed for r in out), results=out)

@@ -1,0 +1,261 @@
+"""``defectops``: the command line for running the pipeline locally, one step at a time, and opening MLflow.
+
+Exit codes (stable, for CI): 0 success; 1 a step failed (the message names the step and the cause); 2 usage or
+configuration error; 3 the model failed its evaluation gates (it is registered for traceability, not promoted).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import logging  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATES = 0, 1, 2, 3
+
+app = typer.Typer(
+    name="defectops", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="Train, gate, register and export defect-detection models for electronics manufacturing.\n\n"
+         "Exit codes: 0 ok, 1 a step failed, 2 usage/config error, 3 gates failed.",
+)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="Hydra overrides: key=value (e.g. train.epochs=5 model=vit data.synth.n_boards=60), +experiment=tiny.",
+    show_default=False)]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(overrides: list[str] | None) -> Any:
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        return load_config(list(overrides or []))
+    except ConfigError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+
+
+class RichReporter:
+    """Progress bars for long work inside steps."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: list[Any] = []
+
+    def task(self, description: str, total: int | None) -> Any:
+        tid = self.progress.add_task(f"  {description}", total=total)
+        self.tasks.append(tid)
+        return lambda n: self.progress.advance(tid, n)
+
+    def clear(self) -> None:
+        for tid in self.tasks:
+            self.progress.remove_task(tid)
+        self.tasks.clear()
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(f"  [dim]{message}[/]", highlight=False)
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+@app.command()
+def run(overrides: Overrides = None) -> None:
+    """Run the whole pipeline: pull_data -> validate_data -> train -> evaluate -> register -> export -> verify_export.
+
+    Everything lives under $DEFECTOPS_HOME (default ./defectops-home): runs/<run-id>/, the MLflow database and its
+    artifacts. The run id is derived from the configuration, so rerunning the same command resumes an interrupted run
+    (completed steps are skipped, training continues from its last checkpoint).
+    """
+    from pipelines.config import home_dir
+    from pipelines.context import StepError
+    from pipelines.runner import RunError, run_pipeline
+
+    cfg = _load(overrides)
+    home = home_dir()
+    with _progress() as progress:
+        reporter = RichReporter(progress)
+
+        def on_step(step: Any, outcome: Any) -> None:
+            reporter.clear()
+            if outcome == "start":
+                progress.console.print(f"[bold cyan]▶ {step.name}[/] [dim]{step.summary}[/]")
+            elif outcome.status == "skipped":
+                progress.console.print("  [dim]already complete, skipped[/]")
+            else:
+                progress.console.print(f"  [green]✓ {step.name}[/] in {outcome.seconds:.1f} s")
+        try:
+            ctx, _ = run_pipeline(cfg, home=home, reporter=reporter, on_step=on_step)
+        except StepError as e:
+            raise _fail(str(e), EXIT_USAGE) from None
+        except RunError as e:
+            progress.stop()
+            root = home / "runs"
+            _print_results_if_any(root, e)
+            raise _fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
+    _print_results(ctx.root)
+
+
+def _print_results_if_any(runs: Path, e: Exception) -> None:
+    cause = e.__cause__
+    if cause is None:
+        return
+    for summary in sorted(runs.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]:
+        _print_results(summary.parent)
+
+
+def _print_results(root: Path) -> None:
+    from pipelines.fsutil import read_json
+
+    s = read_json(root / "summary.json")
+    gates = read_json(root / "gates.json") if (root / "gates.json").is_file() else {"results": []}
+    m = s["metrics"]
+    t = Table(title="Per-class results (test crops)", title_justify="left")
+    t.add_column("class")
+    t.add_column("recall", justify="right")
+    t.add_column("precision", justify="right")
+    metrics_full = read_json(root / "metrics.json") if (root / "metrics.json").is_file() else {}
+    order = metrics_full.get("classes") or list(m.get("per_class_recall") or {})
+    for cls in order:
+        rec = (m.get("per_class_recall") or {}).get(cls)
+        prec = (m.get("per_class_precision") or {}).get(cls)
+        t.add_row(cls, "-" if rec is None else f"{rec:.3f}", "-" if prec is None else f"{prec:.3f}")
+    console.print(t)
+    g = Table(title="Gates", title_justify="left")
+    for col in ("gate", "value", "threshold", "result"):
+        g.add_column(col, justify="right" if col in ("value", "threshold") else "left")
+    for r in gates["results"]:
+        value = "-" if r.get("value") is None else f"{r['value']:.4f}"
+        g.add_row(escape(r["name"]), value, f"{r['comparison']} {r['threshold']}",
+                  "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
+    console.print(g)
+    w = Table(title="Where everything is", title_justify="left", show_header=False)
+    w.add_column("what")
+    w.add_column("value", overflow="fold")
+    rows = [("run", s["run_id"]), ("run root", s["run_root"]), ("registered model", f"{s['registered_model']} "
+            f"v{s['version']} aliases={','.join(s['aliases']) or '-'}"), ("MLflow", s["tracking_uri"]),
+            ("macro recall", f"{m.get('macro_recall')}"), ("escape rate", f"{m.get('escape_rate')}"),
+            ("false-call rate", f"{m.get('false_call_rate')}"), ("report", str(s["report"])),
+            ("ONNX", str(s["onnx_path"])), ("Triton repository", str(s["triton_repository"])),
+            ("summary", str(root / "summary.json"))]
+    if s.get("onnx_parity"):
+        p = s["onnx_parity"]
+        rows.append(("ONNX parity", f"top-1 agreement {p['top1_agreement']:.4f}, "
+                                    f"max |logit diff| {p['max_abs_logit_diff']:.2e}"))
+    for k, v in rows:
+        w.add_row(k, v)
+    console.print(w)
+
+
+@app.command()
+def step(
+    name: Annotated[str, typer.Argument(help="Step to run: pull_data, validate_data, train, evaluate, register, "
+                                              "export, verify_export.")],
+    run_root: Annotated[Path, typer.Option("--run-root", help="The run's folder (created if missing).")],
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option(help="Run even if the step already completed in this run root.")] = False,
+) -> None:
+    """Run one step of the DAG against a run root (what an Argo pod calls).
+
+    The run root's config.yaml (written by its first step) is the configuration; overrides are only accepted when
+    the run root is new.
+    """
+    from pipelines.config import from_yaml, home_dir
+    from pipelines.context import StepError
+    from pipelines.dag import STEP_NAMES
+    from pipelines.runner import RunError, run_single
+
+    if name not in STEP_NAMES:
+        raise _fail(f"unknown step {name!r}: choose one of {', '.join(STEP_NAMES)}", EXIT_USAGE)
+    cfg_file = run_root / "config.yaml"
+    if cfg_file.is_file() and not overrides:
+        cfg = from_yaml(cfg_file.read_text(encoding="utf-8"))
+    else:
+        cfg = _load(overrides)
+    with _progress() as progress:
+        try:
+            outcome = run_single(name, cfg, run_root.resolve(), home=home_dir(), reporter=RichReporter(progress),
+                                 force=force)
+        except StepError as e:
+            raise _fail(str(e), EXIT_USAGE) from None
+        except RunError as e:
+            raise _fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
+    console.print(f"[green]✓ {name}[/] {outcome.status} ({outcome.seconds:.1f} s)")
+
+
+@app.command("steps")
+def list_steps() -> None:
+    """List the DAG's steps in order with the config groups each one reads."""
+    from pipelines.dag import DAG
+
+    t = Table("step", "reads", "what it does")
+    for s in DAG:
+        t.add_row(s.name, ", ".join(s.config_params), s.summary)
+    console.print(t)
+
+
+@config_app.command("show")
+def config_show(overrides: Overrides = None) -> None:
+    """Print the resolved configuration (after overrides) as YAML, and the run id it maps to."""
+    from pipelines.config import run_id, to_yaml
+
+    cfg = _load(overrides)
+    console.print(to_yaml(cfg), highlight=False, markup=False)
+    console.print(f"# run id: {run_id(cfg)}", highlight=False, markup=False)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+) -> None:
+    """Open the MLflow UI on this home's registry (runs, metrics, model versions, aliases)."""
+    from pipelines.config import home_dir
+
+    home = home_dir()
+    db = home / "mlflow.db"
+    if not db.is_file():
+        raise _fail(f"no registry at {db} yet: run `defectops run` first (or set DEFECTOPS_HOME)", EXIT_USAGE)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", host,
+           "--port", str(port)]
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def main() -> None:
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted: rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""The DAG's steps: plain typed functions from a run root (and the sub-configs they name) to a JSON-able result.
+
+Every input and output is a file under the run root, so a step behaves the same in-process (local runner) and in a
+pod (``defectops step <name> --run-root ...``). The runner passes each parameter named after a config group
+(``data``, ``model``, ``train``, ``gates``, ``registry``, ``export``, ``seed``) from the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.gates import GateConfig, GateReport, evaluate_gates
+from evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
+from evaluation.report import Miss, render_report
+from pipelines.config import artifact_location, tracking_uri
+from pipelines.context import GateFailure, StepContext, StepError
+from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
+from registry.config import RegistryConfig
+from serving.config import ExportConfig
+from training.config import DataConfig, ModelConfig, TrainConfig
+from training.snapshot import Snapshot, deeppcb_samples, load_snapshot, write_snapshot
+from training.synth import DEFECT_TYPES
+
+SNAPSHOT = "data/snapshot"
+BOARDS = "data/boards"
+VALIDATION = "data/validation.json"
+CROPS = "data/crops"
+CHECKPOINTS = "train/checkpoints"
+MODEL = "train/model.pt"
+MLFLOW_RUN = "train/mlflow_run.json"
+PREDICTIONS = "eval/predictions.npz"
+METRICS = "metrics.json"
+GATES = "gates.json"
+REPORT = "report.html"
+REGISTRATION = "registry.json"
+ONNX = "export/model.onnx"
+PARITY = "export/parity.json"
+ONNX_METRICS = "export/metrics.json"
+ONNX_GATES = "export/gates.json"
+TRITON = "triton"
+
+
+def task_classes(data: DataConfig) -> list[str]:
+    return [data.good_class, *DEFECT_TYPES]
+
+
+# --------------------------------------------------------------------------------------------------- pull_data
+def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
+    """Materialise the board snapshot: generate synthetic boards, or index a DeepPCB-format folder in place."""
+    from training.synth import write_deeppcb_root
+
+    classes = task_classes(data)
+    split = data.split
+    if data.source == "synth":
+        s = data.synth
+        boards = ctx.path(BOARDS)
+        if not (boards / "trainval.txt").is_file():
+            advance = ctx.reporter.task("generating synthetic boards", s.n_boards)
+            with atomic_dir(boards) as tmp:
+                write_deeppcb_root(tmp, s.n_boards, s.seed, size=s.size, defects=(s.defects[0], s.defects[1]),
+                                   defect_rate=s.defect_rate, nuisance=(s.nuisance[0], s.nuisance[1]),
+                                   progress=lambda _done: advance(1))
+        root, list_file, source = boards, "trainval.txt", f"synth:seed={s.seed}"
+    elif data.source == "deeppcb":
+        if not data.root:
+            raise StepError("data.root is not set: pass data.root=/path/to/PCBData (a DeepPCB-format folder)")
+        root = Path(data.root).expanduser().resolve()
+        if not root.is_dir():
+            raise StepError(f"data.root {root} does not exist: pass data.root=<a DeepPCB-format folder>")
+        list_file, source = data.list_file, f"deeppcb:{root.name}"
+    else:
+        raise StepError(f"unknown data.source {data.source!r}: use synth or deeppcb")
+    try:
+        samples = deeppcb_samples(root, list_file, val=split.val, test=split.test, seed=split.seed, source=source)
+    except (FileNotFoundError, ValueError) as e:
+        raise StepError(str(e)) from None
+    snap = write_snapshot(ctx.path(SNAPSHOT), samples, classes, files_root=root)
+    counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in ("train", "val", "test")}
+    return {"fingerprint": snap.fingerprint, "boards": len(samples), "splits": counts, "files_root": str(root)}
+
+
+# ------------------------------------------------------------------------------------------------ validate_data
+def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
+    """Validate the board snapshot (quarantine with reasons) and cut candidate crops from the accepted boards."""
+    from training.crops import build_crops
+    from training.validation import validate_snapshot
+
+    snap = load_snapshot(ctx.path(SNAPSHOT))
+    advance = ctx.reporter.task("validating boards", len(snap.samples))
+    report = validate_snapshot(snap, data.validation, progress=advance)
+    write_json(ctx.path(VALIDATION), report.to_dict())
+    if report.bad_fraction > data.validation.max_bad_fraction:
+        first = "; ".join(f"{q.path}: {q.reason}" for q in report.quarantined[:3])
+        raise StepError(f"{len(report.quarantined)} of {report.total} boards quarantined (over "
+                        f"data.validation.max_bad_fraction={data.validation.max_bad_fraction}): {first}; "
+                        f"full list in {ctx.path(VALIDATION)}")
+    advance = ctx.reporter.task("cutting candidate crops", len(report.accepted))
+    with atomic_dir(ctx.path(CROPS)) as tmp:
+        crops, stats = build_crops(snap, report.accepted, tmp, data.candidates, snap.classes, data.good_class,
+                                   progress=advance)
+    return {"quarantined": len(report.quarantined), "accepted": len(report.accepted), **stats.to_dict(),
+            "crop_fingerprint": crops.fingerprint}
+
+
+# ------------------------------------------------------------------------------------------------------- train
+def _registry_client(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, str]:
+    from registry import mlflow_registry as reg
+
+    uri = tracking_uri(registry, ctx.home)
+    c = reg.client(uri)
+    exp = reg.ensure_experiment(c, registry.experiment, artifact_location(registry, ctx.home))
+    return c, exp
+
+
+def _mlflow_run(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, str]:
+    from registry import mlflow_registry as reg
+
+    c, exp = _registry_client(ctx, registry)
+    f = ctx.path(MLFLOW_RUN)
+    existing = read_json(f)["run_id"] if f.is_file() else None
+    rid = reg.start_run(c, exp, ctx.run_id, existing, {"defectops.run_id": ctx.run_id,
+                                                       "defectops.config_hash": ctx.config_hash})
+    if rid != existing:
+        write_json(f, {"run_id": rid, "tracking_uri": c.tracking_uri})
+    return c, rid
+
+
+def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
+          seed: int) -> dict[str, Any]:
+    """Train the crop classifier with checkpoints every epoch; a rerun resumes from the newest checkpoint."""
+    import torch
+
+    from registry import mlflow_registry as reg
+    from training.data import class_counts, load_split
+    from training.trainer import CheckpointError, fit
+
+    crops = load_snapshot(ctx.path(CROPS))
+    x_train, y_train, _ = load_split(crops, "train")
+    x_val, y_val, _ = load_split(crops, "val")
+    c, rid = _mlflow_run(ctx, registry)
+    reg.log_params(c, rid, {"model": model.name, "epochs": train.epochs, "batch_size": train.batch_size,
+                            "lr": train.lr, "sampler": train.sampler, "loss": train.loss.name,
+                            "gamma": train.loss.gamma, "seed": seed, "train_samples": len(y_train),
+                            "dataset_fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint})
+    per_epoch = len(y_train) // train.batch_size * train.batch_size if len(y_train) > train.batch_size else len(y_train)
+    advance = ctx.reporter.task(f"training {model.name}", train.epochs * per_epoch)
+
+    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            if k != "epoch":
+                c.log_metric(rid, f"train_{k}" if not k.startswith("val_") else k, float(v), step=epoch)
+        ctx.reporter.log(f"epoch {epoch}/{train.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()
+                                                                     if k != "epoch"))
+
+    try:
+        result = fit(x_train, y_train, crops.classes, model, train, ctx.path(CHECKPOINTS), seed=seed,
+                     val=(x_val, y_val), on_epoch=on_epoch, on_batch=advance)
+    except CheckpointError as e:
+        raise StepError(str(e)) from None
+    if result.resumed_from:
+        advance(result.resumed_from * per_epoch)
+    with atomic_path(ctx.path(MODEL)) as tmp:
+        state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+        for k in ("optimizer", "scheduler"):
+            state.pop(k, None)
+        torch.save(state, tmp)
+    return {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
+            "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def _champion_metrics(ctx: StepContext, registry: RegistryConfig) -> tuple[ClassificationMetrics | None, str | None]:
+    from registry import mlflow_registry as reg
+
+    c, _ = _registry_client(ctx, registry)
+    mv = reg.alias_version(c, registry.model_name, registry.champion_alias)
+    if mv is None or not mv.run_id:
+        return None, None
+    try:
+        local = c.download_artifacts(mv.run_id, METRICS, str(ctx.path("eval")))
+        return ClassificationMetrics.from_dict(read_json(Path(local))), str(mv.version)
+    except Exception:  # a champion without metrics cannot be compared against; say so in the report
+        return None, str(mv.version)
+
+
+def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig) -> dict[str, Any]:
+    """Score the trained model on the test crops, apply the gates and write metrics, gates and the HTML report."""
+    from training.data import load_split, to_tensor
+    from training.engine import predict_logits, softmax
+    from training.trainer import CheckpointError, load_trained_model, resolve_device
+
+    crops = load_snapshot(ctx.path(CROPS))
+    x, y, paths = load_split(crops, "test")
+    if len(y) == 0:
+        raise StepError("the test split has no crops: add boards (data.synth.n_boards) or raise data.split.test")
+    try:
+        net, state = load_trained_model(ctx.path(MODEL))
+    except CheckpointError as e:
+        raise StepError(str(e)) from None
+    logits = predict_logits(net, to_tensor(x), resolve_device("cpu"))
+    probs = softmax(logits)
+    metrics = classification_metrics(y, probs, crops.classes, data.good_class)
+    champion, champion_version = _champion_metrics(ctx, registry)
+    report = evaluate_gates(metrics, gates, champion=champion)
+    with atomic_path(ctx.path(PREDICTIONS)) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, logits=logits, labels=y, paths=np.asarray(paths))
+    write_json(ctx.path(METRICS), metrics.to_dict())
+    write_json(ctx.path(GATES), report.to_dict())
+    _write_report(ctx, metrics, report, probs, y, x, crops, state, champion_version)
+    return {"passed": report.passed, "failed": [g.name for g in report.failed()], "macro_recall": metrics.macro_recall,
+            "champion_version": champion_version}
+
+
+def _write_report(ctx: StepContext, metrics: ClassificationMetrics, gates: GateReport, probs: np.ndarray,
+                  y: np.ndarray, x: np.ndarray, crops: Snapshot, state: dict[str, Any],
+                  champion_version: str | None) -> None:
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:16]
+    misses = [Miss(image=x[i], true_label=crops.classes[y[i]], predicted=crops.classes[pred[i]],
+                   confidence=float(probs[i, pred[i]]), caption="RGB = tested, template, difference") for i in worst]
+    info = {"run id": ctx.run_id, "model": str(state.get("model_name")), "epochs": str(state.get("epoch")),
+            "dataset fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint[:16],
+            "test crops": str(len(y)), "champion compared": champion_version or "none (first model)"}
+    render_report(ctx.path(REPORT), title=f"DefectOps evaluation: {ctx.run_id}", metrics=metrics, gates=gates,
+                  curves=pr_curves(y, probs, crops.classes), info=info, misses=misses)
+
+
+# ---------------------------------------------------------------------------------------------------- register
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
+    """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
+    import mlflow.pytorch
+
+    from registry import mlflow_registry as reg
+    from training.trainer import load_trained_model
+
+    gates = GateReport.from_dict(read_json(ctx.path(GATES)))
+    c, rid = _mlflow_run(ctx, registry)
+    net, state = load_trained_model(ctx.path(MODEL))
+    model_dir = ctx.path("register/model")
+    if not (model_dir / "MLmodel").is_file():
+        with atomic_dir(model_dir) as tmp:
+            shutil.rmtree(tmp)
+            size = int(state["img_size"])
+            mlflow.pytorch.save_model(net, str(tmp), serialization_format="pickle",
+                                      input_example=np.zeros((1, 3, size, size), np.float32),
+                                      pip_requirements=["defectops", "torch==2.14.1", "timm"])
+    files = {"": ctx.path(METRICS), "evidence": ctx.path(GATES)}
+    reg.log_artifacts(c, rid, {"": ctx.path(METRICS)})
+    reg.log_artifacts(c, rid, {"evidence": ctx.path(GATES)})
+    reg.log_artifacts(c, rid, {"evidence": ctx.path(REPORT)})
+    reg.log_artifacts(c, rid, {"evidence": ctx.path("config.yaml")})
+    c.log_artifacts(rid, str(model_dir), "model")
+    del files
+    metrics = read_json(ctx.path(METRICS))
+    for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
+        if metrics.get(k) is not None:
+            c.log_metric(rid, f"test_{k}", float(metrics[k]))
+    fingerprint = load_snapshot(ctx.path(SNAPSHOT)).fingerprint
+    source = f"{c.get_run(rid).info.artifact_uri}/model"
+    tags = {
+        "defectops.dataset_fingerprint": fingerprint,
+        "defectops.git_commit": _git_commit(),
+        "defectops.config_hash": ctx.config_hash,
+        "defectops.gates_passed": str(gates.passed).lower(),
+        "defectops.gates_failed": ",".join(g.name for g in gates.failed()) or "none",
+        "defectops.macro_recall": f"{metrics['macro_recall']:.4f}",
+        "defectops.review_status": "pending" if gates.passed else "not-eligible",
+    }
+    try:
+        mv = reg.register(c, registry.model_name, source, rid, ctx.run_id, tags,
+                          description=f"DefectOps run {ctx.run_id}")
+    except Exception as e:
+        raise StepError(f"could not register in MLflow at {c.tracking_uri}: {str(e)[:200]}") from None
+    if gates.passed:
+        c.set_registered_model_alias(registry.model_name, registry.challenger_alias, str(mv.version))
+    result = {"registered_model": registry.model_name, "version": str(mv.version),
+              "aliases": reg.aliases_of(c, registry.model_name, str(mv.version)), "tracking_uri": c.tracking_uri,
+              "mlflow_run_id": rid, "gates_passed": gates.passed}
+    write_json(ctx.path(REGISTRATION), result)
+    if not gates.passed:
+        failed = [f"{g.name} ({g.detail})" for g in gates.failed()]
+        raise GateFailure(f"gates failed, version {mv.version} registered without '{registry.challenger_alias}': "
+                          + "; ".join(failed), [g.name for g in gates.failed()])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def export(ctx: StepContext, export: ExportConfig) -> dict[str, Any]:
+    """Export the trained model to ONNX with a dynamic batch axis."""
+    from serving.onnx_export import export_onnx
+    from training.trainer import load_trained_model
+
+    net, state = load_trained_model(ctx.path(MODEL))
+    size = int(state["img_size"])
+    export_onnx(net, ctx.path(ONNX), input_shape=(3, size, size), opset=export.opset)
+    return {"onnx_path": str(ctx.path(ONNX)), "opset": export.opset, "bytes": ctx.path(ONNX).stat().st_size}
+
+
+def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
+                  registry: RegistryConfig) -> dict[str, Any]:
+    """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
+    Triton model repository. A failure removes the challenger alias."""
+    from registry import mlflow_registry as reg
+    from serving.onnx_export import onnx_logits, onnx_session, parity
+    from serving.triton import write_repository
+    from training.data import load_split, to_tensor
+    from training.engine import softmax
+
+    crops = load_snapshot(ctx.path(CROPS))
+    x, y, _ = load_split(crops, "test")
+    ref = np.load(ctx.path(PREDICTIONS))["logits"]
+    logits = onnx_logits(onnx_session(ctx.path(ONNX)), to_tensor(x).numpy())
+    par = parity(ref, logits)
+    metrics = classification_metrics(y, softmax(logits), crops.classes, data.good_class)
+    champion = None
+    if ctx.path(METRICS).is_file():
+        pass
+    report = evaluate_gates(metrics, gates, champion=champion)
+    write_json(ctx.path(PARITY), par.to_dict())
+    write_json(ctx.path(ONNX_METRICS), metrics.to_dict())
+    write_json(ctx.path(ONNX_GATES), report.to_dict())
+    registration = read_json(ctx.path(REGISTRATION))
+    c, rid = _mlflow_run(ctx, registry)
+    version = registration["version"]
+    problems = []
+    if par.top1_agreement < export.min_top1_agreement:
+        problems.append(f"top-1 agreement {par.top1_agreement:.4f} < export.min_top1_agreement "
+                        f"{export.min_top1_agreement}")
+    if par.max_abs_logit_diff > export.max_logit_diff:
+        problems.append(f"max logit difference {par.max_abs_logit_diff:.2e} > export.max_logit_diff "
+                        f"{export.max_logit_diff}")
+    problems += [f"ONNX gate {g.name} ({g.detail})" for g in report.failed()]
+    tags = {"defectops.onnx_top1_agreement": f"{par.top1_agreement:.6f}",
+            "defectops.onnx_max_logit_diff": f"{par.max_abs_logit_diff:.3e}",
+            "defectops.onnx_gates_passed": str(report.passed).lower(),
+            "defectops.export_verified": str(not problems).lower()}
+    for k, v in tags.items():
+        c.set_model_version_tag(registry.model_name, version, k, v)
+    c.log_artifact(rid, str(ctx.path(ONNX)), "onnx")
+    c.log_artifact(rid, str(ctx.path(PARITY)), "onnx")
+    if problems:
+        if registry.challenger_alias in reg.aliases_of(c, registry.model_name, version):
+            c.delete_registered_model_alias(registry.model_name, registry.challenger_alias)
+        raise StepError("exported model failed verification, challenger alias removed: " + "; ".join(problems))
+    size = int(x.shape[1])
+    model_dir = write_repository(ctx.path(TRITON), registry.model_name, ctx.path(ONNX), crops.classes,
+                                 (3, size, size), export.triton, version=int(version))
+    return {"parity": par.to_dict(), "onnx_macro_recall": metrics.macro_recall, "triton_model": str(model_dir)}
+
+
+STEP_FUNCTIONS = {f.__name__: f for f in (pull_data, validate_data, train, evaluate, register, export, verify_export)}

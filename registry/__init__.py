@@ -1,0 +1,1 @@
+"""MLflow registration of gated models: versions, tags, aliases (``challenger``, ``champion``)."""

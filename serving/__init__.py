@@ -1,0 +1,1 @@
+"""ONNX export, re-validation of exported artifacts, and the Triton model repository."""

@@ -1,0 +1,24 @@
+"""Export and serving configuration (Hydra structured-config group ``export``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TritonConfig:
+    max_batch_size: int = 64
+    preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
+    max_queue_delay_us: int = 500
+    instances: int = 1
+    instance_kind: str = "KIND_CPU"
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export and the parity required between the checkpoint and the exported model."""
+
+    opset: int = 17
+    min_top1_agreement: float = 0.999
+    max_logit_diff: float = 1e-3
+    triton: TritonConfig = field(default_factory=TritonConfig)

@@ -1,0 +1,75 @@
+"""Export a crop classifier to ONNX (dynamic batch) and run it through onnxruntime.
+
+Input ``images``: float32 (N, C, H, W) in [0, 1]; output ``logits``: float32 (N, num_classes). The graph includes the
+model's normalisation, so every runtime preprocesses the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from pipelines.fsutil import atomic_path
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = 17) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch axis, checked by ``onnx.checker`` before it becomes visible."""
+    model = model.eval().cpu()
+    dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+        onnx.checker.check_model(onnx.load(str(tmp)))
+    return path
+
+
+def onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits for float32 (N, C, H, W) images in [0, 1]."""
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images[i:i + batch_size], np.float32)})[0]
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement of two runtimes on the same inputs."""
+
+    n: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """Compare logits (N, C) of the reference runtime with a candidate's; pure."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
+    if len(reference) == 0:
+        raise ValueError("parity needs at least one sample")
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    agree = float((reference.argmax(1) == candidate.argmax(1)).mean())
+    return Parity(len(reference), agree, float(diff.max()), float(diff.mean()))

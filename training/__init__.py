@@ -1,0 +1,1 @@
+"""Datasets, synthetic boards, AOI candidates, samplers, augmentation, models, losses and the training loop."""

@@ -1,0 +1,116 @@
+"""Typed configuration for data, models and training (Hydra structured-config groups).
+
+Each dataclass is one config group or a part of one; the YAML files in ``pipelines/conf`` extend them. Library
+functions take the sub-config they need (``TrainConfig``, ``ModelConfig`` ...), never the root config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic DeepPCB-format boards: the embedded default dataset."""
+
+    n_boards: int = 120
+    size: int = 640
+    defects: list[int] = field(default_factory=lambda: [3, 12])
+    defect_rate: float = 1.0
+    nuisance: list[int] = field(default_factory=lambda: [2, 6])
+    seed: int = 0
+
+
+@dataclass
+class SplitConfig:
+    """Fractions of boards assigned to validation and test; the rest is training. Assignment is seeded by board id."""
+
+    val: float = 0.15
+    test: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class CandidateConfig:
+    """AOI candidate step: template differencing, labelling of candidates and crop geometry."""
+
+    threshold: int = 64
+    min_area: int = 4
+    pad: int = 4
+    merge_distance: int = 3
+    max_candidates: int = 200
+    iou_threshold: float = 0.1
+    crop_size: int = 64
+    context: float = 2.0
+    add_missed_to_train: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    """Snapshot validation limits."""
+
+    max_image_pixels: int = 4096 * 4096
+    max_file_bytes: int = 50 * 1024 * 1024
+    max_bad_fraction: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Where the boards come from (``synth`` or a DeepPCB-format ``root``) and how candidates are made from them."""
+
+    source: str = "synth"
+    root: str | None = None
+    list_file: str = "trainval.txt"
+    good_class: str = "false_call"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A model from the registry in ``training.models`` (timm backbones)."""
+
+    name: str = "aoi_resnet10t"
+    drop_rate: float = 0.0
+    kwargs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """Focal loss; ``gamma=0`` and no ``alpha`` is exactly cross-entropy."""
+
+    name: str = "focal"
+    gamma: float = 2.0
+    alpha: list[float] | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """Albumentations pipeline for training crops (geometry only changes what PCB defects look like little)."""
+
+    flips: bool = True
+    rotate90: bool = True
+    shift_px: int = 3
+    noise: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW + cosine schedule with warm-up, class-balanced sampling, checkpoints every epoch."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    sampler: str = "inverse_frequency"
+    sampler_beta: float = 0.999
+    max_grad_norm: float | None = 5.0
+    num_workers: int = 0
+    threads: int = 0
+    device: str = "auto"
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)

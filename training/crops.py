@@ -1,0 +1,90 @@
+"""Turn a board snapshot into a crop snapshot: the AOI candidate step applied to every accepted board pair.
+
+Each candidate from template differencing becomes a crop whose channels are (tested, template, |difference|),
+labelled with the defect type of the ground-truth box it matches or ``false_call`` when it matches none. Defects the
+candidate step misses are counted (that is the candidate stage's escape rate) and, for the training split only, added
+as crops so that every defect type is learnt. Validation and test crops are exactly what the candidate step produces,
+so evaluation measures what a line would see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from training.candidates import Candidate, crop, find_candidates, iou, label_candidates, read_pair
+from training.config import CandidateConfig
+from training.snapshot import Snapshot, write_snapshot
+from training.synth import Box
+
+
+@dataclass
+class CropStats:
+    boards: int = 0
+    defects: Counter[str] = field(default_factory=Counter)
+    found: Counter[str] = field(default_factory=Counter)
+    crops: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        recall = {k: self.found[k] / n for k, n in sorted(self.defects.items()) if n}
+        total = sum(self.defects.values())
+        return {"boards": self.boards, "defects": dict(self.defects), "candidate_recall": recall,
+                "candidate_recall_overall": sum(self.found.values()) / total if total else None,
+                "crops": {split: dict(c) for split, c in self.crops.items()}}
+
+
+def _covered(gt: Box, cands: Sequence[Candidate], iou_threshold: float) -> bool:
+    cx, cy = (gt.x1 + gt.x2) / 2, (gt.y1 + gt.y2) / 2
+    return any(iou((c.x1, c.y1, c.x2, c.y2), (gt.x1, gt.y1, gt.x2, gt.y2)) > iou_threshold
+               or (c.x1 <= cx <= c.x2 and c.y1 <= cy <= c.y2) for c in cands)
+
+
+def build_crops(boards: Snapshot, accepted: Sequence[int], out_dir: Path, cfg: CandidateConfig,
+                classes: Sequence[str], good_class: str, *,
+                progress: Callable[[int], None] | None = None) -> tuple[Snapshot, CropStats]:
+    """Write crop PNGs under ``out_dir/crops/<split>/`` and the crop snapshot's manifest in ``out_dir``."""
+    stats = CropStats()
+    samples: list[dict[str, Any]] = []
+    for i in accepted:
+        s = boards.samples[i]
+        split = s["split"]
+        template, tested = read_pair(boards.file(s["template"]), boards.file(s["path"]))
+        gt = [Box(int(b[0]), int(b[1]), int(b[2]), int(b[3]), str(b[4])) for b in s.get("boxes", [])]
+        cands = find_candidates(template, tested, threshold=cfg.threshold, min_area=cfg.min_area, pad=cfg.pad,
+                                merge_distance=cfg.merge_distance, max_candidates=cfg.max_candidates)
+        labels = label_candidates(cands, gt, iou_threshold=cfg.iou_threshold, background=good_class)
+        items: list[tuple[tuple[int, int, int, int], str, str]] = [
+            ((c.x1, c.y1, c.x2, c.y2), lab, "candidate") for c, lab in zip(cands, labels, strict=True)]
+        for g in gt:
+            stats.defects[g.label] += 1
+            if _covered(g, cands, cfg.iou_threshold):
+                stats.found[g.label] += 1
+            elif split == "train" and cfg.add_missed_to_train:
+                items.append(((g.x1, g.y1, g.x2, g.y2), g.label, "missed-gt"))
+        stem = Path(s["path"]).name.removesuffix("_test.jpg").removesuffix(Path(s["path"]).suffix)
+        counter = stats.crops.setdefault(split, Counter())
+        for k, (box, label, origin) in enumerate(items):
+            rel = f"crops/{split}/{stem}_{k:03d}.png"
+            img = crop(template, tested, box, size=cfg.crop_size, context=cfg.context)
+            dest = out_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            ok, buf = cv2.imencode(".png", img[:, :, ::-1])  # stored as RGB = (tested, template, diff)
+            if not ok:
+                raise RuntimeError(f"could not encode crop {rel}")
+            data = buf.tobytes()
+            dest.write_bytes(data)
+            samples.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "label": label, "split": split, "box": list(box), "origin": origin,
+                            "source": f"{s['path']}#{k}"})
+            counter[label] += 1
+        stats.boards += 1
+        if progress:
+            progress(1)
+    snap = write_snapshot(out_dir, samples, classes, extra={"board_fingerprint": boards.fingerprint,
+                                                            "stats": stats.to_dict()})
+    return snap, stats

@@ -1,0 +1,61 @@
+"""Model registry: one explicit table of named architectures and ``create_model(name, **kw)``.
+
+Every entry builds a timm backbone from scratch (no hub downloads happen here) wrapped in
+:class:`DefectClassifier`. Input size and channels come from the dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+
+from training.models.classifier import DefectClassifier
+
+__all__ = ["MODELS", "DefectClassifier", "ModelSpec", "create_model", "list_models"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: the timm architecture, its family (for Grad-CAM layer choice) and fixed kwargs."""
+
+    timm_name: str
+    family: str
+    description: str
+    build_kwargs: Callable[[int], dict[str, Any]] = lambda img_size: {}
+
+
+def _vit_kwargs(img_size: int) -> dict[str, Any]:
+    patch = 8 if img_size % 8 == 0 else 4
+    return {"img_size": img_size, "patch_size": patch}
+
+
+MODELS: dict[str, ModelSpec] = {
+    "aoi_resnet10t": ModelSpec("resnet10t", "resnet", "ResNet-10-T: small, fast CNN; the default"),
+    "aoi_resnet18": ModelSpec("resnet18", "resnet", "ResNet-18: a larger CNN"),
+    "aoi_mobilenetv3": ModelSpec("mobilenetv3_small_100", "mobilenet", "MobileNetV3-Small: fastest on CPU"),
+    "aoi_vit_tiny": ModelSpec("vit_tiny_patch16_224", "vit", "ViT-Tiny with 8 px patches sized to the crop",
+                              _vit_kwargs),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 64, drop_rate: float = 0.0,
+                 **kwargs: Any) -> DefectClassifier:
+    """Build registry model ``name`` for ``num_classes`` outputs on ``in_chans`` x ``img_size`` crops."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (model.name=...)")
+    spec = MODELS[name]
+    kw = {**spec.build_kwargs(img_size), **kwargs}
+    backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 drop_rate=drop_rate, **kw)
+    return DefectClassifier(backbone, in_chans=in_chans)
+
+
+def model_family(name: str) -> str:
+    return MODELS[name].family
