@@ -16,14 +16,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
-import logging  # noqa: E402
+import logging
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipelines.context import Reporter
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATES = 0, 1, 2, 3
 
@@ -56,7 +59,7 @@ def _load(overrides: list[str] | None) -> Any:
         raise _fail(str(e), EXIT_USAGE) from None
 
 
-class RichReporter:
+class RichReporter(Reporter):
     """Progress bars for long work inside steps."""
 
     def __init__(self, progress: Progress) -> None:
@@ -191,10 +194,8 @@ def step(
     if name not in STEP_NAMES:
         raise _fail(f"unknown step {name!r}: choose one of {', '.join(STEP_NAMES)}", EXIT_USAGE)
     cfg_file = run_root / "config.yaml"
-    if cfg_file.is_file() and not overrides:
-        cfg = from_yaml(cfg_file.read_text(encoding="utf-8"))
-    else:
-        cfg = _load(overrides)
+    reuse = cfg_file.is_file() and not overrides
+    cfg = from_yaml(cfg_file.read_text(encoding="utf-8")) if reuse else _load(overrides)
     with _progress() as progress:
         try:
             outcome = run_single(name, cfg, run_root.resolve(), home=home_dir(), reporter=RichReporter(progress),

@@ -10,7 +10,7 @@ Advance = Callable[[int], None]
 
 
 class Reporter:
-    """Progress sink; the CLI plugs rich progress bars in, tests and pods use this silent default."""
+    """Progress sink; the CLI plugs rich progress bars in (a subclass), tests and pods use this silent default."""
 
     def task(self, description: str, total: int | None) -> Advance:
         return lambda n: None

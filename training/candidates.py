@@ -55,7 +55,7 @@ def difference_mask(template: np.ndarray, tested: np.ndarray, *, threshold: int 
     _check_pair(template, tested)
     t = np.where(template >= BINARIZE_AT, 255, 0).astype(np.uint8)
     s = np.where(tested >= BINARIZE_AT, 255, 0).astype(np.uint8)
-    diff = (cv2.absdiff(t, s) > threshold).astype(np.uint8)
+    diff: np.ndarray = (cv2.absdiff(t, s) > threshold).astype(np.uint8)
     if CLEANUP_KERNEL > 1:
         diff = cv2.morphologyEx(diff, cv2.MORPH_OPEN, np.ones((CLEANUP_KERNEL, CLEANUP_KERNEL), np.uint8))
     return diff

@@ -79,8 +79,8 @@ def build_crops(boards: Snapshot, accepted: Sequence[int], out_dir: Path, cfg: C
                 raise RuntimeError(f"could not encode crop {rel}")
             data = buf.tobytes()
             dest.write_bytes(data)
-            samples.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "label": label, "split": split, "box": list(box), "origin": origin,
-                            "source": f"{s['path']}#{k}"})
+            samples.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "label": label, "split": split,
+                            "box": list(box), "origin": origin, "source": f"{s['path']}#{k}"})
             counter[label] += 1
         stats.boards += 1
         if progress:

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-from training.config import AugmentConfig  # noqa: E402
-from training.snapshot import Snapshot  # noqa: E402
+from training.config import AugmentConfig
+from training.snapshot import Snapshot
 
 
 def load_split(snap: Snapshot, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

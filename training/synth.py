@@ -3,15 +3,17 @@
 Why: real DeepPCB has 1,000 annotated pairs, too few to train and gate models on, and no record of the harmless
 differences an AOI machine flags. This module draws realistic copper (octilinear traces, SMD and through-hole pads,
 vias, pours with clearance), then draws the six DeepPCB defect types where they physically occur, plus deliberate
-non-defect differences ("nuisance": edge jitter, dust, over/under-etch) that become the `false_call` class downstream.
+non-defect differences ("nuisance": edge jitter, pad misregistration, dust, over/under-etch) that become the
+`false_call` class downstream.
 Everything is a pure function of a numpy Generator, so a seed reproduces byte-identical datasets.
 
 Polarity and scale follow the real data: copper is black (0) on white laminate (255); features are drawn at DeepPCB's
-640 px scale (traces 5-24 px wide, defects roughly 5-25 px), so a smaller board is a smaller window, not a zoom-out.
+640 px scale (traces 5-28 px wide, defects roughly 5-25 px), so a smaller board is a smaller window, not a zoom-out.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -206,7 +208,7 @@ class _Layout:
         if not self.fits([shape], allowed):
             return False
         self.commit([shape], net)
-        for a, b in zip(clean[:-1], clean[1:], strict=True):
+        for a, b in itertools.pairwise(clean):
             self.segments.append(_Segment((float(a[0]), float(a[1])), (float(b[0]), float(b[1])), width))
         return True
 
@@ -219,10 +221,7 @@ def _pad_shapes(rng: np.random.Generator, kind: str, x: int, y: int) -> tuple[li
     if kind == "oblong":
         r = int(rng.integers(7, 13))
         half = int(rng.integers(r, 2 * r + 1))
-        if rng.random() < 0.5:
-            ends = ((x - half, y), (x + half, y))
-        else:
-            ends = ((x, y - half), (x, y + half))
+        ends = ((x - half, y), (x + half, y)) if rng.random() < 0.5 else ((x, y - half), (x, y + half))
         hole = int(rng.integers(3, max(4, r // 2 + 1))) if rng.random() < 0.5 else 0
         return [_Shape("line", ends, 2 * r)], hole, r
     if kind == "tht":
@@ -330,7 +329,7 @@ def _route_pairs(lay: _Layout) -> None:
                 break
 
 
-def _random_walk(lay: _Layout, start: tuple[int, int], direction: int, width: int, legs: int) -> list[tuple[int, int]]:
+def _random_walk(lay: _Layout, start: tuple[int, int], direction: int, legs: int) -> list[tuple[int, int]]:
     rng = lay.rng
     pts = [start]
     k = direction
@@ -356,7 +355,7 @@ def _place_stubs(lay: _Layout, count: int) -> None:
             start = (int(rng.integers(-20, size + 20)), int(rng.integers(-20, size + 20)))
             net, cap = lay.new_net(), 24
         width = _trace_width(rng, cap)
-        pts = _random_walk(lay, start, int(rng.integers(8)), width, int(rng.integers(1, 4)))
+        pts = _random_walk(lay, start, int(rng.integers(8)), int(rng.integers(1, 4)))
         if not lay.add_trace(pts, width, (net,), net):
             continue
         end = pts[-1]
@@ -401,7 +400,7 @@ def _place_pours(lay: _Layout, count: int) -> None:
             ],
             dtype=np.int32,
         )
-        pour = np.zeros((size, size), np.uint8)
+        pour: np.ndarray = np.zeros((size, size), np.uint8)
         cv2.fillPoly(pour, [poly], 1)
         c = lay.clearance
         keep_out = cv2.dilate(lay.copper, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * c + 1, 2 * c + 1)))
@@ -680,7 +679,9 @@ class _Editor:
         k = int(rng.integers(5, 9))
         angles = np.sort(rng.uniform(0, 2 * math.pi, size=k))
         radii = rng.uniform(0.65, 1.0, size=k) * radius
-        pts = [(c[0] + float(r * math.cos(a)), c[1] + float(r * math.sin(a))) for a, r in zip(angles, radii, strict=True)]
+        pts = [
+            (c[0] + float(r * math.cos(a)), c[1] + float(r * math.sin(a))) for a, r in zip(angles, radii, strict=True)
+        ]
         win = self.window(pts, 3)
         if win is None:
             return None
@@ -717,7 +718,9 @@ class _Editor:
     def _amount(self) -> int:
         return int(self.rng.choice([1, 2, 3], p=[0.15, 0.35, 0.5]))
 
-    def _edge_window(self, hit: tuple[_Segment, Point, Point, Point], lo: float, hi: float) -> tuple[list[Point], IntBox] | None:
+    def _edge_window(
+        self, hit: tuple[_Segment, Point, Point, Point], lo: float, hi: float
+    ) -> tuple[list[Point], IntBox] | None:
         _seg, p, d, n = hit
         region = self._strip(p, d, n, float(self.rng.uniform(10, 32)), lo, hi)
         win = self.window(region, 4)
@@ -747,7 +750,7 @@ class _Editor:
         hit = self.trace_point(5)
         if hit is None:
             return None
-        seg, p, _d, n = hit
+        seg, p, _d, _n = hit
         side = 1.0 if self.rng.random() < 0.5 else -1.0
         edge = seg.width / 2 * side
         depth = min(4.0, seg.width / 2 - 1)  # stay on one edge: never reach the far edge of a thin trace
@@ -949,9 +952,7 @@ def write_deeppcb_root(
     listing = root / "trainval.txt"
     listing.unlink(missing_ok=True)
     lines: list[str] = []
-    boards = generate_boards(
-        n_boards, seed, size=size, defects=defects, defect_rate=defect_rate, nuisance=nuisance
-    )
+    boards = generate_boards(n_boards, seed, size=size, defects=defects, defect_rate=defect_rate, nuisance=nuisance)
     for i, board in enumerate(boards):
         g = f"{group + i // PAIRS_PER_GROUP:05d}"
         stem = f"{g}{i % PAIRS_PER_GROUP:03d}"

@@ -38,8 +38,8 @@ class ValidationReport:
         return len(self.quarantined) / self.total if self.total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "accepted": len(self.accepted), "quarantined": [asdict(q) for q in self.quarantined],
-                "bad_fraction": self.bad_fraction}
+        return {"total": self.total, "accepted": len(self.accepted), "bad_fraction": self.bad_fraction,
+                "quarantined": [asdict(q) for q in self.quarantined]}
 
 
 def _safe_rel(rel: str) -> bool:

@@ -13,6 +13,9 @@ from torch import nn
 class DefectClassifier(nn.Module):
     """``logits = backbone((x - mean) / std)`` for ``x`` of shape (N, C, H, W) in [0, 1]."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, in_chans: int, mean: float = 0.5, std: float = 0.5) -> None:
         super().__init__()
         self.backbone = backbone

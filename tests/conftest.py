@@ -1,0 +1,35 @@
+"""Shared fixtures: a quiet, offline environment and one tiny end-to-end run per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+TINY = ["+experiment=tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the whole pipeline once on the tiny config in a fresh home; tests read what it left behind."""
+    from pipelines.config import load_config
+    from pipelines.runner import run_pipeline
+
+    home = tmp_path_factory.mktemp("home")
+    cfg = load_config(TINY)
+    ctx, outcomes = run_pipeline(cfg, home=home)
+    return {"home": home, "cfg": cfg, "ctx": ctx, "outcomes": outcomes, "root": ctx.root}
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("DEFECTOPS_HOME", str(h))
+    return h

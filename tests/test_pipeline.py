@@ -1,0 +1,203 @@
+"""End to end: the whole DAG on the tiny config, the registry state it leaves, resume, gate failure, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, app
+from pipelines.dag import STEP_NAMES
+
+SUMMARY_KEYS = {"run_id", "run_root", "tracking_uri", "registered_model", "version", "aliases", "gates_passed",
+                "metrics", "dataset_fingerprint", "onnx_path", "triton_repository", "report"}
+
+
+def _client(uri: str):
+    from registry.mlflow_registry import client
+
+    return client(uri)
+
+
+def test_run_completes_every_step(tiny_run: dict) -> None:
+    assert [o.name for o in tiny_run["outcomes"]] == list(STEP_NAMES)
+    assert all(o.status == "done" for o in tiny_run["outcomes"])
+    for name in STEP_NAMES:
+        assert (tiny_run["root"] / "steps" / f"{name}.json").is_file()
+
+
+def test_summary_has_the_contract(tiny_run: dict) -> None:
+    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    assert set(s) >= SUMMARY_KEYS
+    assert s["aliases"] == ["challenger"]
+    assert s["gates_passed"] is True
+    for k in ("macro_recall", "per_class_recall", "escape_rate", "false_call_rate", "accuracy"):
+        assert s["metrics"][k] is not None
+    for k in ("onnx_path", "report", "run_root", "triton_repository"):
+        assert Path(s[k]).exists(), k
+    assert len(s["dataset_fingerprint"]) == 64
+
+
+def test_registry_state(tiny_run: dict) -> None:
+    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    c = _client(s["tracking_uri"])
+    mv = c.get_model_version_by_alias(s["registered_model"], "challenger")
+    assert str(mv.version) == s["version"]
+    tags = mv.tags
+    assert tags["defectops.dataset_fingerprint"] == s["dataset_fingerprint"]
+    assert tags["defectops.config_hash"] == tiny_run["ctx"].config_hash
+    assert tags["defectops.gates_passed"] == "true"
+    assert tags["defectops.export_verified"] == "true"
+    assert tags["defectops.run_id"] == s["run_id"]
+    assert "defectops.git_commit" in tags
+    assert float(tags["defectops.onnx_top1_agreement"]) >= 0.999
+    arts = {a.path for a in c.list_artifacts(mv.run_id)}
+    assert {"metrics.json", "evidence", "model", "onnx"} <= arts
+
+
+def test_registered_model_loads_and_matches_onnx(tiny_run: dict) -> None:
+    import mlflow.pytorch
+    import torch
+
+    from serving.onnx_export import onnx_logits, onnx_session
+
+    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
+    x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = onnx_logits(onnx_session(Path(s["onnx_path"])), x)
+    assert np.abs(ref - got).max() < 1e-3
+
+
+def test_triton_repository_layout(tiny_run: dict) -> None:
+    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    model_dir = Path(s["triton_repository"]) / s["registered_model"]
+    cfg = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in cfg
+    assert "dynamic_batching" in cfg
+    assert (model_dir / s["version"] / "model.onnx").is_file()
+    labels = (model_dir / "labels.txt").read_text().split()
+    assert labels[0] == "false_call" and len(labels) == 7
+
+
+def test_report_has_plots_and_gates(tiny_run: dict) -> None:
+    html = (tiny_run["root"] / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 3
+    assert "escape_rate" in html and "macro_recall" in html
+
+
+def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None:
+    from pipelines.runner import run_pipeline
+
+    _, outcomes = run_pipeline(tiny_run["cfg"], home=tiny_run["home"])
+    assert {o.status for o in outcomes} == {"skipped"}
+    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    versions = _client(s["tracking_uri"]).search_model_versions(f"name = '{s['registered_model']}'")
+    assert len(versions) == 1
+
+
+def test_repeated_register_step_is_idempotent(tiny_run: dict) -> None:
+    from pipelines.runner import run_single
+
+    out = run_single("register", tiny_run["cfg"], tiny_run["root"], home=tiny_run["home"], force=True)
+    assert out.result["version"] == json.loads((tiny_run["root"] / "summary.json").read_text())["version"]
+
+
+def test_gate_failure_registers_without_challenger(home: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "+experiment=tiny", "gates.min_class_recall=1.0",
+                                      "gates.max_false_call_rate=0.0"])
+    assert result.exit_code == EXIT_GATES, result.output
+    assert "gates failed" in result.output
+    summary = json.loads(next((home / "runs").glob("*/summary.json")).read_text())
+    assert summary["gates_passed"] is False
+    assert summary["version"] == "1"
+    assert summary["aliases"] == []
+    assert summary["failed_gates"]
+    assert summary["onnx_path"] is None
+
+
+def test_unknown_override_is_a_usage_error(home: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "train.epochz=3"])
+    assert result.exit_code == EXIT_USAGE
+    assert "epochz" in result.output
+    assert not (home / "runs").exists()
+
+
+def test_missing_data_path(home: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "data=deeppcb", "data.root=/nonexistent/PCBData"])
+    assert result.exit_code == EXIT_FAILURE
+    assert "pull_data" in result.output and "/nonexistent/PCBData" in result.output
+
+
+def test_non_writable_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DEFECTOPS_HOME", str(blocker / "home"))
+    result = CliRunner().invoke(app, ["run", "+experiment=tiny"])
+    assert result.exit_code == EXIT_USAGE
+    assert "not writable" in result.output and "DEFECTOPS_HOME" in result.output
+
+
+def test_corrupt_model_checkpoint(tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_run["root"], root)
+    (root / "train" / "model.pt").write_bytes(b"garbage")
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
+    result = CliRunner().invoke(app, ["step", "evaluate", "--run-root", str(root), "--force"])
+    assert result.exit_code != 0
+    assert "corrupt" in result.output and "model.pt" in result.output
+    before = json.loads((tiny_run["root"] / "metrics.json").read_text())
+    assert json.loads((root / "metrics.json").read_text()) == before
+
+
+def test_single_steps_into_a_new_run_root(tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "h"))
+    root = tmp_path / "pod-root"
+    runner = CliRunner()
+    r = runner.invoke(app, ["step", "pull_data", "--run-root", str(root), "+experiment=tiny"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["step", "validate_data", "--run-root", str(root)])
+    assert r.exit_code == 0, r.output
+    crops = json.loads((root / "data" / "crops" / "snapshot.json").read_text())
+    assert crops["num_samples"] > 0
+    assert json.loads((root / "data" / "snapshot" / "snapshot.json").read_text())["fingerprint"] == \
+        json.loads((tiny_run["root"] / "data" / "snapshot" / "snapshot.json").read_text())["fingerprint"]
+    r = runner.invoke(app, ["step", "nope", "--run-root", str(root)])
+    assert r.exit_code == EXIT_USAGE
+
+
+@pytest.mark.slow
+def test_killed_run_resumes(tmp_path: Path) -> None:
+    env = {**os.environ, "DEFECTOPS_HOME": str(tmp_path / "h")}
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", "+experiment=tiny", "train.epochs=4", "run.name=killed"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    ckpts: list[Path] = []
+    while time.monotonic() < deadline and not ckpts:
+        ckpts = list((tmp_path / "h").glob("runs/*/train/checkpoints/epoch-00[12].pt"))
+        time.sleep(0.2)
+    assert ckpts, "training never wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    root = ckpts[0].parents[2]
+    assert not (root / "summary.json").exists()
+    assert not (root / "steps" / "train.json").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("already complete, skipped") == 2
+    train = json.loads((root / "steps" / "train.json").read_text())["result"]
+    assert train["resumed_from_epoch"] >= 1
+    assert train["epochs"] == 4
+    assert json.loads((root / "summary.json").read_text())["aliases"] == ["challenger"]

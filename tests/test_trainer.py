@@ -1,0 +1,89 @@
+"""Training: determinism, checkpoints every epoch, resume after an interruption, non-finite loss, corrupt checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import ModelConfig, TrainConfig
+from training.engine import NonFiniteLossError
+from training.trainer import CheckpointError, checkpoints, fit
+
+CLASSES = ("false_call", "open", "short")
+
+
+def _data(n: int = 96, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 40, (n, size, size, 3)).astype(np.uint8)
+    for i, c in enumerate(y):  # a learnable signal: a bright square whose position encodes the class
+        x[i, 2 + 4 * c: 6 + 4 * c, 4:10, :] = 255
+    return x, y
+
+
+def _cfg(epochs: int = 3) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, threads=1)
+
+
+MODEL = ModelConfig(name="aoi_mobilenetv3")
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    x, y = _data()
+    full = fit(x, y, CLASSES, MODEL, _cfg(), tmp_path / "full", seed=7)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch: int, _stats: dict[str, float]) -> None:
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(x, y, CLASSES, MODEL, _cfg(), tmp_path / "resumed", seed=7, on_epoch=kill_after_first)
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["epoch-001.pt"]
+    resumed = fit(x, y, CLASSES, MODEL, _cfg(), tmp_path / "resumed", seed=7)
+    assert resumed.resumed_from == 1
+    assert len(resumed.history) == 3
+    a, b = _state(full.model), _state(resumed.model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+def test_keeps_recent_checkpoints_only(tmp_path: Path) -> None:
+    x, y = _data(48)
+    fit(x, y, CLASSES, MODEL, _cfg(epochs=4), tmp_path, seed=0)
+    assert [p.name for p in checkpoints(tmp_path)] == ["epoch-003.pt", "epoch-004.pt"]
+
+
+def test_non_finite_loss_stops_training(tmp_path: Path) -> None:
+    x, y = _data(32)
+    cfg = _cfg(epochs=1)
+    cfg.loss.alpha = [float("inf"), 1.0, 1.0]
+    with pytest.raises(NonFiniteLossError, match="train.lr"):
+        fit(x, y, CLASSES, MODEL, cfg, tmp_path, seed=0)
+    assert checkpoints(tmp_path) == []
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    x, y = _data(32)
+    fit(x, y, CLASSES, MODEL, _cfg(epochs=1), tmp_path, seed=0)
+    ckpt = checkpoints(tmp_path)[-1]
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"epoch-001.pt is corrupt.*delete it"):
+        fit(x, y, CLASSES, MODEL, _cfg(epochs=2), tmp_path, seed=0)
+
+
+def test_checkpoint_from_other_classes_is_refused(tmp_path: Path) -> None:
+    x, y = _data(32)
+    fit(x, y, CLASSES, MODEL, _cfg(epochs=1), tmp_path, seed=0)
+    with pytest.raises(CheckpointError, match="classes"):
+        fit(x, y, ("a", "b", "c"), MODEL, _cfg(epochs=2), tmp_path, seed=0)
