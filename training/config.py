@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 class SynthConfig:
     """Synthetic DeepPCB-format boards: the embedded default dataset."""
 
-    n_boards: int = 120
+    n_boards: int = 200
     size: int = 640
     defects: list[int] = field(default_factory=lambda: [3, 12])
     defect_rate: float = 1.0
-    nuisance: list[int] = field(default_factory=lambda: [2, 6])
+    nuisance: list[int] = field(default_factory=lambda: [4, 10])
     seed: int = 0
 
 
