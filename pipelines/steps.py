@@ -25,6 +25,7 @@ from serving.config import ExportConfig
 from training.config import DataConfig, ModelConfig, TrainConfig
 from training.snapshot import Snapshot, deeppcb_samples, load_snapshot, write_snapshot
 from training.synth import DEFECT_TYPES
+from training.trainer import resolve_device
 
 SNAPSHOT = "data/snapshot"
 BOARDS = "data/boards"
@@ -34,6 +35,7 @@ CHECKPOINTS = "train/checkpoints"
 MODEL = "train/model.pt"
 MLFLOW_RUN = "train/mlflow_run.json"
 PREDICTIONS = "eval/predictions.npz"
+CHAMPION_METRICS = "eval/champion_metrics.json"
 METRICS = "metrics.json"
 GATES = "gates.json"
 REPORT = "report.html"
@@ -174,25 +176,35 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
-def _champion_metrics(ctx: StepContext, registry: RegistryConfig) -> tuple[ClassificationMetrics | None, str | None]:
+def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray, y: np.ndarray,
+                      classes: tuple[str, ...], good_class: str) -> tuple[ClassificationMetrics | None, str]:
+    """Score the current champion on this run's test crops (a like-for-like no-regression baseline)."""
+    import mlflow.pytorch
+
     from registry import mlflow_registry as reg
+    from training.data import to_tensor
+    from training.engine import predict_logits, softmax
 
     c, _ = _registry_client(ctx, registry)
     mv = reg.alias_version(c, registry.model_name, registry.champion_alias)
-    if mv is None or not mv.run_id:
-        return None, None
+    if mv is None:
+        return None, "none (no champion yet)"
+    label = f"version {mv.version}"
     try:
-        local = c.download_artifacts(mv.run_id, METRICS, str(ctx.path("eval")))
-        return ClassificationMetrics.from_dict(read_json(Path(local))), str(mv.version)
-    except Exception:  # a champion without metrics cannot be compared against; say so in the report
-        return None, str(mv.version)
+        net = mlflow.pytorch.load_model(f"models:/{registry.model_name}@{registry.champion_alias}", map_location="cpu")
+        logits = predict_logits(net, to_tensor(x), resolve_device("cpu"))
+    except Exception as e:  # an unloadable champion is reported, and the regression gates are then not applied
+        return None, f"{label} could not be evaluated ({type(e).__name__}: {str(e)[:120]})"
+    if logits.shape[1] != len(classes):
+        return None, f"{label} has {logits.shape[1]} classes, this run {len(classes)}: not comparable"
+    return classification_metrics(y, softmax(logits), classes, good_class), label
 
 
 def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig) -> dict[str, Any]:
     """Score the trained model on the test crops, apply the gates and write metrics, gates and the HTML report."""
     from training.data import load_split, to_tensor
     from training.engine import predict_logits, softmax
-    from training.trainer import CheckpointError, load_trained_model, resolve_device
+    from training.trainer import CheckpointError, load_trained_model
 
     crops = load_snapshot(ctx.path(CROPS))
     x, y, paths = load_split(crops, "test")
@@ -205,7 +217,9 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
     logits = predict_logits(net, to_tensor(x), resolve_device("cpu"))
     probs = softmax(logits)
     metrics = classification_metrics(y, probs, crops.classes, data.good_class)
-    champion, champion_version = _champion_metrics(ctx, registry)
+    champion, champion_version = _champion_metrics(ctx, registry, x, y, crops.classes, data.good_class)
+    if champion is not None:
+        write_json(ctx.path(CHAMPION_METRICS), champion.to_dict())
     report = evaluate_gates(metrics, gates, champion=champion)
     with atomic_path(ctx.path(PREDICTIONS)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, logits=logits, labels=y, paths=np.asarray(paths))
@@ -218,7 +232,7 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
 
 def _write_report(ctx: StepContext, metrics: ClassificationMetrics, gates: GateReport, probs: np.ndarray,
                   y: np.ndarray, x: np.ndarray, crops: Snapshot, state: dict[str, Any],
-                  champion_version: str | None) -> None:
+                  champion_version: str) -> None:
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
     worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:16]
@@ -226,7 +240,7 @@ def _write_report(ctx: StepContext, metrics: ClassificationMetrics, gates: GateR
                    confidence=float(probs[i, pred[i]]), caption="RGB = tested, template, difference") for i in worst]
     info = {"run id": ctx.run_id, "model": str(state.get("model_name")), "epochs": str(state.get("epoch")),
             "dataset fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint[:16],
-            "test crops": str(len(y)), "champion compared": champion_version or "none (first model)"}
+            "test crops": str(len(y)), "champion compared": champion_version}
     render_report(ctx.path(REPORT), title=f"DefectOps evaluation: {ctx.run_id}", metrics=metrics, gates=gates,
                   curves=pr_curves(y, probs, crops.classes), info=info, misses=misses)
 
@@ -259,13 +273,10 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
             mlflow.pytorch.save_model(net, str(tmp), serialization_format="pickle",
                                       input_example=np.zeros((1, 3, size, size), np.float32),
                                       pip_requirements=["defectops", "torch==2.14.1", "timm"])
-    files = {"": ctx.path(METRICS), "evidence": ctx.path(GATES)}
-    reg.log_artifacts(c, rid, {"": ctx.path(METRICS)})
-    reg.log_artifacts(c, rid, {"evidence": ctx.path(GATES)})
-    reg.log_artifacts(c, rid, {"evidence": ctx.path(REPORT)})
-    reg.log_artifacts(c, rid, {"evidence": ctx.path("config.yaml")})
+    c.log_artifact(rid, str(ctx.path(METRICS)))
+    for evidence in (GATES, REPORT, VALIDATION, "config.yaml"):
+        c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
     c.log_artifacts(rid, str(model_dir), "model")
-    del files
     metrics = read_json(ctx.path(METRICS))
     for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
         if metrics.get(k) is not None:
@@ -327,9 +338,8 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     logits = onnx_logits(onnx_session(ctx.path(ONNX)), to_tensor(x).numpy())
     par = parity(ref, logits)
     metrics = classification_metrics(y, softmax(logits), crops.classes, data.good_class)
-    champion = None
-    if ctx.path(METRICS).is_file():
-        pass
+    baseline = ctx.path(CHAMPION_METRICS)
+    champion = ClassificationMetrics.from_dict(read_json(baseline)) if baseline.is_file() else None
     report = evaluate_gates(metrics, gates, champion=champion)
     write_json(ctx.path(PARITY), par.to_dict())
     write_json(ctx.path(ONNX_METRICS), metrics.to_dict())

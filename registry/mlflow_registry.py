@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -87,12 +86,6 @@ def alias_version(c: MlflowClient, model_name: str, alias: str) -> ModelVersion 
         return c.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
-
-
-def log_artifacts(c: MlflowClient, run_id: str, files: Mapping[str, Path]) -> None:
-    """Log local files into ``run_id`` under the given artifact sub-paths (``""`` for the root)."""
-    for artifact_path, path in files.items():
-        c.log_artifact(run_id, str(path), artifact_path=artifact_path or None)
 
 
 def log_params(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:

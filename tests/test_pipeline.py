@@ -201,3 +201,28 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
     assert train["resumed_from_epoch"] >= 1
     assert train["epochs"] == 4
     assert json.loads((root / "summary.json").read_text())["aliases"] == ["challenger"]
+
+
+def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Path) -> None:
+    """With a champion in the registry, the no-regression gates compare both models on this run's test crops."""
+    import shutil
+
+    from pipelines.config import load_config
+    from pipelines.runner import run_pipeline
+    from registry.mlflow_registry import client
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy2(tiny_run["home"] / "mlflow.db", home / "mlflow.db")  # artifacts stay where the first run put them
+    c = client(f"sqlite:///{home / 'mlflow.db'}")
+    c.set_registered_model_alias("defectops-aoi", "champion", "1")
+    ctx, _ = run_pipeline(load_config(["+experiment=tiny", "seed=1"]), home=home)
+    gates = json.loads((ctx.root / "gates.json").read_text())
+    names = [g["name"] for g in gates["results"]]
+    assert "no_regression:macro_recall" in names
+    champion = json.loads((ctx.root / "eval" / "champion_metrics.json").read_text())
+    assert champion["n"] == json.loads((ctx.root / "metrics.json").read_text())["n"]
+    evaluate = json.loads((ctx.root / "steps" / "evaluate.json").read_text())["result"]
+    assert evaluate["champion_version"] == "version 1"
+    onnx_gates = [g["name"] for g in json.loads((ctx.root / "export" / "gates.json").read_text())["results"]]
+    assert onnx_gates == names
