@@ -116,18 +116,10 @@ def run(overrides: Overrides = None) -> None:
             raise _fail(str(e), EXIT_USAGE) from None
         except RunError as e:
             progress.stop()
-            root = home / "runs"
-            _print_results_if_any(root, e)
+            if e.root is not None and (e.root / "summary.json").is_file():
+                _print_results(e.root)
             raise _fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
     _print_results(ctx.root)
-
-
-def _print_results_if_any(runs: Path, e: Exception) -> None:
-    cause = e.__cause__
-    if cause is None:
-        return
-    for summary in sorted(runs.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]:
-        _print_results(summary.parent)
 
 
 def _print_results(root: Path) -> None:

@@ -29,6 +29,7 @@ class RunError(RuntimeError):
         super().__init__(f"step {step} failed: {message}")
         self.step = step
         self.gate_failure = gate_failure
+        self.root: Path | None = None
 
 
 @dataclass
@@ -106,7 +107,8 @@ def run_pipeline(cfg: DefectOpsConfig, *, home: Path | None = None, reporter: Re
             outcomes.append(outcome)
             if on_step:
                 on_step(step, outcome)
-    except RunError:
+    except RunError as e:
+        e.root = ctx.root
         if (ctx.root / S.REGISTRATION).is_file():
             write_summary(ctx, cfg)
         raise

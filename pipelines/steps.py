@@ -7,6 +7,7 @@ pod (``defectops step <name> --run-root ...``). The runner passes each parameter
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -266,6 +267,8 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
     c, rid = _mlflow_run(ctx, registry)
     net, state = load_trained_model(ctx.path(MODEL))
     model_dir = ctx.path("register/model")
+    # pickle, not pt2: pt2 traces a fixed batch size. MLflow warns about pickle on every save: noise here.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     if not (model_dir / "MLmodel").is_file():
         with atomic_dir(model_dir) as tmp:
             shutil.rmtree(tmp)
