@@ -52,6 +52,8 @@ class GateConfig:
     max_false_call_rate: float = 0.25
     max_regression: float = 0.02
     max_latency_ms: float | None = None
+    min_board_map: float | None = None
+    min_board_fscore: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,14 @@ def evaluate_gates(
     *,
     champion: ClassificationMetrics | None = None,
     latency_ms: float | None = None,
+    board: Mapping[str, float] | None = None,
 ) -> GateReport:
     """Evaluate every release gate (listed in the module docstring) for a candidate model.
 
     Inputs: ``metrics`` of the candidate; ``cfg`` thresholds; ``champion`` the current production model's metrics
-    on the same evaluation set (enables the no-regression gates); ``latency_ms`` the measured per-crop latency.
+    on the same evaluation set (enables the no-regression gates); ``latency_ms`` the measured per-crop latency;
+    ``board`` board-level DeepPCB scores (``map``, ``fscore``) for the board gates, which fail when configured but
+    not measured.
     Raises ``ValueError`` when ``cfg.class_recall`` names classes unknown to ``metrics`` or thresholds are out of
     range.
     """
@@ -218,6 +223,16 @@ def evaluate_gates(
                 "latency", "latency_ms", float(latency_ms), float(cfg.max_latency_ms), "<=", "latency per crop", "ms"
             )
         )
+
+    for key, minimum, what in (("map", cfg.min_board_map, "board-level mAP"),
+                               ("fscore", cfg.min_board_fscore, "board-level F-score")):
+        if minimum is None:
+            continue
+        if board is None or board.get(key) is None:
+            results.append(GateResult(f"board_{key}", f"board_{key}", None, float(minimum), ">=", False,
+                                      f"{what} was not measured (no board-level evaluation for this dataset)"))
+        else:
+            results.append(_check(f"board_{key}", f"board_{key}", float(board[key]), float(minimum), ">=", what))
 
     out = tuple(results)
     return GateReport(passed=all(r.passed for r in out), results=out)

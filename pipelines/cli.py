@@ -6,29 +6,31 @@ configuration error; 3 the model failed its evaluation gates (it is registered f
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-
-import logging
-
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipelines.context import Reporter
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATES = 0, 1, 2, 3
+from pipelines.cli_common import (
+    EXIT_FAILURE,
+    EXIT_GATES,
+    EXIT_USAGE,
+    Overrides,
+    RichReporter,
+    console,
+    err,
+    fail,
+    load,
+    progress_bars,
+)
+from pipelines.cli_data import data_app
+from pipelines.cli_predict import predict_app
 
 app = typer.Typer(
     name="defectops", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
@@ -37,52 +39,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-console = Console(stderr=False)
-err = Console(stderr=True)
-
-Overrides = Annotated[list[str] | None, typer.Argument(
-    help="Hydra overrides: key=value (e.g. train.epochs=5 model=vit data.synth.n_boards=60), +experiment=tiny.",
-    show_default=False)]
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _load(overrides: list[str] | None) -> Any:
-    from pipelines.config import ConfigError, load_config
-
-    try:
-        return load_config(list(overrides or []))
-    except ConfigError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
-
-
-class RichReporter(Reporter):
-    """Progress bars for long work inside steps."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: list[Any] = []
-
-    def task(self, description: str, total: int | None) -> Any:
-        tid = self.progress.add_task(f"  {description}", total=total)
-        self.tasks.append(tid)
-        return lambda n: self.progress.advance(tid, n)
-
-    def clear(self) -> None:
-        for tid in self.tasks:
-            self.progress.remove_task(tid)
-        self.tasks.clear()
-
-    def log(self, message: str) -> None:
-        self.progress.console.print(f"  [dim]{message}[/]", highlight=False)
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+app.add_typer(data_app, name="data")
+app.add_typer(predict_app, name="predict")
 
 
 @app.command()
@@ -97,9 +55,9 @@ def run(overrides: Overrides = None) -> None:
     from pipelines.context import StepError
     from pipelines.runner import RunError, run_pipeline
 
-    cfg = _load(overrides)
+    cfg = load(overrides)
     home = home_dir()
-    with _progress() as progress:
+    with progress_bars() as progress:
         reporter = RichReporter(progress)
 
         def on_step(step: Any, outcome: Any) -> None:
@@ -113,12 +71,12 @@ def run(overrides: Overrides = None) -> None:
         try:
             ctx, _ = run_pipeline(cfg, home=home, reporter=reporter, on_step=on_step)
         except StepError as e:
-            raise _fail(str(e), EXIT_USAGE) from None
+            raise fail(str(e), EXIT_USAGE) from None
         except RunError as e:
             progress.stop()
             if e.root is not None and (e.root / "summary.json").is_file():
                 _print_results(e.root)
-            raise _fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
+            raise fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
     _print_results(ctx.root)
 
 
@@ -137,7 +95,7 @@ def _print_results(root: Path) -> None:
     for cls in order:
         rec = (m.get("per_class_recall") or {}).get(cls)
         prec = (m.get("per_class_precision") or {}).get(cls)
-        t.add_row(cls, "-" if rec is None else f"{rec:.3f}", "-" if prec is None else f"{prec:.3f}")
+        t.add_row(escape(cls), "-" if rec is None else f"{rec:.3f}", "-" if prec is None else f"{prec:.3f}")
     console.print(t)
     g = Table(title="Gates", title_justify="left")
     for col in ("gate", "value", "threshold", "result"):
@@ -184,18 +142,18 @@ def step(
     from pipelines.runner import RunError, run_single
 
     if name not in STEP_NAMES:
-        raise _fail(f"unknown step {name!r}: choose one of {', '.join(STEP_NAMES)}", EXIT_USAGE)
+        raise fail(f"unknown step {name!r}: choose one of {', '.join(STEP_NAMES)}", EXIT_USAGE)
     cfg_file = run_root / "config.yaml"
     reuse = cfg_file.is_file() and not overrides
-    cfg = from_yaml(cfg_file.read_text(encoding="utf-8")) if reuse else _load(overrides)
-    with _progress() as progress:
+    cfg = from_yaml(cfg_file.read_text(encoding="utf-8")) if reuse else load(overrides)
+    with progress_bars() as progress:
         try:
             outcome = run_single(name, cfg, run_root.resolve(), home=home_dir(), reporter=RichReporter(progress),
                                  force=force)
         except StepError as e:
-            raise _fail(str(e), EXIT_USAGE) from None
+            raise fail(str(e), EXIT_USAGE) from None
         except RunError as e:
-            raise _fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
+            raise fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
     console.print(f"[green]✓ {name}[/] {outcome.status} ({outcome.seconds:.1f} s)")
 
 
@@ -215,7 +173,7 @@ def config_show(overrides: Overrides = None) -> None:
     """Print the resolved configuration (after overrides) as YAML, and the run id it maps to."""
     from pipelines.config import run_id, to_yaml
 
-    cfg = _load(overrides)
+    cfg = load(overrides)
     console.print(to_yaml(cfg), highlight=False, markup=False)
     console.print(f"# run id: {run_id(cfg)}", highlight=False, markup=False)
 
@@ -231,7 +189,7 @@ def ui(
     home = home_dir()
     db = home / "mlflow.db"
     if not db.is_file():
-        raise _fail(f"no registry at {db} yet: run `defectops run` first (or set DEFECTOPS_HOME)", EXIT_USAGE)
+        raise fail(f"no registry at {db} yet: run `defectops run` first (or set DEFECTOPS_HOME)", EXIT_USAGE)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", host,
            "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.gates import GateConfig
 from registry.config import RegistryConfig
-from serving.config import ExportConfig
+from serving.config import DetectConfig, ExportConfig
 from training.config import DataConfig, ModelConfig, TrainConfig
 
 HOME_ENV = "DEFECTOPS_HOME"
@@ -48,6 +48,7 @@ class DefectOpsConfig:
     gates: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from pipelines.config import artifact_location, tracking_uri
 from pipelines.context import GateFailure, StepContext, StepError
 from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
 from registry.config import RegistryConfig
-from serving.config import ExportConfig
+from serving.config import DetectConfig, ExportConfig
 from training.config import DataConfig, ModelConfig, TrainConfig
 from training.snapshot import Snapshot, deeppcb_samples, load_snapshot, write_snapshot
 from training.synth import DEFECT_TYPES
@@ -37,6 +39,9 @@ MODEL = "train/model.pt"
 MLFLOW_RUN = "train/mlflow_run.json"
 PREDICTIONS = "eval/predictions.npz"
 CHAMPION_METRICS = "eval/champion_metrics.json"
+BOARD_METRICS = "board_metrics.json"
+DETECTOR = "eval/detector.json"
+ONNX_BOARD_METRICS = "export/board_metrics.json"
 METRICS = "metrics.json"
 GATES = "gates.json"
 REPORT = "report.html"
@@ -54,43 +59,99 @@ def task_classes(data: DataConfig) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- pull_data
 def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
-    """Materialise the board snapshot: generate synthetic boards, or index a DeepPCB-format folder in place."""
+    """Materialise the dataset snapshot: synthetic boards, a DeepPCB-format or folder-per-class dataset read in
+    place, or a snapshot (local folder or ``s3://``, cached by fingerprint)."""
+    source = data.source
+    if source == "synth":
+        samples, classes, files_root = _synth_samples(ctx, data)
+    elif source in ("deeppcb", "folder"):
+        root = _data_root(data)
+        samples, classes, files_root = import_source(source, root, data)
+    elif source == "snapshot":
+        if not data.root:
+            raise StepError("data.root is not set: pass data.root=<snapshot folder or s3://bucket/prefix[@fingerprint]>")
+        snap = fetch_snapshot(data.root, ctx.home)
+        samples, classes, files_root = list(snap.samples), list(snap.classes), snap.files_root
+    else:
+        raise StepError(f"unknown data.source {source!r}: use synth, deeppcb, folder or snapshot")
+    if data.good_class not in classes:
+        raise StepError(f"data.good_class={data.good_class} is not a class of this dataset (classes: "
+                        f"{', '.join(classes)}): set data.good_class=<the non-defect class>")
+    snap = write_snapshot(ctx.path(SNAPSHOT), samples, classes, files_root=files_root)
+    counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in ("train", "val", "test")}
+    return {"fingerprint": snap.fingerprint, "samples": len(samples), "splits": counts, "files_root": str(files_root),
+            "classes": classes}
+
+
+def _data_root(data: DataConfig) -> Path:
+    if not data.root:
+        raise StepError(f"data.root is not set: pass data.root=<a {data.source} dataset folder>")
+    root = Path(data.root).expanduser().resolve()
+    if not root.is_dir():
+        raise StepError(f"data.root {root} does not exist: pass data.root=<a {data.source} dataset folder>")
+    return root
+
+
+def _synth_samples(ctx: StepContext, data: DataConfig) -> tuple[list[dict[str, Any]], list[str], Path]:
     from training.synth import write_deeppcb_root
 
-    classes = task_classes(data)
+    s = data.synth
+    boards = ctx.path(BOARDS)
+    if not (boards / "trainval.txt").is_file():
+        advance = ctx.reporter.task("generating synthetic boards", s.n_boards)
+        with atomic_dir(boards) as tmp:
+            write_deeppcb_root(tmp, s.n_boards, s.seed, size=s.size, defects=(s.defects[0], s.defects[1]),
+                               defect_rate=s.defect_rate, nuisance=(s.nuisance[0], s.nuisance[1]),
+                               progress=lambda _done: advance(1))
+    samples, classes, root = import_source("deeppcb", boards, data, list_file="trainval.txt")
+    for x in samples:
+        x["source"] = f"synth:seed={s.seed}"
+    return samples, classes, root
+
+
+def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | None = None
+                  ) -> tuple[list[dict[str, Any]], list[str], Path]:
+    """Manifest samples, classes and files root for a dataset read in place (``deeppcb`` or ``folder``)."""
+    from training.importers import import_folder
+
     split = data.split
-    if data.source == "synth":
-        s = data.synth
-        boards = ctx.path(BOARDS)
-        if not (boards / "trainval.txt").is_file():
-            advance = ctx.reporter.task("generating synthetic boards", s.n_boards)
-            with atomic_dir(boards) as tmp:
-                write_deeppcb_root(tmp, s.n_boards, s.seed, size=s.size, defects=(s.defects[0], s.defects[1]),
-                                   defect_rate=s.defect_rate, nuisance=(s.nuisance[0], s.nuisance[1]),
-                                   progress=lambda _done: advance(1))
-        root, list_file, source = boards, "trainval.txt", f"synth:seed={s.seed}"
-    elif data.source == "deeppcb":
-        if not data.root:
-            raise StepError("data.root is not set: pass data.root=/path/to/PCBData (a DeepPCB-format folder)")
-        root = Path(data.root).expanduser().resolve()
-        if not root.is_dir():
-            raise StepError(f"data.root {root} does not exist: pass data.root=<a DeepPCB-format folder>")
-        list_file, source = data.list_file, f"deeppcb:{root.name}"
-    else:
-        raise StepError(f"unknown data.source {data.source!r}: use synth or deeppcb")
     try:
-        samples = deeppcb_samples(root, list_file, val=split.val, test=split.test, seed=split.seed, source=source)
+        if kind == "deeppcb":
+            samples = deeppcb_samples(root, list_file or data.list_file, val=split.val, test=split.test,
+                                      seed=split.seed, source=f"deeppcb:{root.name}")
+            return samples, task_classes(data), root
+        if kind == "folder":
+            found = import_folder(root, val=split.val, test=split.test, seed=split.seed,
+                                  good_class=data.good_class if data.good_class else None)
+            return found.samples, found.classes, root
     except (FileNotFoundError, ValueError) as e:
         raise StepError(str(e)) from None
-    snap = write_snapshot(ctx.path(SNAPSHOT), samples, classes, files_root=root)
-    counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in ("train", "val", "test")}
-    return {"fingerprint": snap.fingerprint, "boards": len(samples), "splits": counts, "files_root": str(root)}
+    raise StepError(f"unknown dataset kind {kind!r}: use deeppcb or folder")
+
+
+def fetch_snapshot(ref: str, home: Path) -> Snapshot:
+    """A complete snapshot from a local folder, or pulled from ``s3://`` into ``<home>/cache/snapshots``."""
+    if ref.startswith("s3://"):
+        from training.remote import RemoteError, pull_snapshot, remote_fingerprint
+
+        try:
+            fp = remote_fingerprint(ref)
+            if fp is None:
+                raise StepError(f"no complete snapshot at {ref}: push one with `defectops data push`")
+            return pull_snapshot(ref if "@" in ref else f"{ref}@{fp}", home / "cache" / "snapshots" / fp)
+        except RemoteError as e:
+            raise StepError(str(e)) from None
+    try:
+        return load_snapshot(Path(ref).expanduser())
+    except (FileNotFoundError, ValueError) as e:
+        raise StepError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ validate_data
 def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
     """Validate the board snapshot (quarantine with reasons) and cut candidate crops from the accepted boards."""
     from training.crops import build_crops
+    from training.images import build_image_crops
     from training.validation import validate_snapshot
 
     snap = load_snapshot(ctx.path(SNAPSHOT))
@@ -102,11 +163,19 @@ def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
         raise StepError(f"{len(report.quarantined)} of {report.total} boards quarantined (over "
                         f"data.validation.max_bad_fraction={data.validation.max_bad_fraction}): {first}; "
                         f"full list in {ctx.path(VALIDATION)}")
-    advance = ctx.reporter.task("cutting candidate crops", len(report.accepted))
+    boards = any("template" in x for x in snap.samples)
+    advance = ctx.reporter.task("cutting candidate crops" if boards else "fitting images", len(report.accepted))
     with atomic_dir(ctx.path(CROPS)) as tmp:
-        crops, stats = build_crops(snap, report.accepted, tmp, data.candidates, snap.classes, data.good_class,
-                                   progress=advance)
-    return {"quarantined": len(report.quarantined), "accepted": len(report.accepted), **stats.to_dict(),
+        if boards:
+            crops, stats = build_crops(snap, report.accepted, tmp, data.candidates, snap.classes, data.good_class,
+                                       progress=advance)
+            extra = stats.to_dict()
+        else:
+            crops = build_image_crops(snap, report.accepted, tmp, data.candidates.crop_size, data.fit_mode,
+                                      progress=advance, max_pixels=data.validation.max_image_pixels)
+            extra = {"crops": {sp: dict(Counter(x["label"] for x in crops.samples if x["split"] == sp))
+                               for sp in ("train", "val", "test")}}
+    return {"quarantined": len(report.quarantined), "accepted": len(report.accepted), **extra,
             "crop_fingerprint": crops.fingerprint}
 
 
@@ -201,8 +270,72 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
     return classification_metrics(y, softmax(logits), classes, good_class), label
 
 
-def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig) -> dict[str, Any]:
-    """Score the trained model on the test crops, apply the gates and write metrics, gates and the HTML report."""
+def _detector_settings(classes: tuple[str, ...], data: DataConfig, threshold: float = 0.5) -> Any:
+    from serving.detector import DetectorSettings
+
+    c = data.candidates
+    return DetectorSettings(classes=classes, good_class=data.good_class, crop_size=c.crop_size, context=c.context,
+                            candidates={"threshold": c.threshold, "min_area": c.min_area, "pad": c.pad,
+                                        "merge_distance": c.merge_distance, "max_candidates": c.max_candidates},
+                            score_threshold=threshold, box_margin=c.box_margin)
+
+
+def _board_split(ctx: StepContext, split: str) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]]]:
+    """Accepted board pairs of ``split`` and their ground truth, keyed by image stem."""
+    from evaluation.deeppcb import GroundTruth
+
+    snap = load_snapshot(ctx.path(SNAPSHOT))
+    quarantined = {q["index"] for q in read_json(ctx.path(VALIDATION))["quarantined"]}
+    pairs, gts = [], {}
+    for i, s in enumerate(snap.samples):
+        if s["split"] != split or i in quarantined or "template" not in s:
+            continue
+        key = Path(s["path"]).name.removesuffix("_test.jpg")
+        pairs.append((key, snap.file(s["template"]), snap.file(s["path"])))
+        gts[key] = [GroundTruth(b[0], b[1], b[2], b[3], b[4]) for b in s.get("boxes", [])]
+    return pairs, gts
+
+
+def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
+                     logits_fn: Any, threshold: float | None) -> dict[str, Any]:
+    """Detect on the val and test boards; choose the score threshold on val (unless given); score test."""
+    from evaluation.deeppcb import score
+    from serving.detector import BoardDetector, detections_from_probs
+
+    settings = _detector_settings(classes, data)
+    detector = BoardDetector(logits_fn, settings, threads=detect.threads, batch_boards=detect.batch_boards)
+    out: dict[str, Any] = {"settings": {"candidates": settings.candidates, "box_margin": settings.box_margin,
+                                        "crop_size": settings.crop_size, "context": settings.context}}
+    runs = {}
+    for split in ("val", "test"):
+        pairs, gts = _board_split(ctx, split)
+        advance = ctx.reporter.task(f"detecting on {split} boards", len(pairs))
+        t0 = time.perf_counter()
+        results = []
+        for r in detector.run(pairs):
+            results.append(r)
+            advance(1)
+        runs[split] = (results, gts, len(pairs) / max(time.perf_counter() - t0, 1e-9))
+
+    def score_at(split: str, t: float) -> Any:
+        results, gts, _ = runs[split]
+        return score({r.key: (gts[r.key], detections_from_probs(r.candidates, r.probs, settings, r.shape, t))
+                      for r in results}, iou_threshold=detect.iou_threshold)
+
+    if threshold is None:  # best val F-score on a grid; ties go to the threshold nearest 0.5
+        grid = [round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)]
+        threshold = max(grid, key=lambda t: (score_at("val", t).fscore, -abs(t - 0.5))) if runs["val"][0] else 0.5
+    for split in ("val", "test"):
+        if runs[split][0]:
+            sc = score_at(split, threshold)
+            out[split] = {**sc.to_dict(), "images_per_s": runs[split][2], "boards": len(runs[split][0])}
+    out["score_threshold"] = threshold
+    return out
+
+
+def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
+             detect: DetectConfig) -> dict[str, Any]:
+    """Score the trained model on the test crops (and boards), apply the gates, write metrics and the HTML report."""
     from training.data import load_split, to_tensor
     from training.engine import predict_logits, softmax
     from training.trainer import CheckpointError, load_trained_model
@@ -221,19 +354,37 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
     champion, champion_version = _champion_metrics(ctx, registry, x, y, crops.classes, data.good_class)
     if champion is not None:
         write_json(ctx.path(CHAMPION_METRICS), champion.to_dict())
-    report = evaluate_gates(metrics, gates, champion=champion)
+    board = None
+    if detect.enabled and _has_boards(ctx):
+        import torch
+
+        def torch_logits(batch: np.ndarray) -> np.ndarray:
+            return predict_logits(net, torch.from_numpy(batch), resolve_device("cpu"))
+
+        board = board_evaluation(ctx, data, detect, crops.classes, torch_logits, detect.score_threshold)
+        write_json(ctx.path(BOARD_METRICS), board)
+        write_json(ctx.path(DETECTOR), {"score_threshold": board["score_threshold"], **board["settings"]})
+    report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     with atomic_path(ctx.path(PREDICTIONS)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, logits=logits, labels=y, paths=np.asarray(paths))
     write_json(ctx.path(METRICS), metrics.to_dict())
     write_json(ctx.path(GATES), report.to_dict())
-    _write_report(ctx, metrics, report, probs, y, x, crops, state, champion_version)
-    return {"passed": report.passed, "failed": [g.name for g in report.failed()], "macro_recall": metrics.macro_recall,
-            "champion_version": champion_version}
+    _write_report(ctx, metrics, report, probs, y, x, crops, state, champion_version, board)
+    result: dict[str, Any] = {"passed": report.passed, "failed": [g.name for g in report.failed()],
+                              "macro_recall": metrics.macro_recall, "champion_version": champion_version}
+    if board and "test" in board:
+        result["board"] = {k: board["test"][k] for k in ("map", "fscore", "precision", "recall", "images_per_s")}
+        result["board"]["score_threshold"] = board["score_threshold"]
+    return result
+
+
+def _has_boards(ctx: StepContext) -> bool:
+    return any("template" in s for s in load_snapshot(ctx.path(SNAPSHOT)).samples)
 
 
 def _write_report(ctx: StepContext, metrics: ClassificationMetrics, gates: GateReport, probs: np.ndarray,
                   y: np.ndarray, x: np.ndarray, crops: Snapshot, state: dict[str, Any],
-                  champion_version: str) -> None:
+                  champion_version: str, board: dict[str, Any] | None) -> None:
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
     worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:16]
@@ -242,8 +393,25 @@ def _write_report(ctx: StepContext, metrics: ClassificationMetrics, gates: GateR
     info = {"run id": ctx.run_id, "model": str(state.get("model_name")), "epochs": str(state.get("epoch")),
             "dataset fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint[:16],
             "test crops": str(len(y)), "champion compared": champion_version}
+    sections = [("Board-level detection (DeepPCB metric)", _board_html(board))] if board else []
     render_report(ctx.path(REPORT), title=f"DefectOps evaluation: {ctx.run_id}", metrics=metrics, gates=gates,
-                  curves=pr_curves(y, probs, crops.classes), info=info, misses=misses)
+                  curves=pr_curves(y, probs, crops.classes), info=info, misses=misses, sections=sections)
+
+
+def _board_html(board: dict[str, Any]) -> str:
+    from html import escape
+
+    rows = []
+    for split in ("val", "test"):
+        if split in board:
+            b = board[split]
+            rows.append(f"<tr><td>{split}</td><td>{b['boards']}</td><td>{b['map']:.4f}</td><td>{b['fscore']:.4f}</td>"
+                        f"<td>{b['precision']:.4f}</td><td>{b['recall']:.4f}</td><td>{b['images_per_s']:.1f}</td></tr>")
+    head = ("<table><thead><tr><th>split</th><th>boards</th><th>mAP</th><th>F-score</th><th>precision</th>"
+            "<th>recall</th><th>images/s</th></tr></thead><tbody>")
+    note = (f"<p>IoU &gt; {escape(str(0.33))}; score threshold {board['score_threshold']} chosen on the val split, "
+            f"applied unchanged to test.</p>")
+    return head + "".join(rows) + "</tbody></table>" + note
 
 
 # ---------------------------------------------------------------------------------------------------- register
@@ -314,19 +482,26 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ export
-def export(ctx: StepContext, export: ExportConfig) -> dict[str, Any]:
-    """Export the trained model to ONNX with a dynamic batch axis."""
+def export(ctx: StepContext, export: ExportConfig, data: DataConfig) -> dict[str, Any]:
+    """Export the trained model to ONNX (dynamic batch) carrying its classes, input size and detector settings."""
+    from serving.model_ref import model_metadata
     from serving.onnx_export import export_onnx
     from training.trainer import load_trained_model
 
     net, state = load_trained_model(ctx.path(MODEL))
     size = int(state["img_size"])
-    export_onnx(net, ctx.path(ONNX), input_shape=(3, size, size), opset=export.opset)
+    detector = read_json(ctx.path(DETECTOR)) if ctx.path(DETECTOR).is_file() else {}
+    crops_meta = read_json(ctx.path(CROPS) / "snapshot.json")
+    task = "aoi" if _has_boards(ctx) else "folder"
+    meta = model_metadata(list(state["classes"]), data.good_class, size, task, fit_mode=data.fit_mode,
+                          candidates=detector.get("candidates"), detector=detector,
+                          extra={"run_id": ctx.run_id, "dataset_fingerprint": crops_meta.get("board_fingerprint", "")})
+    export_onnx(net, ctx.path(ONNX), input_shape=(3, size, size), opset=export.opset, metadata=meta)
     return {"onnx_path": str(ctx.path(ONNX)), "opset": export.opset, "bytes": ctx.path(ONNX).stat().st_size}
 
 
 def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
-                  registry: RegistryConfig) -> dict[str, Any]:
+                  registry: RegistryConfig, detect: DetectConfig) -> dict[str, Any]:
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
     from registry import mlflow_registry as reg
@@ -338,12 +513,18 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     crops = load_snapshot(ctx.path(CROPS))
     x, y, _ = load_split(crops, "test")
     ref = np.load(ctx.path(PREDICTIONS))["logits"]
-    logits = onnx_logits(onnx_session(ctx.path(ONNX)), to_tensor(x).numpy())
+    session = onnx_session(ctx.path(ONNX))
+    logits = onnx_logits(session, to_tensor(x).numpy())
     par = parity(ref, logits)
     metrics = classification_metrics(y, softmax(logits), crops.classes, data.good_class)
     baseline = ctx.path(CHAMPION_METRICS)
     champion = ClassificationMetrics.from_dict(read_json(baseline)) if baseline.is_file() else None
-    report = evaluate_gates(metrics, gates, champion=champion)
+    board = None
+    if ctx.path(DETECTOR).is_file():
+        threshold = read_json(ctx.path(DETECTOR))["score_threshold"]
+        board = board_evaluation(ctx, data, detect, crops.classes, lambda b: onnx_logits(session, b), threshold)
+        write_json(ctx.path(ONNX_BOARD_METRICS), board)
+    report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     write_json(ctx.path(PARITY), par.to_dict())
     write_json(ctx.path(ONNX_METRICS), metrics.to_dict())
     write_json(ctx.path(ONNX_GATES), report.to_dict())
@@ -373,7 +554,10 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     size = int(x.shape[1])
     model_dir = write_repository(ctx.path(TRITON), registry.model_name, ctx.path(ONNX), crops.classes,
                                  (3, size, size), export.triton, version=int(version))
-    return {"parity": par.to_dict(), "onnx_macro_recall": metrics.macro_recall, "triton_model": str(model_dir)}
+    result = {"parity": par.to_dict(), "onnx_macro_recall": metrics.macro_recall, "triton_model": str(model_dir)}
+    if board and "test" in board:
+        result["onnx_board"] = {k: board["test"][k] for k in ("map", "fscore", "images_per_s")}
+    return result
 
 
 STEP_FUNCTIONS = {f.__name__: f for f in (pull_data, validate_data, train, evaluate, register, export, verify_export)}

@@ -22,3 +22,18 @@ class ExportConfig:
     min_top1_agreement: float = 0.999
     max_logit_diff: float = 1e-3
     triton: TritonConfig = field(default_factory=TritonConfig)
+
+
+@dataclass
+class DetectConfig:
+    """Board-level detection on DeepPCB-format data: candidates + classifier -> boxes scored with the DeepPCB metric.
+
+    ``score_threshold`` null: chosen on the validation split to maximise the DeepPCB F-score, then applied unchanged
+    to the test split (and embedded in the exported model).
+    """
+
+    enabled: bool = True
+    score_threshold: float | None = None
+    iou_threshold: float = 0.33
+    threads: int = 2
+    batch_boards: int = 8

@@ -7,6 +7,7 @@ model's normalisation, so every runtime preprocesses the same way.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,13 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
 
-def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = 17) -> Path:
-    """Write ``model`` as ONNX with a dynamic batch axis, checked by ``onnx.checker`` before it becomes visible."""
+def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = 17,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch axis, checked by ``onnx.checker`` before it becomes visible.
+
+    ``metadata`` goes into the model's ``metadata_props``: DefectOps stores there what a consumer needs to use the
+    file alone (classes, input size, preprocessing, candidate and detector settings).
+    """
     model = model.eval().cpu()
     dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
     with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -32,8 +38,18 @@ def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, in
         torch.onnx.export(model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
                           dynamo=False)
-        onnx.checker.check_model(onnx.load(str(tmp)))
+        proto = onnx.load(str(tmp))
+        for key, value in (metadata or {}).items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (without loading its weights into a session)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:

@@ -33,3 +33,20 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h = tmp_path / "home"
     monkeypatch.setenv("DEFECTOPS_HOME", str(h))
     return h
+
+
+# --- S3: a real SeaweedFS server for tests of training.remote (tests/s3server.py) ---------------------------------
+from collections.abc import Iterator  # noqa: E402 - kept with the fixture it serves
+
+from s3server import SeaweedS3, find_weed, seaweed_s3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real SeaweedFS S3 server (signatures and checksums checked) shared by the session; see tests/s3server.py."""
+    try:
+        find_weed()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    with seaweed_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server

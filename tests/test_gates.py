@@ -198,4 +198,19 @@ def test_gate_config_is_a_valid_structured_config() -> None:
         "max_false_call_rate",
         "max_regression",
         "max_latency_ms",
+        "min_board_map",
+        "min_board_fscore",
     ]
+
+
+def test_board_gates() -> None:
+    m = classification_metrics(np.array([0, 1]), np.eye(2), ["false_call", "open"], "false_call")
+    cfg = GateConfig(min_board_map=0.9, min_board_fscore=0.95)
+    report = evaluate_gates(m, cfg, board={"map": 0.93, "fscore": 0.94})
+    by_name = {r.name: r for r in report.results}
+    assert by_name["board_map"].passed
+    assert not by_name["board_fscore"].passed
+    missing = {r.name: r for r in evaluate_gates(m, cfg).results}
+    assert not missing["board_map"].passed
+    assert "not measured" in missing["board_map"].detail
+    assert "board_map" not in {r.name for r in evaluate_gates(m, GateConfig()).results}

@@ -42,6 +42,7 @@ class CandidateConfig:
     iou_threshold: float = 0.1
     crop_size: int = 64
     context: float = 2.0
+    box_margin: int = 0
     add_missed_to_train: bool = True
 
 
@@ -62,6 +63,7 @@ class DataConfig:
     root: str | None = None
     list_file: str = "trainval.txt"
     good_class: str = "false_call"
+    fit_mode: str = "letterbox"
     synth: SynthConfig = field(default_factory=SynthConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)

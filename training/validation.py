@@ -1,7 +1,9 @@
 """Snapshot validation: every sample is checked and either accepted or quarantined with a reason, never dropped
-silently. Checks: paths escaping the snapshot root, missing, oversized, zero-byte, corrupt or truncated files,
-decompression bombs (header dimensions are read before decoding), checksum mismatches, template/tested size mismatch,
-unknown labels, and the same content appearing in two splits (leakage).
+silently. Checks: paths escaping the snapshot root, missing, oversized, zero-byte, corrupt or truncated files
+(including a JPEG without its end-of-image marker), decompression bombs (header dimensions are read before decoding),
+checksum mismatches, template/tested size mismatch, unknown labels or splits, and the same content appearing in two
+splits (leakage). Board pairs and single images (folder datasets, samples without ``template``) are both covered; an
+image is accepted only if :func:`training.images.load_image` can decode it, so whatever passes can be trained on.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 from PIL import Image
 
 from pipelines.fsutil import sha256_file
 from training.config import ValidationConfig
-from training.snapshot import BOARD_LABEL, Snapshot
+from training.images import ImageError, load_image
+from training.snapshot import BOARD_LABEL, SPLITS, Snapshot
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,18 @@ def check_image(path: Path, cfg: ValidationConfig, expected_sha: str | None = No
                 w, h = im.size
                 if w * h > cfg.max_image_pixels:
                     return f"{path.name} is {w}x{h}, over validation.max_image_pixels={cfg.max_image_pixels}", digest
-                im.verify()
+                try:
+                    im.verify()
+                except Exception as e:  # the header was fine: the data is damaged
+                    return f"{path.name} is corrupt or truncated ({type(e).__name__}: {str(e)[:80]})", digest
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return f"{path.name} looks like a decompression bomb", digest
     except Exception as e:  # PIL raises many types for broken files
         return f"{path.name} is not a readable image ({type(e).__name__})", digest
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        return f"{path.name} is corrupt or truncated (cannot be decoded)", digest
+    try:
+        load_image(path, max_pixels=cfg.max_image_pixels)  # the decoder training uses: truncated JPEG, bit depth ...
+    except ImageError as e:
+        return f"{path.name} {e.reason}", digest
     return None, digest
 
 
@@ -105,6 +109,8 @@ def _validate_sample(snap: Snapshot, s: dict[str, Any], cfg: ValidationConfig, k
     label = s.get("label")
     if label != BOARD_LABEL and label not in known:
         return f"unknown label {label!r}"
+    if s.get("split") not in SPLITS:
+        return f"unknown split {s.get('split')!r} (expected one of {', '.join(SPLITS)})"
     for box in s.get("boxes", []) or []:
         if len(box) != 5 or box[4] not in known:
             return f"box {box!r} has an unknown label or wrong shape"
@@ -118,7 +124,8 @@ def _validate_sample(snap: Snapshot, s: dict[str, Any], cfg: ValidationConfig, k
         if problem:
             return problem
         digests.append(digest)
-        shapes.append(Image.open(snap.file(rel)).size)
+        with Image.open(snap.file(rel)) as im:
+            shapes.append(im.size)
     if len(shapes) == 2 and shapes[0] != shapes[1]:
         return f"template is {shapes[1]} but tested image is {shapes[0]}"
     key = digests[0]

@@ -34,6 +34,8 @@ def _vit_kwargs(img_size: int) -> dict[str, Any]:
 
 MODELS: dict[str, ModelSpec] = {
     "aoi_resnet10t": ModelSpec("resnet10t", "resnet", "ResNet-10-T: small, fast CNN; the default"),
+    "aoi_resnet10t_slim": ModelSpec("resnet10t", "resnet", "ResNet-10-T at half width: ~2x faster, for line-rate "
+                                    "detection on CPU", lambda img_size: {"channels": (32, 64, 128, 256)}),
     "aoi_resnet18": ModelSpec("resnet18", "resnet", "ResNet-18: a larger CNN"),
     "aoi_mobilenetv3": ModelSpec("mobilenetv3_small_100", "mobilenet", "MobileNetV3-Small: fastest on CPU"),
     "aoi_vit_tiny": ModelSpec("vit_tiny_patch16_224", "vit", "ViT-Tiny with 8 px patches sized to the crop",

@@ -1,0 +1,70 @@
+"""Shared pieces of the ``defectops`` command line: consoles, exit codes, errors, progress and config loading."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from pipelines.context import Reporter
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATES = 0, 1, 2, 3
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="Hydra overrides: key=value (e.g. train.epochs=5 model=vit data.synth.n_boards=60), +experiment=tiny.",
+    show_default=False)]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def load(overrides: list[str] | None) -> Any:
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        return load_config(list(overrides or []))
+    except ConfigError as e:
+        raise fail(str(e), EXIT_USAGE) from None
+
+
+class RichReporter(Reporter):
+    """Progress bars for long work inside steps."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: list[Any] = []
+
+    def task(self, description: str, total: int | None) -> Any:
+        tid = self.progress.add_task(f"  {description}", total=total)
+        self.tasks.append(tid)
+        return lambda n: self.progress.advance(tid, n)
+
+    def clear(self) -> None:
+        for tid in self.tasks:
+            self.progress.remove_task(tid)
+        self.tasks.clear()
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(f"  [dim]{message}[/]", highlight=False)
+
+
+def progress_bars() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+

@@ -1,0 +1,184 @@
+"""``defectops data``: import datasets into snapshots, validate them, and move them to and from S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
+
+data_app = typer.Typer(help="Dataset snapshots: import, validate, push to and pull from S3.", no_args_is_help=True)
+import_app = typer.Typer(help="Import a dataset into a snapshot (manifest.jsonl + classes.json + fingerprint).",
+                         no_args_is_help=True)
+data_app.add_typer(import_app, name="import")
+
+Out = Annotated[Path, typer.Option("--out", help="Snapshot folder to write (manifest.jsonl, classes.json, "
+                                                 "snapshot.json).")]
+Val = Annotated[float, typer.Option(help="Fraction of samples for the validation split (by a hash of the name).")]
+Test = Annotated[float, typer.Option(help="Fraction of samples for the test split (by a hash of the name).")]
+Seed = Annotated[int, typer.Option(help="Seed of the split assignment.")]
+
+
+def _report(snapshot_dir: Path) -> None:
+    from training.snapshot import load_snapshot
+
+    snap = load_snapshot(snapshot_dir)
+    t = Table(title=f"snapshot {snapshot_dir}", title_justify="left")
+    for col in ("split", *snap.classes):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for split in ("train", "val", "test"):
+        rows = [s for s in snap.samples if s["split"] == split]
+        if any("boxes" in s for s in rows):
+            counts = [sum(1 for s in rows for b in s.get("boxes", []) if b[4] == c) for c in snap.classes]
+        else:
+            counts = [sum(1 for s in rows if s["label"] == c) for c in snap.classes]
+        t.add_row(f"{split} ({len(rows)})", *[str(n) for n in counts])
+    console.print(t)
+    console.print(f"fingerprint {snap.fingerprint}")
+
+
+def _write(out: Path, samples: list[dict], classes: list[str], files_root: Path) -> None:
+    from training.snapshot import write_snapshot
+
+    write_snapshot(out, samples, classes, files_root=files_root)
+    _report(out)
+
+
+@import_app.command("deeppcb")
+def import_deeppcb(
+    root: Annotated[Path, typer.Argument(help="DeepPCB-format folder (e.g. DeepPCB/PCBData) with the list file.")],
+    out: Out,
+    list_file: Annotated[str, typer.Option("--list", help="List file inside ROOT (DeepPCB's trainval.txt format).")]
+    = "trainval.txt",
+    val: Val = 0.15, test: Test = 0.2, seed: Seed = 0,
+) -> None:
+    """Index DeepPCB-format board pairs in place (files are not copied): boxes and defect types per pair."""
+    from training.snapshot import deeppcb_samples
+    from training.synth import DEFECT_TYPES
+
+    try:
+        samples = deeppcb_samples(root.resolve(), list_file, val=val, test=test, seed=seed,
+                                  source=f"deeppcb:{root.resolve().name}")
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    _write(out, samples, ["false_call", *DEFECT_TYPES], root.resolve())
+
+
+@import_app.command("folder")
+def import_folder_cmd(
+    root: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (optionally under train/, val/, "
+                                              "test/).")],
+    out: Out,
+    good_class: Annotated[str | None, typer.Option(help="The non-defect class (listed first).")] = None,
+    val: Val = 0.15, test: Test = 0.2, seed: Seed = 0,
+) -> None:
+    """Index a folder-per-class image dataset in place: any file names, PNG/JPEG/TIFF/BMP, any sizes."""
+    from training.importers import import_folder
+
+    try:
+        found = import_folder(root.resolve(), val=val, test=test, seed=seed, good_class=good_class)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    if found.ignored:
+        console.print(f"[yellow]ignored {len(found.ignored)} files[/] (hidden, not images, or outside class folders): "
+                      + ", ".join(found.ignored[:5]) + (" ..." if len(found.ignored) > 5 else ""), highlight=False)
+    _write(out, found.samples, found.classes, root.resolve())
+
+
+@import_app.command("synth")
+def import_synth(
+    out: Out,
+    boards: Annotated[int, typer.Option(help="Number of synthetic board pairs.")] = 200,
+    size: Annotated[int, typer.Option(help="Board side in pixels.")] = 640,
+    seed: Seed = 0, val: Val = 0.15, test: Test = 0.2,
+) -> None:
+    """Generate seeded synthetic boards (DeepPCB format) into OUT/boards and snapshot them (self-contained)."""
+    from training.snapshot import deeppcb_samples
+    from training.synth import DEFECT_TYPES, write_deeppcb_root
+
+    with progress_bars() as progress:
+        tid = progress.add_task("generating boards", total=boards)
+        write_deeppcb_root(out / "boards", boards, seed, size=size, progress=lambda _: progress.advance(tid, 1))
+    samples = deeppcb_samples(out / "boards", "trainval.txt", val=val, test=test, seed=seed,
+                              source=f"synth:seed={seed}")
+    for s in samples:
+        for key in ("path", "template"):
+            s[key] = f"boards/{s[key]}"
+    _write(out, samples, ["false_call", *DEFECT_TYPES], out)
+
+
+@data_app.command("validate")
+def validate(
+    snapshot: Annotated[Path, typer.Argument(help="Snapshot folder.")],
+    max_bad_fraction: Annotated[float, typer.Option(help="Exit 1 when more than this fraction is quarantined.")]
+    = 0.0,
+) -> None:
+    """Check every sample (corrupt, truncated, oversized, duplicates/leakage, unknown labels, escaping paths) and list
+    the quarantined ones with the reason."""
+    from training.config import ValidationConfig
+    from training.snapshot import load_snapshot
+    from training.validation import validate_snapshot
+
+    try:
+        snap = load_snapshot(snapshot)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    with progress_bars() as progress:
+        tid = progress.add_task("validating", total=len(snap.samples))
+        report = validate_snapshot(snap, ValidationConfig(), progress=lambda n: progress.advance(tid, n))
+    t = Table(title=f"{len(report.quarantined)} of {report.total} samples quarantined", title_justify="left")
+    t.add_column("sample")
+    t.add_column("reason")
+    for q in report.quarantined:
+        t.add_row(q.path, q.reason)
+    console.print(t)
+    if report.bad_fraction > max_bad_fraction:
+        raise fail(f"{report.bad_fraction:.1%} of samples quarantined, over --max-bad-fraction {max_bad_fraction}",
+                   EXIT_FAILURE)
+
+
+@data_app.command("push")
+def push(
+    snapshot: Annotated[Path, typer.Argument(help="Snapshot folder to upload.")],
+    uri: Annotated[str, typer.Argument(help="Destination s3://bucket/prefix (objects are content-addressed).")],
+    workers: Annotated[int, typer.Option(help="Parallel uploads.")] = 8,
+) -> None:
+    """Upload a snapshot: files by content hash (skipping those already there), then its manifest; the snapshot
+    becomes visible as complete only at the end. Rerun to resume an interrupted push. Endpoint: $AWS_ENDPOINT_URL."""
+    from training.remote import RemoteError, push_snapshot
+    from training.snapshot import load_snapshot
+
+    try:
+        total = len(load_snapshot(snapshot).samples)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    with progress_bars() as progress:
+        tid = progress.add_task("uploading", total=None)
+        try:
+            r = push_snapshot(snapshot, uri, workers=workers, progress=lambda n: progress.advance(tid, n))
+        except RemoteError as e:
+            raise fail(str(e), EXIT_FAILURE) from None
+    console.print(f"pushed {r.uri} ({total} samples): {r.uploaded} objects uploaded, {r.skipped} already there, "
+                  f"{r.bytes} bytes; fingerprint {r.fingerprint}")
+
+
+@data_app.command("pull")
+def pull(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix (latest) or s3://bucket/prefix@<fingerprint>.")],
+    dest: Annotated[Path, typer.Argument(help="Local folder for the snapshot (created atomically).")],
+    workers: Annotated[int, typer.Option(help="Parallel downloads.")] = 8,
+) -> None:
+    """Download a snapshot, verifying every file's sha256 and the fingerprint; resumable; nothing appears at DEST
+    unless complete and verified."""
+    from training.remote import RemoteError, pull_snapshot
+
+    with progress_bars() as progress:
+        tid = progress.add_task("downloading", total=None)
+        try:
+            snap = pull_snapshot(uri, dest, workers=workers, progress=lambda n: progress.advance(tid, n))
+        except RemoteError as e:
+            raise fail(str(e), EXIT_FAILURE) from None
+    console.print(f"pulled {len(snap.samples)} samples into {dest}; fingerprint {snap.fingerprint}")

@@ -1,0 +1,111 @@
+"""``defectops predict``: board-level detection on DeepPCB-format lists and classification of image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
+
+if TYPE_CHECKING:
+    from serving.model_ref import ResolvedModel
+
+predict_app = typer.Typer(help="Predict with a registered, run-root or ONNX model.", no_args_is_help=True)
+
+ModelRef = Annotated[str, typer.Option("--model", help="models:/<name>@<alias> | models:/<name>/<version> | a run "
+                                                       "root | an .onnx file exported by defectops.")]
+TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ references (default: "
+                                                      "$MLFLOW_TRACKING_URI, else the SQLite registry in "
+                                                      "$DEFECTOPS_HOME).")]
+Threads = Annotated[int, typer.Option(help="CPU threads for decoding and inference.")]
+
+
+def _resolve(ref: str, tracking_uri: str | None) -> ResolvedModel:
+    import os
+
+    from pipelines.config import home_dir
+    from serving.model_ref import ModelRefError, resolve
+
+    home = home_dir()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    try:
+        return resolve(ref, tracking_uri=uri, cache_dir=home / "cache")
+    except ModelRefError as e:
+        raise fail(str(e), EXIT_USAGE) from None
+
+
+@predict_app.command("boards")
+def boards(
+    model: ModelRef,
+    input: Annotated[Path, typer.Option("--input", help="Folder the list's paths are relative to (DeepPCB's "
+                                                        "PCBData).")],
+    list_file: Annotated[Path, typer.Option("--list", help="List file in DeepPCB's trainval.txt format.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the result files (one NNNNNNNN.txt per image).")],
+    tracking_uri: TrackingUri = None,
+    threads: Threads = 2,
+) -> None:
+    """Detect defects on board pairs: template differencing -> candidates -> classifier -> boxes.
+
+    Writes one DeepPCB result file per image (x1,y1,x2,y2,confidence,name by descending confidence), prints
+    images/s, and, when every listed annotation file exists, the DeepPCB mAP and F-score.
+    """
+    from serving.predict import predict_boards
+
+    m = _resolve(model, tracking_uri)
+    try:
+        lines = [x for x in list_file.read_text(encoding="utf-8").splitlines() if x.strip()] \
+            if list_file.is_file() else []
+        with progress_bars() as progress:
+            tid = progress.add_task("detecting", total=len(lines) or None)
+            r = predict_boards(m, input, list_file, out, threads=threads, progress=lambda n: progress.advance(tid, n))
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    console.print(f"{r.images} images, {r.detections} detections in {r.seconds:.1f} s: "
+                  f"[bold]{r.images_per_s:.1f} images/s[/] (decode, candidates, classification; {threads} threads); "
+                  f"results in {out}")
+    if r.score is not None:
+        t = Table(title=f"DeepPCB metric (IoU > 0.33) with {m.source}", title_justify="left")
+        for col in ("mAP", "F-score", "precision", "recall", "detections", "ground truth"):
+            t.add_column(col, justify="right")
+        s = r.score
+        t.add_row(f"{s.map:.4f}", f"{s.fscore:.4f}", f"{s.precision:.4f}", f"{s.recall:.4f}", str(s.n_det),
+                  str(s.n_gt))
+        console.print(t)
+
+
+@predict_app.command("images")
+def images(
+    model: ModelRef,
+    input: Annotated[list[Path], typer.Option("--input", help="A folder (searched recursively) or image files; "
+                                                              "repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV file: path, predicted, confidence, p_<class>...")],
+    tracking_uri: TrackingUri = None,
+    threads: Threads = 2,
+) -> None:
+    """Classify images with a folder-per-class model, preprocessed exactly as in training (same fit to square)."""
+    from serving.predict import predict_images
+    from training.images import ImageError
+    from training.importers import IMAGE_EXTENSIONS
+
+    m = _resolve(model, tracking_uri)
+    paths: list[Path] = []
+    for p in input:
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise fail(f"--input {p} does not exist", EXIT_USAGE)
+    if not paths:
+        raise fail("no images found in --input", EXIT_USAGE)
+    try:
+        with progress_bars() as progress:
+            tid = progress.add_task("classifying", total=len(paths))
+            n, ips = predict_images(m, paths, out, threads=threads, progress=lambda k: progress.advance(tid, k))
+    except ImageError as e:
+        raise fail(str(e), EXIT_FAILURE) from None
+    console.print(f"{n} images classified at {ips:.1f} images/s; results in {out}")

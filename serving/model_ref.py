@@ -1,0 +1,104 @@
+"""Resolve what a user passes as ``--model`` to a local ONNX file and the metadata needed to use it alone.
+
+Accepted: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (the version's verified ONNX artifact, fetched
+from the MLflow registry and cached under the DefectOps home), a run root (its ``export/model.onnx``), or an ONNX
+file. Every ONNX file DefectOps exports carries its classes, input size and preprocessing in ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.fsutil import atomic_dir
+from serving.onnx_export import read_metadata
+
+META_PREFIX = "defectops."
+
+
+class ModelRefError(ValueError):
+    """The ``--model`` reference cannot be resolved."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    onnx_path: Path
+    classes: tuple[str, ...]
+    good_class: str
+    input_size: int
+    task: str  # "aoi" (candidate crops from board pairs) or "folder" (whole images)
+    fit_mode: str = "letterbox"
+    candidates: dict[str, Any] = field(default_factory=dict)
+    detector: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def model_metadata(classes: list[str], good_class: str, input_size: int, task: str, *, fit_mode: str = "letterbox",
+                   candidates: dict[str, Any] | None = None, detector: dict[str, Any] | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``metadata_props`` written into an exported ONNX model."""
+    meta = {"classes": json.dumps(classes), "good_class": good_class, "input_size": str(input_size), "task": task,
+            "fit_mode": fit_mode, "candidates": json.dumps(candidates or {}), "detector": json.dumps(detector or {}),
+            **(extra or {})}
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+def from_onnx(path: Path, source: str = "") -> ResolvedModel:
+    if not path.is_file():
+        raise ModelRefError(f"ONNX model {path} not found")
+    meta = {k.removeprefix(META_PREFIX): v for k, v in read_metadata(path).items() if k.startswith(META_PREFIX)}
+    if "classes" not in meta:
+        raise ModelRefError(f"{path} has no DefectOps metadata (classes, input size): export it with defectops")
+    return ResolvedModel(onnx_path=path, classes=tuple(json.loads(meta["classes"])), good_class=meta["good_class"],
+                         input_size=int(meta["input_size"]), task=meta.get("task", "aoi"),
+                         fit_mode=meta.get("fit_mode", "letterbox"),
+                         candidates=json.loads(meta.get("candidates", "{}")),
+                         detector=json.loads(meta.get("detector", "{}")), source=source or str(path))
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def resolve(ref: str, *, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
+    """Resolve ``ref`` (registry URI, run root or ONNX path) to a local ONNX model with its metadata."""
+    m = _MODELS_URI.match(ref)
+    if m:
+        return _from_registry(m.group("name"), m.group("alias"), m.group("version"), tracking_uri, cache_dir, ref)
+    if ref.startswith("models:/"):
+        raise ModelRefError(f"bad registry reference {ref!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        onnx_path = p / "export" / "model.onnx"
+        if not onnx_path.is_file():
+            raise ModelRefError(f"run root {p} has no export/model.onnx: run its export step first")
+        return from_onnx(onnx_path, ref)
+    if p.suffix == ".onnx":
+        return from_onnx(p, ref)
+    raise ModelRefError(f"--model {ref!r} is neither models:/name@alias, a run root, nor an .onnx file")
+
+
+def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
+                   ref: str) -> ResolvedModel:
+    from mlflow.exceptions import MlflowException
+
+    from registry.mlflow_registry import client
+
+    c = client(tracking_uri)
+    try:
+        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise ModelRefError(f"{ref} not found in the registry at {tracking_uri} ({e.error_code})") from None
+    if mv.tags.get("defectops.export_verified") != "true":
+        raise ModelRefError(f"{ref} (version {mv.version}) has no verified ONNX export: its verify_export step did "
+                            f"not pass")
+    if not mv.run_id:
+        raise ModelRefError(f"{ref} (version {mv.version}) has no MLflow run to fetch its ONNX artifact from")
+    dest = cache_dir / "models" / name / str(mv.version)
+    onnx_path = dest / "onnx" / "model.onnx"
+    if not onnx_path.is_file():
+        with atomic_dir(dest) as tmp:
+            c.download_artifacts(mv.run_id, "onnx/model.onnx", str(tmp))
+    return from_onnx(onnx_path, f"{ref} (version {mv.version})")

@@ -1,0 +1,122 @@
+"""Batch prediction with an exported model: DeepPCB-format board lists and folders of images.
+
+``predict_boards`` writes one DeepPCB result file per image (``x1,y1,x2,y2,confidence,name`` by descending
+confidence); ``predict_images`` writes one CSV row per image. Both take a :class:`ResolvedModel` (see
+``serving.model_ref``) so preprocessing is exactly what the model was trained and verified with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.deeppcb import DeepPCBScore, GroundTruth, format_result_lines, score
+from pipelines.fsutil import write_text
+from serving.detector import BoardDetector, DetectorSettings
+from serving.model_ref import ResolvedModel
+from serving.onnx_export import onnx_logits, onnx_session
+
+
+@dataclass(frozen=True)
+class BoardPrediction:
+    images: int
+    detections: int
+    seconds: float
+    images_per_s: float
+    score: DeepPCBScore | None
+
+
+def read_board_list(root: Path, list_file: Path) -> tuple[list[tuple[str, Path, Path]], list[Path | None]]:
+    """Pairs ``(stem, template, tested)`` and annotation paths (``None`` when absent) of a DeepPCB list file."""
+    if not list_file.is_file():
+        raise FileNotFoundError(f"list file {list_file} not found")
+    pairs, anns = [], []
+    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        stem = parts[0].removesuffix(".jpg")
+        template, tested = root / f"{stem}_temp.jpg", root / f"{stem}_test.jpg"
+        for p in (template, tested):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} (line {n} of {list_file}) not found: is --input the folder the list "
+                                        f"is relative to?")
+        pairs.append((Path(stem).name, template, tested))
+        ann = root / parts[1] if len(parts) > 1 else None
+        anns.append(ann if ann is not None and ann.is_file() else None)
+    if not pairs:
+        raise ValueError(f"{list_file} lists no image pairs")
+    return pairs, anns
+
+
+def detector_for(model: ResolvedModel, threads: int = 2) -> BoardDetector:
+    if model.task != "aoi":
+        raise ValueError(f"{model.source} classifies whole images (task {model.task!r}): use `predict images`")
+    d = model.detector
+    settings = DetectorSettings(classes=model.classes, good_class=model.good_class, crop_size=model.input_size,
+                                context=float(d.get("context", 2.0)), candidates=dict(d.get("candidates", {})),
+                                score_threshold=float(d.get("score_threshold", 0.5)),
+                                box_margin=int(d.get("box_margin", 0)))
+    session = onnx_session(model.onnx_path, threads=threads)
+    return BoardDetector(lambda x: onnx_logits(session, x), settings, threads=threads)
+
+
+def predict_boards(model: ResolvedModel, root: Path, list_file: Path, out: Path, *, threads: int = 2,
+                   progress: Callable[[int], None] | None = None) -> BoardPrediction:
+    """Detect defects on every listed pair and write ``out/<stem>.txt``; score against annotations when all exist."""
+    from serving.detector import detections_from_probs
+
+    pairs, anns = read_board_list(root, list_file)
+    detector = detector_for(model, threads)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = {}
+    for r in detector.run(pairs):
+        dets = detections_from_probs(r.candidates, r.probs, detector.s, r.shape)
+        results[r.key] = dets
+        if progress:
+            progress(1)
+    seconds = time.perf_counter() - t0
+    for key, dets in results.items():
+        write_text(out / f"{key}.txt", format_result_lines(dets))
+    sc = None
+    if all(a is not None for a in anns):
+        from training.candidates import read_deeppcb_annotations
+
+        gts = {key: [GroundTruth(b.x1, b.y1, b.x2, b.y2, b.label) for b in read_deeppcb_annotations(a)]
+               for (key, _, _), a in zip(pairs, anns, strict=True) if a is not None}
+        sc = score({k: (gts[k], results[k]) for k in results})
+    n_det = sum(len(d) for d in results.values())
+    return BoardPrediction(len(pairs), n_det, seconds, len(pairs) / max(seconds, 1e-9), sc)
+
+
+def predict_images(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *, batch_size: int = 64,
+                   threads: int = 2, progress: Callable[[int], None] | None = None) -> tuple[int, float]:
+    """Classify images with the same preprocessing as training; one CSV row per image. Returns (rows, images/s)."""
+    from training.images import preprocess_for_model
+
+    session = onnx_session(model.onnx_path, threads=threads)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in model.classes]])
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        chunk = list(paths[i:i + batch_size])
+        x = preprocess_for_model(chunk, model.input_size, model.fit_mode)
+        logits = onnx_logits(session, x)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
+        for p, row in zip(chunk, probs, strict=True):
+            k = int(row.argmax())
+            writer.writerow([str(p), model.classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
+        if progress:
+            progress(len(chunk))
+    seconds = time.perf_counter() - t0
+    write_text(out_csv, buf.getvalue())
+    return len(paths), len(paths) / max(seconds, 1e-9)
