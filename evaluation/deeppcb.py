@@ -52,7 +52,6 @@ from typing import Any, Protocol
 import numpy as np
 
 IOU_THRESHOLD = 0.33
-DEEPPCB_NAMES: tuple[str, ...] = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
 
 
 class _HasBox(Protocol):

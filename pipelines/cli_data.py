@@ -129,12 +129,12 @@ def validate(
     with progress_bars() as progress:
         tid = progress.add_task("validating", total=len(snap.samples))
         report = validate_snapshot(snap, ValidationConfig(), progress=lambda n: progress.advance(tid, n))
-    t = Table(title=f"{len(report.quarantined)} of {report.total} samples quarantined", title_justify="left")
-    t.add_column("sample")
-    t.add_column("reason")
-    for q in report.quarantined:
-        t.add_row(q.path, q.reason)
-    console.print(t)
+    if report.quarantined:
+        t = Table("sample", "reason")
+        for q in report.quarantined:
+            t.add_row(q.path, q.reason)
+        console.print(t)
+    console.print(f"{len(report.quarantined)} of {report.total} samples quarantined", highlight=False)
     if report.bad_fraction > max_bad_fraction:
         raise fail(f"{report.bad_fraction:.1%} of samples quarantined, over --max-bad-fraction {max_bad_fraction}",
                    EXIT_FAILURE)
@@ -156,10 +156,10 @@ def push(
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), EXIT_USAGE) from None
     with progress_bars() as progress:
-        tid = progress.add_task("uploading", total=None)
+        tid = progress.add_task("uploading (bytes)", total=None)
         try:
             r = push_snapshot(snapshot, uri, workers=workers, progress=lambda n: progress.advance(tid, n))
-        except RemoteError as e:
+        except (RemoteError, ValueError, FileNotFoundError) as e:
             raise fail(str(e), EXIT_FAILURE) from None
     console.print(f"pushed {r.uri} ({total} samples): {r.uploaded} objects uploaded, {r.skipped} already there, "
                   f"{r.bytes} bytes; fingerprint {r.fingerprint}")
@@ -176,9 +176,9 @@ def pull(
     from training.remote import RemoteError, pull_snapshot
 
     with progress_bars() as progress:
-        tid = progress.add_task("downloading", total=None)
+        tid = progress.add_task("downloading (bytes)", total=None)
         try:
             snap = pull_snapshot(uri, dest, workers=workers, progress=lambda n: progress.advance(tid, n))
-        except RemoteError as e:
+        except (RemoteError, ValueError, FileExistsError) as e:
             raise fail(str(e), EXIT_FAILURE) from None
     console.print(f"pulled {len(snap.samples)} samples into {dest}; fingerprint {snap.fingerprint}")

@@ -130,16 +130,20 @@ def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | N
 
 
 def fetch_snapshot(ref: str, home: Path) -> Snapshot:
-    """A complete snapshot from a local folder, or pulled from ``s3://`` into ``<home>/cache/snapshots``."""
+    """A complete snapshot from a local folder, or pulled from ``s3://`` into ``<home>/cache/snapshots/<fp>``
+    (``s3://bucket/prefix`` means its ``latest`` snapshot; ``...@<fingerprint>`` pins one, served from the cache
+    without any request once pulled)."""
     if ref.startswith("s3://"):
         from training.remote import RemoteError, pull_snapshot, remote_fingerprint
 
+        cache = home / "cache" / "snapshots"
         try:
-            fp = remote_fingerprint(ref)
+            fp = ref.rsplit("@", 1)[1] if "@" in ref else remote_fingerprint(ref)
             if fp is None:
                 raise StepError(f"no complete snapshot at {ref}: push one with `defectops data push`")
-            return pull_snapshot(ref if "@" in ref else f"{ref}@{fp}", home / "cache" / "snapshots" / fp)
-        except RemoteError as e:
+            base = ref.rsplit("@", 1)[0]
+            return pull_snapshot(f"{base}@{fp}", cache / fp)
+        except (RemoteError, ValueError, FileExistsError) as e:
             raise StepError(str(e)) from None
     try:
         return load_snapshot(Path(ref).expanduser())

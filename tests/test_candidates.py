@@ -11,7 +11,10 @@ import pytest
 
 from training.candidates import (
     Candidate,
+    align_template,
     crop,
+    detection_box,
+    estimate_shift,
     find_candidates,
     gt_found,
     iou,
@@ -66,6 +69,56 @@ def test_cleanup_min_area_and_merge() -> None:
     assert find_candidates(template, tested, min_area=20) == []
     top = find_candidates(template, tested, pad=0, max_candidates=1)
     assert [(c.x1, c.area) for c in top] == [(10, 24)]
+
+
+def _moved(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``img`` translated by (dy, dx), edge pixels repeated into the uncovered band."""
+    m = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
+    h, w = img.shape
+    out: np.ndarray = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+    return out
+
+
+def test_estimate_shift_recovers_a_translation() -> None:
+    board = next(generate_boards(1, 3, size=256, defect_rate=0.0, nuisance=(0, 0)))
+    for dy, dx in [(3, -5), (-7, 0), (1, 1), (0, 0)]:
+        assert estimate_shift(board.template, _moved(board.template, dy, dx)) == (dy, dx)
+    assert estimate_shift(_blank(), _blank()) == (0, 0)
+    tested = _blank()
+    tested[10:20, 10:20] = 0
+    assert estimate_shift(_blank(), tested) == (0, 0)  # nothing to register on: never moves
+
+
+def test_alignment_removes_misregistration_candidates() -> None:
+    board = next(generate_boards(1, 5, size=256, defect_rate=0.0, nuisance=(0, 0)))
+    tested = _moved(board.template, 4, -3)
+    tested[100:112, 100:112] = 255 - tested[100:112, 100:112]  # one real 12x12 difference
+    unaligned = find_candidates(board.template, tested, align=False, split_side=0)
+    aligned = find_candidates(board.template, tested)
+    assert len(unaligned) > len(aligned)  # every shifted trace edge is a strip without registration
+    assert [c.box for c in aligned] == [(96, 96, 115, 115)]
+    moved, shift = align_template(board.template, tested)
+    assert shift == (4, -3)
+    assert find_candidates(moved, tested, align=False) == aligned  # crop with `moved` to see what was found
+
+
+def test_split_separates_a_defect_from_a_fused_strip() -> None:
+    template, tested = _blank(256), _blank(256)
+    tested[20:220, 100:103] = 0  # a 3 px strip of local misregistration survives the 3x3 opening...
+    tested[110:124, 103:117] = 0  # ...and swallows the 14x14 defect touching it
+    fused = find_candidates(template, tested, split_side=0, pad=0)
+    assert [c.box for c in fused] == [(100, 20, 116, 219)]
+    split = find_candidates(template, tested, pad=0)  # longer than split_side: re-opened with a 5x5 square
+    assert [c.box for c in split] == [(100, 110, 116, 123)]
+    assert find_candidates(template, tested, pad=0, split_side=250) == fused
+
+
+def test_detection_box_grows_to_deeppcb_margins() -> None:
+    c = Candidate(10, 20, 30, 40, 9)  # tight box (14, 24)-(26, 36) padded by 4
+    assert detection_box(c) == (4, 14, 36, 46)  # tight box + 10 px
+    assert detection_box(c, 0) == c.box
+    assert detection_box(Candidate(0, 2, 63, 60, 9), 6, (64, 64)) == (0, 0, 63, 63)
+    assert detection_box(Candidate(0, 2, 63, 60, 9)) == (0, 0, 69, 66)  # without a shape: clipped at 0 only
 
 
 def test_jpeg_artifacts_do_not_create_candidates() -> None:

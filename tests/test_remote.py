@@ -227,6 +227,28 @@ def test_pull_into_complete_dest_does_no_transfer(s3: SeaweedS3, client: Any, ba
         pull_snapshot(res.uri, other, client=client)
 
 
+def test_in_place_snapshot_pulls_self_contained(client: Any, base: str, tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    samples = [{"path": f"raw/{i}.png", "sha256": _write(data, f"raw/{i}.png", _png(i)), "label": "short",
+                "split": "train"} for i in range(3)]
+    snap = write_snapshot(tmp_path / "snap", samples, ["short"], files_root=data)  # files read in place
+    assert json.loads((snap.dir / "snapshot.json").read_text())["files_root"] == str(data.resolve())
+    push_snapshot(snap.dir, base, client=client)
+    got = pull_snapshot(base, tmp_path / "dest", client=client)
+    assert got.files_root == (tmp_path / "dest").resolve()
+    assert files_of(got) == files_of(snap)
+
+
+def test_push_replaces_truncated_object(client: Any, base: str, tmp_path: Path) -> None:
+    snap = small_snapshot(tmp_path / "src")
+    _, prefix = parse_s3_uri(base)
+    data = (snap.dir / "images/img_03.png").read_bytes()
+    client.put_object(Bucket=BUCKET, Key=object_key(prefix, _sha(data)), Body=data[:10])  # a broken earlier upload
+    res = push_snapshot(snap.dir, base, client=client)
+    assert client.head_object(Bucket=BUCKET, Key=object_key(prefix, _sha(data)))["ContentLength"] == len(data)
+    assert res.uploaded == len(files_of(snap)) - 1  # everything but the duplicate, the truncated object included
+
+
 def test_tampered_object_fails_pull_and_leaves_no_dest(client: Any, base: str, tmp_path: Path) -> None:
     snap = small_snapshot(tmp_path / "src")
     push_snapshot(snap.dir, base, client=client)

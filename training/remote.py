@@ -318,6 +318,11 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be at least 1")
+
+
 def _parallel(fn: Callable[[T], tuple[int, R]], items: Iterable[T], workers: int,
               progress: Progress | None) -> list[R]:
     """Run ``fn`` on every item in a thread pool; ``progress(n)`` is called in this thread as each one finishes.
@@ -325,8 +330,7 @@ def _parallel(fn: Callable[[T], tuple[int, R]], items: Iterable[T], workers: int
     ``fn`` returns ``(bytes transferred, result)``. The first failure cancels what has not started and is re-raised
     once the running calls have returned.
     """
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be at least 1")
+    _check_workers(workers)
     results: list[R] = []
     ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3")
     futures: list[Future[tuple[int, R]]] = [ex.submit(fn, it) for it in items]
@@ -354,6 +358,7 @@ def push_snapshot(snapshot_dir: Path, uri: str, *, workers: int = 8, client: S3C
     from its manifest ``sha256`` is refused. Metadata goes up only after every object, ``snapshot.json`` last, then
     ``latest`` is pointed at the snapshot. ``progress(bytes_sent)`` is called once per file object (0 if skipped).
     """
+    _check_workers(workers)
     bucket, prefix, ref = _split_ref(uri)
     if ref is not None:
         raise ValueError(f"push takes s3://bucket/prefix, not the pinned {uri!r}: the fingerprint comes from the "
@@ -489,6 +494,7 @@ def pull_snapshot(uri: str, dest: Path, *, workers: int = 8, client: S3Client | 
     any request; for ``latest`` after reading the pointer only). Files verified by an interrupted pull are kept in
     ``<dest>.partial`` and not fetched again. ``progress(bytes_received)`` is called once per object (0 if kept).
     """
+    _check_workers(workers)
     bucket, prefix, ref = _split_ref(uri)
     dest = Path(dest)
     if ref is not None and (hit := _cached(dest, ref)) is not None:

@@ -119,7 +119,8 @@ def deeppcb_samples(root: Path, list_file: str, *, val: float, test: float, seed
         tested, template = f"{stem}_test.jpg", f"{stem}_temp.jpg"
         boxes = [[b.x1, b.y1, b.x2, b.y2, b.label] for b in read_deeppcb_annotations(root / ann)]
         entry: dict[str, Any] = {
-            "path": tested, "template": template, "label": BOARD_LABEL, "boxes": boxes, "source": source,
+            "path": tested, "template": template, "annotation": ann, "label": BOARD_LABEL, "boxes": boxes,
+            "source": source,
             "split": assign_split(Path(stem).name, val, test, seed),
         }
         if hash_files:
