@@ -276,12 +276,11 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
 
 def _detector_settings(classes: tuple[str, ...], data: DataConfig, threshold: float = 0.5) -> Any:
     from serving.detector import DetectorSettings
+    from training.crops import candidate_params
 
     c = data.candidates
     return DetectorSettings(classes=classes, good_class=data.good_class, crop_size=c.crop_size, context=c.context,
-                            candidates={"threshold": c.threshold, "min_area": c.min_area, "pad": c.pad,
-                                        "merge_distance": c.merge_distance, "max_candidates": c.max_candidates},
-                            score_threshold=threshold, box_margin=c.box_margin)
+                            candidates=candidate_params(c), score_threshold=threshold, box_margin=c.box_margin)
 
 
 def _board_split(ctx: StepContext, split: str) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]]]:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from evaluation.deeppcb import Detection
-from training.candidates import Candidate, crop, find_candidates, read_pair
+from training.candidates import Candidate, detection_box, read_pair
+from training.crops import propose
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -33,18 +34,13 @@ class DetectorSettings:
     context: float
     candidates: dict[str, Any] = field(default_factory=dict)
     score_threshold: float = 0.5
-    box_margin: int = 0
+    box_margin: int = 6
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def detection_box(c: Candidate, margin: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    h, w = shape
-    return max(c.x1 - margin, 0), max(c.y1 - margin, 0), min(c.x2 + margin, w - 1), min(c.y2 + margin, h - 1)
 
 
 def detections_from_probs(cands: Sequence[Candidate], probs: np.ndarray, s: DetectorSettings,
@@ -88,10 +84,7 @@ class BoardDetector:
     def _prepare(self, item: tuple[str, Path, Path]) -> tuple[str, tuple[int, int], list[Candidate], np.ndarray]:
         key, template_path, tested_path = item
         template, tested = read_pair(template_path, tested_path)
-        cands = find_candidates(template, tested, **self.s.candidates)
-        size = self.s.crop_size
-        crops = (np.stack([crop(template, tested, c.box, size=size, context=self.s.context) for c in cands])
-                 if cands else np.zeros((0, size, size, 3), np.uint8))
+        cands, crops = propose(template, tested, self.s.candidates, self.s.crop_size, self.s.context)
         return key, (int(tested.shape[0]), int(tested.shape[1])), cands, crops
 
     def run(self, pairs: Iterable[tuple[str, Path, Path]]) -> Iterator[BoardResult]:

@@ -32,7 +32,13 @@ class SplitConfig:
 
 @dataclass
 class CandidateConfig:
-    """AOI candidate step: template differencing, labelling of candidates and crop geometry."""
+    """AOI candidate step: template differencing, labelling of candidates and crop geometry.
+
+    ``box_margin`` grows a candidate box into the reported detection box (DeepPCB's boxes are the defect's tight box
+    plus ~10 px: the default pad 4 + margin 6); ``align`` corrects template/tested misregistration up to
+    ``max_shift`` px before differencing (crops use the aligned template); groups longer than ``split_side`` px are
+    re-opened to separate a defect from a misregistration strip fused to it.
+    """
 
     threshold: int = 64
     min_area: int = 4
@@ -42,7 +48,10 @@ class CandidateConfig:
     iou_threshold: float = 0.1
     crop_size: int = 64
     context: float = 2.0
-    box_margin: int = 0
+    box_margin: int = 6
+    align: bool = True
+    max_shift: int = 8
+    split_side: int = 64
     add_missed_to_train: bool = True
 
 

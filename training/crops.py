@@ -17,11 +17,41 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
-from training.candidates import Candidate, crop, find_candidates, iou, label_candidates, read_pair
+from training.candidates import (
+    MAX_SHIFT,
+    Candidate,
+    align_template,
+    crop,
+    find_candidates,
+    iou,
+    label_candidates,
+    read_pair,
+)
 from training.config import CandidateConfig
 from training.snapshot import Snapshot, write_snapshot
 from training.synth import Box
+
+
+def candidate_params(cfg: CandidateConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`propose` (and of ``find_candidates``) a config stands for."""
+    return {"threshold": cfg.threshold, "min_area": cfg.min_area, "pad": cfg.pad,
+            "merge_distance": cfg.merge_distance, "max_candidates": cfg.max_candidates, "align": cfg.align,
+            "max_shift": cfg.max_shift, "split_side": cfg.split_side}
+
+
+def propose(template: np.ndarray, tested: np.ndarray, params: dict[str, Any], size: int, context: float
+            ) -> tuple[list[Candidate], np.ndarray]:
+    """Candidates of a board pair and their crops (N, size, size, 3), cut with the aligned template so the classifier
+    sees what the candidate step saw. The one code path for training crops and for detection."""
+    p = dict(params)
+    if p.pop("align", True):
+        template, _ = align_template(template, tested, max_shift=int(p.get("max_shift", MAX_SHIFT)))
+    cands = find_candidates(template, tested, align=False, **p)
+    crops = (np.stack([crop(template, tested, c.box, size=size, context=context) for c in cands])
+             if cands else np.zeros((0, size, size, 3), np.uint8))
+    return cands, crops
 
 
 @dataclass
@@ -56,8 +86,10 @@ def build_crops(boards: Snapshot, accepted: Sequence[int], out_dir: Path, cfg: C
         split = s["split"]
         template, tested = read_pair(boards.file(s["template"]), boards.file(s["path"]))
         gt = [Box(int(b[0]), int(b[1]), int(b[2]), int(b[3]), str(b[4])) for b in s.get("boxes", [])]
-        cands = find_candidates(template, tested, threshold=cfg.threshold, min_area=cfg.min_area, pad=cfg.pad,
-                                merge_distance=cfg.merge_distance, max_candidates=cfg.max_candidates)
+        params = candidate_params(cfg)
+        if params.pop("align"):
+            template, _ = align_template(template, tested, max_shift=cfg.max_shift)
+        cands = find_candidates(template, tested, align=False, **params)
         labels = label_candidates(cands, gt, iou_threshold=cfg.iou_threshold, background=good_class)
         items: list[tuple[tuple[int, int, int, int], str, str]] = [
             ((c.x1, c.y1, c.x2, c.y2), lab, "candidate") for c, lab in zip(cands, labels, strict=True)]
