@@ -97,8 +97,10 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
     if not mv.run_id:
         raise ModelRefError(f"{ref} (version {mv.version}) has no MLflow run to fetch its ONNX artifact from")
     dest = cache_dir / "models" / name / str(mv.version)
-    onnx_path = dest / "onnx" / "model.onnx"
+    onnx_path = dest / "model.onnx"
     if not onnx_path.is_file():
         with atomic_dir(dest) as tmp:
-            c.download_artifacts(mv.run_id, "onnx/model.onnx", str(tmp))
+            local = Path(c.download_artifacts(mv.run_id, "onnx/model.onnx", str(tmp)))
+            if local != tmp / "model.onnx":
+                local.replace(tmp / "model.onnx")
     return from_onnx(onnx_path, f"{ref} (version {mv.version})")

@@ -1,0 +1,97 @@
+"""`defectops predict boards|images` with models from a run root, an ONNX file and the registry."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from evaluation.deeppcb import parse_result_file
+from pipelines.cli import EXIT_USAGE, app
+
+LENIENT = ["gates.min_macro_recall=0", "gates.min_class_recall=0", "gates.max_escape_rate=1",
+           "gates.max_false_call_rate=1"]
+
+
+def test_predict_boards_from_registry_and_run_root(tiny_run: dict, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
+    boards = tiny_run["root"] / "data" / "boards"
+    runner = CliRunner()
+    outs = {}
+    for name, ref in (("registry", "models:/defectops-aoi@challenger"), ("root", str(tiny_run["root"])),
+                      ("onnx", str(tiny_run["root"] / "export" / "model.onnx"))):
+        out = tmp_path / name
+        r = runner.invoke(app, ["predict", "boards", "--model", ref, "--input", str(boards), "--list",
+                                str(boards / "trainval.txt"), "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert "images/s" in r.output
+        assert "mAP" in r.output  # every annotation exists, so the DeepPCB metric is printed
+        outs[name] = {p.name: p.read_text() for p in sorted(out.glob("*.txt"))}
+    n_pairs = len((boards / "trainval.txt").read_text().split("\n"))
+    assert len(outs["root"]) == n_pairs
+    assert outs["registry"] == outs["root"] == outs["onnx"]
+    for text in outs["root"].values():
+        dets = parse_result_file(text)
+        assert [d.confidence for d in dets] == sorted((d.confidence for d in dets), reverse=True)
+        assert all(d.label in {"open", "short", "mousebite", "spur", "copper", "pin-hole"} for d in dets)
+
+
+def test_predict_boards_bad_references(tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
+    boards = tiny_run["root"] / "data" / "boards"
+    runner = CliRunner()
+    common = ["--input", str(boards), "--list", str(boards / "trainval.txt"), "--out", str(tmp_path / "o")]
+    for ref, words in (("models:/defectops-aoi@nope", "not found"), (str(tmp_path), "no export/model.onnx"),
+                       ("models:/x", "bad registry reference")):
+        r = runner.invoke(app, ["predict", "boards", "--model", ref, *common])
+        assert r.exit_code == EXIT_USAGE, r.output
+        assert words in r.output
+    r = runner.invoke(app, ["predict", "boards", "--model", str(tiny_run["root"]), "--input", str(tmp_path),
+                            "--list", str(boards / "trainval.txt"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == EXIT_USAGE
+    assert "--input" in r.output
+
+
+def test_predict_images_matches_training_preprocessing(tmp_path: Path, home: Path) -> None:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "crops"
+    for k, cls in enumerate(("normal", "bridge", "missing")):
+        (root / cls).mkdir(parents=True)
+        for i in range(24):
+            h, w = (int(v) for v in rng.integers(16, 90, 2))
+            img = rng.integers(0, 50, (h, w, 3)).astype(np.uint8)
+            img[: h // 3 if k == 1 else 1, : w // 3 if k == 2 else 1] = 255
+            cv2.imwrite(str(root / cls / f"joint ({i}) ü.png"), img if i % 2 else img[:, :, 0])
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", "+experiment=folder", f"data.root={root}", "train.epochs=2", *LENIENT])
+    assert r.exit_code == 0, r.output
+    run_root = next((home / "runs").glob("folder-*"))
+    out = tmp_path / "preds.csv"
+    r = runner.invoke(app, ["predict", "images", "--model", "models:/defectops-folder@challenger", "--input",
+                            str(root), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 72
+    assert set(rows[0]) == {"path", "predicted", "confidence", "p_normal", "p_bridge", "p_missing"}
+    # the test split's predictions equal what evaluate computed from the training-pipeline crops
+    pred = np.load(run_root / "eval" / "predictions.npz")
+    crops = {json.loads(line)["path"]: json.loads(line) for line in
+             (run_root / "data" / "crops" / "manifest.jsonl").read_text().splitlines()}
+    by_source = {str(root / crops[p]["source"]): i for i, p in enumerate(pred["paths"])}
+    classes = json.loads((run_root / "data" / "crops" / "classes.json").read_text())
+    checked = 0
+    for row in rows:
+        if row["path"] in by_source:
+            logits = pred["logits"][by_source[row["path"]]]
+            assert row["predicted"] == classes[int(logits.argmax())]
+            checked += 1
+    assert checked == len(pred["paths"])
+    r = runner.invoke(app, ["predict", "boards", "--model", "models:/defectops-folder@challenger", "--input",
+                            str(root), "--list", str(root / "x.txt"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == EXIT_USAGE
