@@ -274,13 +274,15 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
     return classification_metrics(y, softmax(logits), classes, good_class), label
 
 
-def _detector_settings(classes: tuple[str, ...], data: DataConfig, threshold: float = 0.5) -> Any:
+def _detector_settings(classes: tuple[str, ...], data: DataConfig, detect: DetectConfig,
+                       threshold: float = 0.5) -> Any:
     from serving.detector import DetectorSettings
     from training.crops import candidate_params
 
     c = data.candidates
     return DetectorSettings(classes=classes, good_class=data.good_class, crop_size=c.crop_size, context=c.context,
-                            candidates=candidate_params(c), score_threshold=threshold, box_margin=c.box_margin)
+                            candidates=candidate_params(c), score_threshold=threshold, box_margin=c.box_margin,
+                            merge=detect.merge)
 
 
 def _board_split(ctx: StepContext, split: str) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]]]:
@@ -305,10 +307,11 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
     from evaluation.deeppcb import score
     from serving.detector import BoardDetector, detections_from_probs
 
-    settings = _detector_settings(classes, data)
+    settings = _detector_settings(classes, data, detect)
     detector = BoardDetector(logits_fn, settings, threads=detect.threads, batch_boards=detect.batch_boards)
     out: dict[str, Any] = {"settings": {"candidates": settings.candidates, "box_margin": settings.box_margin,
-                                        "crop_size": settings.crop_size, "context": settings.context}}
+                                        "crop_size": settings.crop_size, "context": settings.context,
+                                        "merge": settings.merge}}
     runs = {}
     for split in ("val", "test"):
         pairs, gts = _board_split(ctx, split)

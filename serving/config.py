@@ -34,6 +34,7 @@ class DetectConfig:
 
     enabled: bool = True
     score_threshold: float | None = None
+    merge: bool = True
     iou_threshold: float = 0.33
     threads: int = 2
     batch_boards: int = 8

@@ -35,6 +35,7 @@ class DetectorSettings:
     candidates: dict[str, Any] = field(default_factory=dict)
     score_threshold: float = 0.5
     box_margin: int = 6
+    merge: bool = True
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -59,8 +60,38 @@ def detections_from_probs(cands: Sequence[Candidate], probs: np.ndarray, s: Dete
         if sc >= t:
             x1, y1, x2, y2 = detection_box(c, s.box_margin, shape)
             dets.append(Detection(x1, y1, x2, y2, float(sc), s.classes[int(li)]))
+    if s.merge:
+        dets = merge_fragments(dets)
     dets.sort(key=lambda d: -d.confidence)
     return dets
+
+
+def merge_fragments(dets: Sequence[Detection]) -> list[Detection]:
+    """Pure: merge detections of the same type whose boxes overlap into one (union box, highest confidence).
+
+    Template differencing can split one defect into several blobs; each would otherwise be reported, and under the
+    one-to-one DeepPCB matching all but one would be false positives.
+    """
+    groups: list[list[Detection]] = []
+    for d in sorted(dets, key=lambda d: -d.confidence):
+        for g in groups:
+            if g[0].label == d.label and any(_overlap(d, o) for o in g):
+                g.append(d)
+                break
+        else:
+            groups.append([d])
+    merged = []
+    for g in groups:
+        if len(g) == 1:
+            merged.append(g[0])
+        else:
+            merged.append(Detection(min(d.x1 for d in g), min(d.y1 for d in g), max(d.x2 for d in g),
+                                    max(d.y2 for d in g), g[0].confidence, g[0].label))
+    return merged
+
+
+def _overlap(a: Detection, b: Detection) -> bool:
+    return a.x1 <= b.x2 and b.x1 <= a.x2 and a.y1 <= b.y2 and b.y1 <= a.y2
 
 
 @dataclass
