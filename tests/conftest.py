@@ -14,6 +14,17 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 TINY = ["+experiment=tiny"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def deeppcb_root() -> Path:
+    """The real DeepPCB ``PCBData`` folder ($DEFECTOPS_DEEPPCB, else ../shared/datasets/deeppcb); skips if absent."""
+    base = Path(os.environ.get("DEFECTOPS_DEEPPCB") or REPO.parent / "shared" / "datasets" / "deeppcb")
+    for cand in (base / "PCBData", base):
+        if (cand / "trainval.txt").is_file():
+            return cand
+    pytest.skip(f"real DeepPCB not found at {base}: set DEFECTOPS_DEEPPCB to the DeepPCB (or its PCBData) folder")
 
 
 @pytest.fixture(scope="session")

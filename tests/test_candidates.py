@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -240,18 +239,9 @@ def test_read_annotations(tmp_path: Path) -> None:
         read_deeppcb_annotations(path)
 
 
-def _real_pcbdata() -> Path | None:
-    base = Path(os.environ.get("DEFECTOPS_DEEPPCB", "/work/shared/datasets/deeppcb"))
-    for cand in (base / "PCBData", base):
-        if (cand / "trainval.txt").is_file():
-            return cand
-    return None
 
-
-def test_recall_on_real_deeppcb_pairs() -> None:
-    root = _real_pcbdata()
-    if root is None:
-        pytest.skip("real DeepPCB not found: set DEFECTOPS_DEEPPCB to the DeepPCB (or its PCBData) folder")
+def test_recall_on_real_deeppcb_pairs(deeppcb_root: Path) -> None:
+    root = deeppcb_root
     lines = [line for line in (root / "trainval.txt").read_text().splitlines() if line.strip()]
     picks = sorted({round(i * (len(lines) - 1) / 4) for i in range(5)})
     found: list[bool] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -164,18 +163,9 @@ def test_write_deeppcb_root_spills_into_more_groups(tmp_path: Path, monkeypatch:
     assert (root / "group00501" / "00501" / "00501000_test.jpg").is_file()
 
 
-def _real_pcbdata() -> Path | None:
-    base = Path(os.environ.get("DEFECTOPS_DEEPPCB", "/work/shared/datasets/deeppcb"))
-    for cand in (base / "PCBData", base):
-        if (cand / "trainval.txt").is_file():
-            return cand
-    return None
 
-
-def test_layout_mirrors_real_list_format() -> None:
-    real = _real_pcbdata()
-    if real is None:
-        pytest.skip("real DeepPCB not found (set DEFECTOPS_DEEPPCB to the DeepPCB or PCBData folder)")
+def test_layout_mirrors_real_list_format(deeppcb_root: Path) -> None:
+    real = deeppcb_root
     lines = (real / "trainval.txt").read_text().splitlines()[:20]
     assert lines
     for line in lines:
