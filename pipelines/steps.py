@@ -304,8 +304,9 @@ def _board_split(ctx: StepContext, split: str) -> tuple[list[tuple[str, Path, Pa
 def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
                      logits_fn: Any, threshold: float | None) -> dict[str, Any]:
     """Detect on the val and test boards; choose the score threshold on val (unless given); score test."""
-    from evaluation.deeppcb import score
+    from evaluation.deeppcb import boxes_found, score
     from serving.detector import BoardDetector, detections_from_probs
+    from training.candidates import detection_box
 
     settings = _detector_settings(classes, data, detect)
     detector = BoardDetector(logits_fn, settings, threads=detect.threads, batch_boards=detect.batch_boards)
@@ -328,13 +329,21 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
         return score({r.key: (gts[r.key], detections_from_probs(r.candidates, r.probs, settings, r.shape, t))
                       for r in results}, iou_threshold=detect.iou_threshold)
 
-    if threshold is None:  # best val F-score on a grid; ties go to the threshold nearest 0.5
+    objectives = {"fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
+    if detect.select not in objectives:
+        raise StepError(f"detect.select={detect.select} is unknown: use {', '.join(objectives)}")
+    if threshold is None:  # best val objective on a grid; ties go to the threshold nearest 0.5
         grid = [round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)]
-        threshold = max(grid, key=lambda t: (score_at("val", t).fscore, -abs(t - 0.5))) if runs["val"][0] else 0.5
+        objective = objectives[detect.select]
+        threshold = max(grid, key=lambda t: (objective(score_at("val", t)), -abs(t - 0.5))) if runs["val"][0] else 0.5
     for split in ("val", "test"):
-        if runs[split][0]:
-            sc = score_at(split, threshold)
-            out[split] = {**sc.to_dict(), "images_per_s": runs[split][2], "boards": len(runs[split][0])}
+        results, gts, ips = runs[split]
+        if results:
+            found = [f for r in results for f in boxes_found(
+                gts[r.key], [detection_box(c, settings.box_margin, r.shape) for c in r.candidates],
+                detect.iou_threshold)]
+            out[split] = {**score_at(split, threshold).to_dict(), "images_per_s": ips, "boards": len(results),
+                          "ceiling_recall": float(np.mean(found)) if found else None}
     out["score_threshold"] = threshold
     return out
 

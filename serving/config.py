@@ -34,6 +34,7 @@ class DetectConfig:
 
     enabled: bool = True
     score_threshold: float | None = None
+    select: str = "mean"
     merge: bool = True
     iou_threshold: float = 0.33
     threads: int = 2
