@@ -2,7 +2,8 @@
 
 Every input and output is a file under the run root, so a step behaves the same in-process (local runner) and in a
 pod (``defectops step <name> --run-root ...``). The runner passes each parameter named after a config group
-(``data``, ``model``, ``train``, ``gates``, ``registry``, ``export``, ``seed``) from the resolved configuration.
+(``data``, ``model``, ``train``, ``gates``, ``registry``, ``export``, ``detect``, ``seed``) from the resolved
+configuration.
 """
 
 from __future__ import annotations
@@ -420,10 +421,12 @@ def _board_html(board: dict[str, Any]) -> str:
     for split in ("val", "test"):
         if split in board:
             b = board[split]
+            ceiling = "-" if b.get("ceiling_recall") is None else f"{b['ceiling_recall']:.4f}"
             rows.append(f"<tr><td>{split}</td><td>{b['boards']}</td><td>{b['map']:.4f}</td><td>{b['fscore']:.4f}</td>"
-                        f"<td>{b['precision']:.4f}</td><td>{b['recall']:.4f}</td><td>{b['images_per_s']:.1f}</td></tr>")
+                        f"<td>{b['precision']:.4f}</td><td>{b['recall']:.4f}</td><td>{ceiling}</td>"
+                        f"<td>{b['images_per_s']:.1f}</td></tr>")
     head = ("<table><thead><tr><th>split</th><th>boards</th><th>mAP</th><th>F-score</th><th>precision</th>"
-            "<th>recall</th><th>images/s</th></tr></thead><tbody>")
+            "<th>recall</th><th>candidate ceiling</th><th>images/s</th></tr></thead><tbody>")
     note = (f"<p>IoU &gt; {escape(str(0.33))}; score threshold {board['score_threshold']} chosen on the val split, "
             f"applied unchanged to test.</p>")
     return head + "".join(rows) + "</tbody></table>" + note
