@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -254,6 +255,7 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
 def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray, y: np.ndarray,
                       classes: tuple[str, ...], good_class: str) -> tuple[ClassificationMetrics | None, str]:
     """Score the current champion on this run's test crops (a like-for-like no-regression baseline)."""
+    import mlflow.artifacts
     import mlflow.pytorch
 
     from registry import mlflow_registry as reg
@@ -266,7 +268,10 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
         return None, "none (no champion yet)"
     label = f"version {mv.version}"
     try:
-        net = mlflow.pytorch.load_model(f"models:/{registry.model_name}@{registry.champion_alias}", map_location="cpu")
+        uri = c.get_model_version_download_uri(registry.model_name, str(mv.version))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=c.tracking_uri)
+            net = mlflow.pytorch.load_model(local, map_location="cpu")
         logits = predict_logits(net, to_tensor(x), resolve_device("cpu"))
     except Exception as e:  # an unloadable champion is reported, and the regression gates are then not applied
         return None, f"{label} could not be evaluated ({type(e).__name__}: {str(e)[:120]})"

@@ -13,7 +13,6 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -26,8 +25,7 @@ class RegistryError(RuntimeError):
 
 
 def client(tracking_uri: str) -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    """A client bound to ``tracking_uri``; process-wide MLflow state (and MLFLOW_TRACKING_URI) is left alone."""
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -7,6 +7,7 @@ file. Every ONNX file DefectOps exports carries its classes, input size and prep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -96,7 +97,8 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
                             f"not pass")
     if not mv.run_id:
         raise ModelRefError(f"{ref} (version {mv.version}) has no MLflow run to fetch its ONNX artifact from")
-    dest = cache_dir / "models" / name / str(mv.version)
+    registry_id = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]  # versions are per registry
+    dest = cache_dir / "models" / registry_id / name / str(mv.version)
     onnx_path = dest / "model.onnx"
     if not onnx_path.is_file():
         with atomic_dir(dest) as tmp:

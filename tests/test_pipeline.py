@@ -70,7 +70,11 @@ def test_registered_model_loads_and_matches_onnx(tiny_run: dict) -> None:
     from serving.onnx_export import onnx_logits, onnx_session
 
     s = json.loads((tiny_run["root"] / "summary.json").read_text())
-    model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
+    mlflow.set_registry_uri(s["tracking_uri"])
+    try:
+        model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
+    finally:
+        mlflow.set_registry_uri("")
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
