@@ -51,6 +51,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from evaluation.metrics import nan_to_none
+
 IOU_THRESHOLD = 0.33
 
 
@@ -133,22 +135,18 @@ class DeepPCBScore:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: plain str/int/float/dict, ``NaN`` written as ``None``."""
         return {
-            "map": _nan_to_none(self.map),
-            "precision": _nan_to_none(self.precision),
-            "recall": _nan_to_none(self.recall),
-            "fscore": _nan_to_none(self.fscore),
+            "map": nan_to_none(self.map),
+            "precision": nan_to_none(self.precision),
+            "recall": nan_to_none(self.recall),
+            "fscore": nan_to_none(self.fscore),
             "n_images": int(self.n_images),
             "n_gt": int(self.n_gt),
             "n_det": int(self.n_det),
             "n_correct": int(self.n_correct),
             "n_matched": int(self.n_matched),
-            "per_class_ap": {c: _nan_to_none(v) for c, v in self.per_class_ap.items()},
-            "per_class_recall": {c: _nan_to_none(v) for c, v in self.per_class_recall.items()},
+            "per_class_ap": {c: nan_to_none(v) for c, v in self.per_class_ap.items()},
+            "per_class_recall": {c: nan_to_none(v) for c, v in self.per_class_recall.items()},
         }
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
 
 
 def _coords(b: BoxLike) -> tuple[float, float, float, float]:

@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 
-def _nan_to_none(x: float) -> float | None:
+def nan_to_none(x: float) -> float | None:
+    """JSON has no NaN: undefined values are written as ``None``."""
     return None if math.isnan(x) else float(x)
 
 
@@ -90,16 +91,16 @@ class ClassificationMetrics:
             "classes": list(self.classes),
             "good_class": self.good_class,
             "n": int(self.n),
-            "accuracy": _nan_to_none(self.accuracy),
-            "macro_recall": _nan_to_none(self.macro_recall),
-            "macro_precision": _nan_to_none(self.macro_precision),
-            "per_class_recall": {c: _nan_to_none(v) for c, v in self.per_class_recall.items()},
-            "per_class_precision": {c: _nan_to_none(v) for c, v in self.per_class_precision.items()},
-            "per_class_f1": {c: _nan_to_none(v) for c, v in self.per_class_f1.items()},
+            "accuracy": nan_to_none(self.accuracy),
+            "macro_recall": nan_to_none(self.macro_recall),
+            "macro_precision": nan_to_none(self.macro_precision),
+            "per_class_recall": {c: nan_to_none(v) for c, v in self.per_class_recall.items()},
+            "per_class_precision": {c: nan_to_none(v) for c, v in self.per_class_precision.items()},
+            "per_class_f1": {c: nan_to_none(v) for c, v in self.per_class_f1.items()},
             "support": {c: int(v) for c, v in self.support.items()},
             "confusion": [[int(v) for v in row] for row in self.confusion],
-            "escape_rate": _nan_to_none(self.escape_rate),
-            "false_call_rate": _nan_to_none(self.false_call_rate),
+            "escape_rate": nan_to_none(self.escape_rate),
+            "false_call_rate": nan_to_none(self.false_call_rate),
         }
 
     @classmethod
@@ -147,7 +148,7 @@ class PRCurve:
             "precision": list(self.precision),
             "recall": list(self.recall),
             "thresholds": list(self.thresholds),
-            "average_precision": _nan_to_none(self.average_precision),
+            "average_precision": nan_to_none(self.average_precision),
         }
 
 
