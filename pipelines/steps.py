@@ -390,7 +390,7 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
         np.savez_compressed(f, logits=logits, labels=y, paths=np.asarray(paths))
     write_json(ctx.path(METRICS), metrics.to_dict())
     write_json(ctx.path(GATES), report.to_dict())
-    _write_report(ctx, metrics, report, probs, y, x, crops, state, champion_version, board)
+    _write_report(ctx, net, metrics, report, probs, y, x, crops, state, champion_version, board)
     result: dict[str, Any] = {"passed": report.passed, "failed": [g.name for g in report.failed()],
                               "macro_recall": metrics.macro_recall, "champion_version": champion_version}
     if board and "test" in board:
@@ -403,14 +403,21 @@ def _has_boards(ctx: StepContext) -> bool:
     return any("template" in s for s in load_snapshot(ctx.path(SNAPSHOT)).samples)
 
 
-def _write_report(ctx: StepContext, metrics: ClassificationMetrics, gates: GateReport, probs: np.ndarray,
+def _write_report(ctx: StepContext, net: Any, metrics: ClassificationMetrics, gates: GateReport, probs: np.ndarray,
                   y: np.ndarray, x: np.ndarray, crops: Snapshot, state: dict[str, Any],
                   champion_version: str, board: dict[str, Any] | None) -> None:
+    from evaluation.gradcam import grad_cam, overlay
+    from training.data import to_tensor
+    from training.models import model_family
+
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
     worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:16]
-    misses = [Miss(image=x[i], true_label=crops.classes[y[i]], predicted=crops.classes[pred[i]],
-                   confidence=float(probs[i, pred[i]]), caption="RGB = tested, template, difference") for i in worst]
+    cams: Any = (grad_cam(net, model_family(str(state["model_name"])), to_tensor(x[worst]), pred[worst].tolist())
+            if len(worst) else [])
+    misses = [Miss(image=overlay(x[i], cam), true_label=crops.classes[y[i]], predicted=crops.classes[pred[i]],
+                   confidence=float(probs[i, pred[i]]), caption="Grad-CAM of the predicted class over the crop")
+              for i, cam in zip(worst, cams, strict=True)]
     info = {"run id": ctx.run_id, "model": str(state.get("model_name")), "epochs": str(state.get("epoch")),
             "dataset fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint[:16],
             "test crops": str(len(y)), "champion compared": champion_version}
