@@ -63,18 +63,15 @@ def test_registry_state(tiny_run: dict) -> None:
     assert {"metrics.json", "evidence", "model", "onnx"} <= arts
 
 
-def test_registered_model_loads_and_matches_onnx(tiny_run: dict) -> None:
+def test_registered_model_loads_and_matches_onnx(tiny_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pytorch
     import torch
 
     from serving.onnx_export import onnx_logits, onnx_session
 
     s = json.loads((tiny_run["root"] / "summary.json").read_text())
-    mlflow.set_registry_uri(s["tracking_uri"])
-    try:
-        model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
-    finally:
-        mlflow.set_registry_uri("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s["tracking_uri"])  # what a user of this registry would set
+    model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
