@@ -454,6 +454,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def current_user() -> str:
+    """Who is acting: $DEFECTOPS_USER, else the operating-system user."""
+    import getpass
+    import os
+
+    return os.environ.get("DEFECTOPS_USER") or getpass.getuser()
+
+
 def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     import mlflow.pytorch
@@ -498,6 +506,11 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
                           description=f"DefectOps run {ctx.run_id}")
     except Exception as e:
         raise StepError(f"could not register in MLflow at {c.tracking_uri}: {str(e)[:200]}") from None
+    if "defectops.registered_by" not in mv.tags:  # the submitter may not approve it later (separation of duties)
+        from registry.governance import record_register
+
+        record_register(c, registry.model_name, str(mv.version), actor=current_user(), role="ml-engineer",
+                        audit_dir=ctx.home)
     if gates.passed:
         c.set_registered_model_alias(registry.model_name, registry.challenger_alias, str(mv.version))
     result = {"registered_model": registry.model_name, "version": str(mv.version),

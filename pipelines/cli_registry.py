@@ -1,0 +1,165 @@
+"""``defectops registry``: review model versions and decide which one is the champion, with an audit trail.
+
+Why a separate command group: the pipeline only nominates a ``challenger``; approving, rejecting and rolling back are
+human decisions (role ``quality-lead`` or ``admin``) enforced and recorded by :mod:`registry.governance`. The audit
+trail lives in ``<DefectOps home>/audit/<model>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
+
+registry_app = typer.Typer(help="Review, approve, reject and roll back model versions (audited).",
+                           no_args_is_help=True)
+
+Model = Annotated[str | None, typer.Option("--model", help="Registered model name (default: registry.model_name).")]
+Uri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI,"
+                                                                " else sqlite:///<home>/mlflow.db).")]
+Reason = Annotated[str, typer.Option("--reason", help="Why (required; recorded in the audit trail).")]
+Actor = Annotated[str | None, typer.Option("--as", help="Who decides (default: $DEFECTOPS_USER, else the OS user).")]
+Role = Annotated[str, typer.Option("--role", help="Role of the actor; quality-lead or admin may decide.")]
+
+
+def _home() -> Path:
+    from pipelines.config import home_dir
+
+    return home_dir()
+
+
+def _model(model: str | None) -> str:
+    from registry.config import RegistryConfig
+
+    return model or RegistryConfig().model_name
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from registry.mlflow_registry import client
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_home() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise fail(f"no registry at {uri}: run `defectops run` first, or pass --tracking-uri", EXIT_USAGE)
+    return client(uri)
+
+
+def _actor(actor: str | None) -> str:
+    return actor or os.environ.get("DEFECTOPS_USER") or getpass.getuser()
+
+
+def _decide(action: str, **kwargs: Any) -> None:
+    from registry import governance
+
+    try:
+        rec = getattr(governance, action)(**kwargs)
+    except governance.GovernanceError as e:
+        raise fail(str(e), EXIT_FAILURE) from None
+    console.print(f"{action}: {escape(rec.model)} version {rec.version} (previous champion "
+                  f"{rec.previous_champion or 'none'}) by {escape(rec.actor)}; audit #{rec.seq} {rec.hash[:12]}",
+                  highlight=False)
+
+
+@registry_app.command("list")
+def list_cmd(model: Model = None, tracking_uri: Uri = None) -> None:
+    """List the versions: aliases, gates, review status, macro recall."""
+    from registry.governance import GovernanceError, list_versions
+
+    name = _model(model)
+    try:
+        rows = list_versions(_client(tracking_uri), name)
+    except GovernanceError as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    t = Table(title=f"model {name}", title_justify="left")
+    for col in ("version", "aliases", "gates", "review", "macro recall", "created"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["version"], ",".join(r["aliases"]) or "-", "passed" if r["gates_passed"] else "failed",
+                  r["review_status"], f"{r['macro_recall']:.4f}", r["created"])
+    console.print(t)
+
+
+@registry_app.command("show")
+def show(version: Annotated[str, typer.Argument(help="Model version number.")], model: Model = None,
+         tracking_uri: Uri = None) -> None:
+    """Show one version: aliases, run and every tag."""
+    from mlflow.exceptions import MlflowException
+
+    name, c = _model(model), _client(tracking_uri)
+    try:
+        mv = c.get_model_version(name, version)
+    except MlflowException:
+        raise fail(f"model {name!r} has no version {version}; run `defectops registry list`", EXIT_USAGE) from None
+    console.print_json(json.dumps({"model": name, "version": str(mv.version), "aliases": sorted(mv.aliases),
+                                   "run_id": mv.run_id, "source": mv.source, "tags": dict(sorted(mv.tags.items()))}))
+
+
+@registry_app.command("approve")
+def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote to champion.")], reason: Reason,
+                actor: Actor = None, role: Role = "ml-engineer",
+                max_regression: Annotated[float | None, typer.Option(
+                    help="Allowed drop of macro and per-class recall against the champion (default: gates.)")]
+                = None,
+                model: Model = None, tracking_uri: Uri = None) -> None:
+    """Promote the challenger VERSION to champion (re-checks gates and no-regression against the champion)."""
+    from evaluation.gates import GateConfig
+    from registry.config import RegistryConfig
+
+    _decide("approve", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
+            role=role, reason=reason, cfg=RegistryConfig(),
+            max_regression=GateConfig().max_regression if max_regression is None else max_regression,
+            audit_dir=_home())
+
+
+@registry_app.command("reject")
+def reject_cmd(version: Annotated[str, typer.Argument(help="Version to reject.")], reason: Reason,
+               actor: Actor = None, role: Role = "ml-engineer", model: Model = None, tracking_uri: Uri = None) -> None:
+    """Reject VERSION: mark it rejected and remove its challenger alias."""
+    from registry.config import RegistryConfig
+
+    _decide("reject", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
+            role=role, reason=reason, cfg=RegistryConfig(), audit_dir=_home())
+
+
+@registry_app.command("rollback")
+def rollback_cmd(reason: Reason, actor: Actor = None, role: Role = "ml-engineer", model: Model = None,
+                 tracking_uri: Uri = None) -> None:
+    """Move champion back to the version it replaced (from the audit trail)."""
+    from registry.config import RegistryConfig
+
+    _decide("rollback", client=_client(tracking_uri), model=_model(model), actor=_actor(actor), role=role,
+            reason=reason, cfg=RegistryConfig(), audit_dir=_home())
+
+
+@registry_app.command("audit")
+def audit_cmd(verify: Annotated[bool, typer.Option("--verify", help="Check the hash chain; exit 1 if broken.")]
+              = False, model: Model = None) -> None:
+    """Print the audit trail of the model (and verify its hash chain)."""
+    from registry.audit import AuditError, audit_path, read_records
+    from registry.audit import verify as verify_chain
+
+    path = audit_path(_home(), _model(model))
+    try:
+        records = read_records(path)
+    except AuditError as e:
+        raise fail(str(e), EXIT_FAILURE) from None
+    t = Table(title=f"audit {path}", title_justify="left")
+    for col in ("seq", "time", "actor", "role", "action", "version", "prev champion", "reason", "hash"):
+        t.add_column(col)
+    for r in records:
+        t.add_row(*(escape(str(r.get(k))) for k in ("seq", "time", "actor", "role", "action", "version",
+                                                    "previous_champion", "reason")), str(r.get("hash"))[:12])
+    console.print(t)
+    if verify:
+        result = verify_chain(records)
+        if not result.ok:
+            raise fail(f"audit trail {path} is broken at record {result.first_bad_seq}: {result.problem}; restore "
+                       "it from a backup", EXIT_FAILURE)
+        console.print(f"audit trail intact: {len(records)} records")
