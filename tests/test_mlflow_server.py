@@ -1,0 +1,42 @@
+"""The pipeline and promotion against a real `mlflow server` (REST registry, proxied artifact store)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+
+def test_run_register_and_approve_on_a_tracking_server(mlflow_server: str, home: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", "+experiment=tiny", f"registry.tracking_uri={mlflow_server}", "run.name=server"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(next((home / "runs").glob("server-*/summary.json")).read_text())
+    assert summary["tracking_uri"] == mlflow_server
+    assert summary["aliases"] == ["challenger"]
+
+    from registry.mlflow_registry import client
+
+    c = client(mlflow_server)
+    mv = c.get_model_version_by_alias("defectops-aoi", "challenger")
+    assert str(mv.version) == summary["version"]  # REST returns versions as str, SQLite as int
+    assert mv.tags["defectops.export_verified"] == "true"
+    assert {a.path for a in c.list_artifacts(mv.run_id)} >= {"metrics.json", "evidence", "model", "onnx"}
+
+    out = home / "preds"
+    boards = next((home / "runs").glob("server-*")) / "data" / "boards"
+    r = runner.invoke(app, ["predict", "boards", "--model", "models:/defectops-aoi@challenger", "--tracking-uri",
+                            mlflow_server, "--input", str(boards), "--list", str(boards / "trainval.txt"),
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+
+    monkeypatch.setenv("DEFECTOPS_USER", "alice")
+    r = runner.invoke(app, ["registry", "approve", summary["version"], "--reason", "trial passed", "--role",
+                            "quality-lead", "--tracking-uri", mlflow_server])
+    assert r.exit_code == 0, r.output
+    assert c.get_model_version_by_alias("defectops-aoi", "champion").version == mv.version
+    r = runner.invoke(app, ["registry", "audit", "--verify"])
+    assert r.exit_code == 0, r.output
