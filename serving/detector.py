@@ -20,6 +20,7 @@ import numpy as np
 from evaluation.deeppcb import Detection
 from training.candidates import Candidate, detection_box, read_pair
 from training.crops import propose
+from training.engine import softmax
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -36,12 +37,6 @@ class DetectorSettings:
     score_threshold: float = 0.5
     box_margin: int = 6
     merge: bool = True
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def detections_from_probs(cands: Sequence[Candidate], probs: np.ndarray, s: DetectorSettings,
@@ -134,7 +129,7 @@ class BoardDetector:
         crops = np.concatenate([b[3] for b in batch])
         if len(crops):
             x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
-            probs = _softmax(self.logits_fn(x))
+            probs = softmax(self.logits_fn(x))
         else:
             probs = np.zeros((0, len(self.s.classes)), np.float32)
         start = 0

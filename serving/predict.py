@@ -14,13 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from evaluation.deeppcb import DeepPCBScore, GroundTruth, format_result_lines, score
 from pipelines.fsutil import write_text
-from serving.detector import BoardDetector, DetectorSettings
+from serving.detector import BoardDetector, DetectorSettings, detections_from_probs
 from serving.model_ref import ResolvedModel
 from serving.onnx_export import onnx_logits, onnx_session
+from training.engine import softmax
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,6 @@ def detector_for(model: ResolvedModel, threads: int = 2) -> BoardDetector:
 def predict_boards(model: ResolvedModel, root: Path, list_file: Path, out: Path, *, threads: int = 2,
                    progress: Callable[[int], None] | None = None) -> BoardPrediction:
     """Detect defects on every listed pair and write ``out/<stem>.txt``; score against annotations when all exist."""
-    from serving.detector import detections_from_probs
-
     pairs, anns = read_board_list(root, list_file)
     detector = detector_for(model, threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,9 +106,7 @@ def predict_images(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *
     for i in range(0, len(paths), batch_size):
         chunk = list(paths[i:i + batch_size])
         x = preprocess_for_model(chunk, model.input_size, model.fit_mode)
-        logits = onnx_logits(session, x)
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
+        probs = softmax(onnx_logits(session, x))
         for p, row in zip(chunk, probs, strict=True):
             k = int(row.argmax())
             writer.writerow([str(p), model.classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])

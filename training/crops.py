@@ -41,14 +41,21 @@ def candidate_params(cfg: CandidateConfig) -> dict[str, Any]:
             "max_shift": cfg.max_shift, "split_side": cfg.split_side}
 
 
-def propose(template: np.ndarray, tested: np.ndarray, params: dict[str, Any], size: int, context: float
-            ) -> tuple[list[Candidate], np.ndarray]:
-    """Candidates of a board pair and their crops (N, size, size, 3), cut with the aligned template so the classifier
-    sees what the candidate step saw. The one code path for training crops and for detection."""
+def aligned_candidates(template: np.ndarray, tested: np.ndarray, params: dict[str, Any]
+                       ) -> tuple[np.ndarray, list[Candidate]]:
+    """The template aligned to the tested image (when ``params["align"]``) and the candidates found with it: crops
+    must be cut from this template so the classifier sees what the candidate step saw."""
     p = dict(params)
     if p.pop("align", True):
         template, _ = align_template(template, tested, max_shift=int(p.get("max_shift", MAX_SHIFT)))
-    cands = find_candidates(template, tested, align=False, **p)
+    return template, find_candidates(template, tested, align=False, **p)
+
+
+def propose(template: np.ndarray, tested: np.ndarray, params: dict[str, Any], size: int, context: float
+            ) -> tuple[list[Candidate], np.ndarray]:
+    """Candidates of a board pair and their crops (N, size, size, 3): the one code path for training crops and for
+    detection."""
+    template, cands = aligned_candidates(template, tested, params)
     crops = (np.stack([crop(template, tested, c.box, size=size, context=context) for c in cands])
              if cands else np.zeros((0, size, size, 3), np.uint8))
     return cands, crops
@@ -86,10 +93,7 @@ def build_crops(boards: Snapshot, accepted: Sequence[int], out_dir: Path, cfg: C
         split = s["split"]
         template, tested = read_pair(boards.file(s["template"]), boards.file(s["path"]))
         gt = [Box(int(b[0]), int(b[1]), int(b[2]), int(b[3]), str(b[4])) for b in s.get("boxes", [])]
-        params = candidate_params(cfg)
-        if params.pop("align"):
-            template, _ = align_template(template, tested, max_shift=cfg.max_shift)
-        cands = find_candidates(template, tested, align=False, **params)
+        template, cands = aligned_candidates(template, tested, candidate_params(cfg))
         labels = label_candidates(cands, gt, iou_threshold=cfg.iou_threshold, background=good_class)
         items: list[tuple[tuple[int, int, int, int], str, str]] = [
             ((c.x1, c.y1, c.x2, c.y2), lab, "candidate") for c, lab in zip(cands, labels, strict=True)]
