@@ -71,9 +71,22 @@ class Config:
     square_cleanup: bool = False  # the 3x3 square opening of the previous defaults
 
 
-CURRENT = Config("current defaults", {}, C.DETECTION_GROW)
+CURRENT = Config("exact XOR (find_candidates defaults)", {}, C.DETECTION_GROW)
 PREVIOUS = Config("previous defaults, padded box", {"min_area": 4, "align": False, "split_side": 0}, 0, True)
 PREVIOUS_GROWN = Config("previous defaults + detection_box", PREVIOUS.kwargs, C.DETECTION_GROW, True)
+
+
+def experiment_config(root: Path) -> Config:
+    """The candidate settings of ``+experiment=deeppcb`` (what training and detection use)."""
+    from pipelines.config import load_config
+    from training.crops import candidate_params
+
+    cand = load_config(["+experiment=deeppcb", f"data.root={root}"]).data.candidates
+    params = candidate_params(cand)
+    defaults = candidate_params(type(cand)())
+    return Config("deeppcb experiment (tolerance 1 + exact)", {k: v for k, v in params.items() if v != defaults[k]
+                                                              or k in ("min_area", "merge_distance")},
+                  cand.box_margin)
 
 
 def data_root() -> Path:
@@ -173,24 +186,28 @@ def timing(pairs: Sequence[Pair], workers: int, repeats: int = 3) -> dict[str, f
 
 
 def print_table(rows: list[tuple[str, str, int, int, dict[str, float]]]) -> None:
-    head = (f"{'configuration':38s} {'part':5s} {'imgs':>4s} {'GT':>5s} {'recall@.33':>10s} {'cand/img':>8s} "
+    head = (f"{'configuration':42s} {'part':5s} {'imgs':>4s} {'GT':>5s} {'recall@.33':>10s} {'cand/img':>8s} "
             f"{'oracle F':>8s} {'oracle P':>8s} {'oracle mAP':>10s} {'target F':>8s} {'legacy':>7s}")
     print(head)
     print("-" * len(head))
     for name, part, n, n_gt, r in rows:
-        print(f"{name:38s} {part:5s} {n:4d} {n_gt:5d} {r['recall']:10.4f} {r['cands']:8.2f} {r['oracle_f']:8.4f} "
+        print(f"{name:42s} {part:5s} {n:4d} {n_gt:5d} {r['recall']:10.4f} {r['cands']:8.2f} {r['oracle_f']:8.4f} "
               f"{r['oracle_p']:8.4f} {r['oracle_map']:10.4f} {r['target_f']:8.4f} {r['legacy']:7.4f}")
 
 
-def sweep_configs() -> list[Config]:
-    """One-at-a-time variations around the current defaults (for tuning on train only)."""
-    out = [Config("no alignment", {"align": False}, C.DETECTION_GROW),
-           Config("square 3x3 opening", {}, C.DETECTION_GROW, True),
-           Config("no split", {"split_side": 0}, C.DETECTION_GROW),
-           Config("split_side=100", {"split_side": 100}, C.DETECTION_GROW)]
-    out += [Config(f"min_area={v}", {"min_area": v}, C.DETECTION_GROW) for v in (5, 9, 16, 20)]
-    out += [Config(f"merge_distance={v}", {"merge_distance": v}, C.DETECTION_GROW) for v in (2, 4, 6)]
-    out += [Config(f"detection margin {C.DEFAULT_PAD + g} (grow={g})", {}, g) for g in (4, 5, 7, 8)]
+def sweep_configs(base: Config) -> list[Config]:
+    """One-at-a-time variations around ``base`` (for tuning on train only)."""
+
+    def vary(name: str, grow: int | None = None, square: bool = False, **kw: Any) -> Config:
+        return Config(name, {**base.kwargs, **kw}, base.grow if grow is None else grow, square)
+
+    out = [vary("no alignment", align=False), vary("square 3x3 opening", square=True), vary("no split", split_side=0),
+           vary("split_side=100", split_side=100), vary("tolerance 0 (exact only)", tolerance=0),
+           vary("tolerance 2", tolerance=2), vary("no exact pass", exact_min_area=0)]
+    out += [vary(f"min_area={v}", min_area=v) for v in (2, 6, 9)]
+    out += [vary(f"exact_min_area={v}", exact_min_area=v) for v in (8, 16, 20)]
+    out += [vary(f"merge_distance={v}", merge_distance=v) for v in (3, 4, 8)]
+    out += [vary(f"detection margin {C.DEFAULT_PAD + g} (grow={g})", grow=g) for g in (4, 5, 7, 8)]
     return out
 
 
@@ -210,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f" (assign_split val={SPLIT_VAL}, test={SPLIT_TEST}, seed={SPLIT_SEED}); IoU > 0.33\n")
 
     rows = []
-    for cfg in (PREVIOUS, PREVIOUS_GROWN, CURRENT):
+    experiment = experiment_config(root)
+    for cfg in (PREVIOUS, PREVIOUS_GROWN, CURRENT, experiment):
         for part in ("train", "test"):
             imgs = loaded[part]
             rows.append((cfg.name, part, len(imgs), sum(len(p.gt) for p, _, _ in imgs), evaluate(imgs, cfg)))
@@ -220,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nsweep on train (one change at a time from the current defaults):")
         imgs = loaded["train"]
         n_gt = sum(len(p.gt) for p, _, _ in imgs)
-        print_table([(cfg.name, "train", len(imgs), n_gt, evaluate(imgs, cfg)) for cfg in [CURRENT, *sweep_configs()]])
+        print_table([(cfg.name, "train", len(imgs), n_gt, evaluate(imgs, cfg))
+                     for cfg in [experiment, *sweep_configs(experiment)]])
 
     if not args.no_timing:
         pairs = parts["train"] + parts["test"]

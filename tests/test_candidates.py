@@ -13,6 +13,7 @@ from training.candidates import (
     align_template,
     crop,
     detection_box,
+    difference_mask,
     estimate_shift,
     find_candidates,
     gt_found,
@@ -110,6 +111,40 @@ def test_split_separates_a_defect_from_a_fused_strip() -> None:
     split = find_candidates(template, tested, pad=0)  # longer than split_side: re-opened with a 5x5 square
     assert [c.box for c in split] == [(100, 110, 116, 123)]
     assert find_candidates(template, tested, pad=0, split_side=250) == fused
+
+
+def _misregistered_trace_with_spur() -> tuple[np.ndarray, np.ndarray]:
+    template, tested = _blank(128), _blank(128)
+    template[10:120, 50:60] = 0  # a trace...
+    tested[10:120, 50:60] = 0
+    tested[30:80, 50:63] = 255
+    tested[30:80, 53:63] = 0  # ...locally misregistered by 3 px over 50 rows (3 px strips on both sides)
+    tested[60:70, 63:73] = 0  # and a 10x10 spur touching it
+    return template, tested
+
+
+def test_tolerance_keeps_a_defect_apart_from_local_misregistration() -> None:
+    template, tested = _misregistered_trace_with_spur()
+    exact = find_candidates(template, tested, pad=0, align=False)
+    # the left strip is a false call of its own; the right one swallows the spur: a box 2.5x too tall
+    assert [c.box for c in exact] == [(50, 30, 52, 79), (60, 30, 72, 79)]
+    tolerant = find_candidates(template, tested, pad=0, align=False, tolerance=1)
+    assert len(tolerant) == 1
+    x1, y1, x2, y2 = tolerant[0].box
+    assert 60 <= x1 <= 64 and 59 <= y1 <= 61 and 71 <= x2 <= 73 and 68 <= y2 <= 70
+    assert difference_mask(template, tested, tolerance=1)[30:58, 45:70].sum() == 0  # strips: no difference at all
+    assert difference_mask(template, tested)[32:56, 50:53].all()
+
+
+def test_exact_pass_adds_hairline_defects_that_tolerance_erases() -> None:
+    template, tested = _blank(), _blank()
+    template[:, 30:50] = 0
+    tested[:, 30:50] = 0
+    tested[30:50, 30:33] = 255  # a 3 px deep bite along the trace edge: 2 px after the tolerance, then gone
+    tested[10:20, 10:20] = 0  # a compact defect both passes see
+    assert [c.box for c in find_candidates(template, tested, pad=0, tolerance=1)] == [(10, 10, 19, 19)]
+    both = find_candidates(template, tested, pad=0, tolerance=1, exact_min_area=12)
+    assert [c.box for c in both] == [(10, 10, 19, 19), (30, 30, 32, 49)]  # the compact defect is not proposed twice
 
 
 def test_detection_box_grows_to_deeppcb_margins() -> None:

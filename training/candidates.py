@@ -17,6 +17,10 @@ Defaults are tuned on the train part of our DeepPCB split (``benchmarks/deeppcb_
 - 8-connected blobs of at least ``min_area`` pixels, merged when at most ``merge_distance`` pixels apart;
 - a merged group with a side longer than ``split_side`` is nearly always a defect fused with a strip of local
   misregistration, so it is opened again with a 5x5 square and replaced by the groups that survive (if any);
+- on DeepPCB the comparison has a 1 px position tolerance (``tolerance``): residual local misregistration then leaves
+  no difference at all instead of strips that fuse with a nearby defect into one oversized box; hairline defects the
+  tolerance erases come back from a second pass on the exact difference (``exact_min_area``), kept where they touch no
+  candidate of the first pass (the candidate recall at IoU > 0.33 rose from 0.9905 to 0.9969 on the train part);
 - candidate boxes are the blob's tight box padded by ``pad`` (the classifier's crop geometry); :func:`detection_box`
   grows them to DeepPCB's loose-box convention (tight box + 10 px) for the reported detection.
 """
@@ -148,23 +152,40 @@ def align_template(
     return _moved(template, dy, dx, tested), (dy, dx)
 
 
-def _cleaned_difference(t: np.ndarray, s: np.ndarray, threshold: int) -> np.ndarray:
-    diff: np.ndarray = cv2.absdiff(t, s)
-    cv2.threshold(diff, threshold, 1, cv2.THRESH_BINARY, dst=diff)
+def _cleaned_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int = 0) -> np.ndarray:
+    if tolerance > 0:  # position tolerance: a pixel differs only if the template has no such pixel within reach
+        reach = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+        extra = cv2.bitwise_and(s, cv2.bitwise_not(cv2.dilate(t, reach)))
+        missing = cv2.bitwise_and(cv2.bitwise_not(s), cv2.erode(t, reach))
+        diff: np.ndarray = cv2.bitwise_or(extra, missing)
+        cv2.threshold(diff, 0, 1, cv2.THRESH_BINARY, dst=diff)
+    else:
+        diff = cv2.absdiff(t, s)
+        cv2.threshold(diff, threshold, 1, cv2.THRESH_BINARY, dst=diff)
     if CLEANUP_KERNEL > 1:
         diff = cv2.morphologyEx(diff, cv2.MORPH_OPEN, _CLEANUP)
     return diff
 
 
 def difference_mask(
-    template: np.ndarray, tested: np.ndarray, *, threshold: int = 64, shift: tuple[int, int] = (0, 0)
+    template: np.ndarray,
+    tested: np.ndarray,
+    *,
+    threshold: int = 64,
+    shift: tuple[int, int] = (0, 0),
+    tolerance: int = 0,
 ) -> np.ndarray:
     """Binary (0/1 uint8) mask of pixels where the re-binarized images differ by more than ``threshold``, after the
     template is moved by ``shift`` (``(dy, dx)``, see :func:`estimate_shift`) and a 3x3 cross opening removes 1-2 px
-    slivers (edge misregistration, JPEG ringing)."""
+    slivers (edge misregistration, JPEG ringing).
+
+    With ``tolerance`` r > 0 the comparison has a position tolerance (as in an AOI machine): a tested copper pixel
+    differs only if no template copper lies within r px (a (2r+1)-square), a tested background pixel only if no
+    template background does. Local misregistration of up to r px then leaves no difference at all.
+    """
     _check_pair(template, tested)
     t, s = _binarize(template), _binarize(tested)
-    return _cleaned_difference(_moved(t, shift[0], shift[1], s), s, threshold)
+    return _cleaned_difference(_moved(t, shift[0], shift[1], s), s, threshold, tolerance)
 
 
 _EMPTY = np.zeros(0, np.int64)
@@ -237,6 +258,34 @@ def _split_group(xs: np.ndarray, ys: np.ndarray, box: np.ndarray, min_area: int,
     return rows
 
 
+def _candidate_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min_area: int,
+                    merge_distance: int, split_side: int) -> np.ndarray:
+    """Tight ``x1, y1, x2, y2, area`` rows of the merged (and, where too long, split) blobs of one difference."""
+    xs, ys, starts = _grouped_pixels(_cleaned_difference(t, s, threshold, tolerance), min_area, merge_distance)
+    rows = _group_boxes(xs, ys, starts)
+    if split_side > 0 and rows.size:
+        big = np.flatnonzero(np.maximum(rows[:, 2] - rows[:, 0], rows[:, 3] - rows[:, 1]) + 1 > split_side)
+        if big.size:
+            ends = np.r_[starts[1:], xs.size]
+            parts = [rows[np.setdiff1d(np.arange(len(rows)), big)]]
+            for k in big:
+                sub = _split_group(xs[starts[k] : ends[k]], ys[starts[k] : ends[k]], rows[k], min_area, merge_distance)
+                parts.append(sub if sub.size else rows[k : k + 1])
+            rows = np.concatenate(parts)
+    return rows
+
+
+def _apart(rows: np.ndarray, others: np.ndarray, pad: int) -> np.ndarray:
+    """Boolean mask of the ``rows`` whose box, padded by ``pad``, overlaps no padded box of ``others``."""
+    if not others.size:
+        return np.ones(len(rows), bool)
+    a, b = rows[:, None, :4], others[None, :, :4]
+    gap = 2 * pad
+    overlap = ((a[..., 0] <= b[..., 2] + gap) & (b[..., 0] <= a[..., 2] + gap)
+               & (a[..., 1] <= b[..., 3] + gap) & (b[..., 1] <= a[..., 3] + gap))
+    return np.asarray(~overlap.any(axis=1))
+
+
 def find_candidates(
     template: np.ndarray,
     tested: np.ndarray,
@@ -249,6 +298,8 @@ def find_candidates(
     align: bool = True,
     max_shift: int = MAX_SHIFT,
     split_side: int = 64,
+    tolerance: int = 0,
+    exact_min_area: int = 0,
 ) -> list[Candidate]:
     """Difference blobs between two grayscale images, sorted by (y1, x1).
 
@@ -257,6 +308,11 @@ def find_candidates(
     ``merge_distance`` pixels are merged into one candidate; a merged group with a side longer than ``split_side``
     pixels (``<= 0``: never) is re-opened with a 5x5 square and replaced by what survives, if anything; boxes are padded
     by ``pad`` and clipped to the image. When more than ``max_candidates`` remain, the largest ones (by area) are kept.
+
+    ``tolerance`` > 0 compares with that position tolerance (:func:`difference_mask`): residual local misregistration
+    no longer fuses with a defect nearby into one oversized box. It also erases defects thinner than the tolerance
+    (hairline shorts and opens), so ``exact_min_area`` > 0 adds a second pass on the exact difference whose blobs of at
+    least that many pixels are kept where they touch no candidate of the first pass.
     """
     if max_candidates <= 0:
         return []
@@ -265,17 +321,10 @@ def find_candidates(
     if align:
         dy, dx = _estimate_shift(t, s, max_shift)
         t = _moved(t, dy, dx, s)
-    xs, ys, starts = _grouped_pixels(_cleaned_difference(t, s, threshold), min_area, merge_distance)
-    rows = _group_boxes(xs, ys, starts)
-    if split_side > 0 and rows.size:
-        big = np.flatnonzero(np.maximum(rows[:, 2] - rows[:, 0], rows[:, 3] - rows[:, 1]) + 1 > split_side)
-        if big.size:
-            ends = np.r_[starts[1:], xs.size]
-            parts = [rows[np.setdiff1d(np.arange(len(rows)), big)]]
-            for k in big:
-                sub = _split_group(xs[starts[k] : ends[k]], ys[starts[k] : ends[k]], rows[k], min_area, merge_distance)
-                parts.append(sub if sub.size else rows[k : k + 1])
-            rows = np.concatenate(parts)
+    rows = _candidate_rows(t, s, threshold, tolerance, min_area, merge_distance, split_side)
+    if tolerance > 0 and exact_min_area > 0:
+        exact = _candidate_rows(t, s, threshold, 0, exact_min_area, merge_distance, split_side)
+        rows = np.concatenate([rows, exact[_apart(exact, rows, pad)]])
     h, w = s.shape
     cands = [
         Candidate(

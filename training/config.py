@@ -37,7 +37,9 @@ class CandidateConfig:
     ``box_margin`` grows a candidate box into the reported detection box (DeepPCB's boxes are the defect's tight box
     plus ~10 px: the default pad 4 + margin 6); ``align`` corrects template/tested misregistration up to
     ``max_shift`` px before differencing (crops use the aligned template); groups longer than ``split_side`` px are
-    re-opened to separate a defect from a misregistration strip fused to it.
+    re-opened to separate a defect from a misregistration strip fused to it. ``tolerance`` > 0 compares with a
+    position tolerance of that many px, and ``exact_min_area`` > 0 then adds the exact difference's blobs of at least
+    that size that the tolerant pass missed (hairline defects); see ``training.candidates.find_candidates``.
     """
 
     threshold: int = 64
@@ -52,6 +54,8 @@ class CandidateConfig:
     align: bool = True
     max_shift: int = 8
     split_side: int = 64
+    tolerance: int = 0
+    exact_min_area: int = 0
     add_missed_to_train: bool = True
 
 

@@ -38,7 +38,8 @@ def candidate_params(cfg: CandidateConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`propose` (and of ``find_candidates``) a config stands for."""
     return {"threshold": cfg.threshold, "min_area": cfg.min_area, "pad": cfg.pad,
             "merge_distance": cfg.merge_distance, "max_candidates": cfg.max_candidates, "align": cfg.align,
-            "max_shift": cfg.max_shift, "split_side": cfg.split_side}
+            "max_shift": cfg.max_shift, "split_side": cfg.split_side, "tolerance": cfg.tolerance,
+            "exact_min_area": cfg.exact_min_area}
 
 
 def aligned_candidates(template: np.ndarray, tested: np.ndarray, params: dict[str, Any]
