@@ -18,8 +18,10 @@ import base64
 import contextlib
 import functools
 import io
+import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from matplotlib.image import imsave
 from evaluation.gates import GateReport, GateResult
 from evaluation.metrics import ClassificationMetrics, PRCurve
 
-__all__ = ["Miss", "render_report"]
+__all__ = ["Miss", "miss_png", "render_report", "write_miss_tiles"]
 
 _THUMB_MAX_SIDE = 256  # larger miss images are downsampled so the report stays small
 _DPI = 110
@@ -107,14 +109,40 @@ def _png_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _image_data_uri(image: np.ndarray) -> str:
+def miss_png(m: Miss) -> bytes:
+    """The PNG the gallery shows for ``m``: RGB, downsampled (by striding) to at most 256 px a side."""
+    image = m.image
     step = max(1, math.ceil(max(image.shape[:2]) / _THUMB_MAX_SIDE))
     img = image[::step, ::step]
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     buf = io.BytesIO()
     imsave(buf, np.ascontiguousarray(img), format="png", metadata=_PNG_METADATA)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def _miss_data_uri(m: Miss) -> str:
+    return "data:image/png;base64," + base64.b64encode(miss_png(m)).decode("ascii")
+
+
+def write_miss_tiles(out: Path, misses: Sequence[Miss]) -> Path:
+    """Write the gallery as files (for the review page): ``out/miss-NN.png`` (exactly what the report embeds) and
+    ``out/index.json`` listing ``file``, ``true_label``, ``predicted``, ``confidence``, ``caption`` in gallery order.
+    ``out`` is replaced as a whole (written under a temp name, then renamed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    index = []
+    for i, m in enumerate(misses):
+        name = f"miss-{i:02d}.png"
+        (tmp / name).write_bytes(miss_png(m))
+        index.append({"file": name, "true_label": m.true_label, "predicted": m.predicted,
+                      "confidence": float(m.confidence), "caption": m.caption})
+    (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
 
 
 def _style_ticks(ax: Axes, labels: list[str], good_index: int) -> None:
@@ -289,7 +317,7 @@ def _context(
     ]
     gallery = [
         {
-            "uri": _image_data_uri(m.image),
+            "uri": _miss_data_uri(m),
             "true_label": m.true_label,
             "predicted": m.predicted,
             "confidence": f"{m.confidence:.3f}",

@@ -32,6 +32,7 @@ from pipelines.cli_common import (
 from pipelines.cli_data import data_app
 from pipelines.cli_predict import predict_app
 from pipelines.cli_registry import registry_app
+from pipelines.cli_review import review_app
 
 app = typer.Typer(
     name="defectops", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
@@ -43,6 +44,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(predict_app, name="predict")
 app.add_typer(registry_app, name="registry")
+app.add_typer(review_app, name="review")
 
 
 @app.command()

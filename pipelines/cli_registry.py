@@ -2,7 +2,8 @@
 
 Why a separate command group: the pipeline only nominates a ``challenger``; approving, rejecting and rolling back are
 human decisions (role ``quality-lead`` or ``admin``) enforced and recorded by :mod:`registry.governance`. The audit
-trail lives in ``<DefectOps home>/audit/<model>.jsonl``.
+trail lives in the registry's artifact store (:mod:`registry.audit_store`); ``<DefectOps home>/audit/`` only holds
+the same-host locks.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote 
     _decide("approve", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
             role=role, reason=reason, cfg=RegistryConfig(),
             max_regression=GateConfig().max_regression if max_regression is None else max_regression,
-            audit_dir=_home())
+            lock_dir=_home())
 
 
 @registry_app.command("reject")
@@ -125,7 +126,7 @@ def reject_cmd(version: Annotated[str, typer.Argument(help="Version to reject.")
     from registry.config import RegistryConfig
 
     _decide("reject", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
-            role=role, reason=reason, cfg=RegistryConfig(), audit_dir=_home())
+            role=role, reason=reason, cfg=RegistryConfig(), lock_dir=_home())
 
 
 @registry_app.command("rollback")
@@ -135,31 +136,31 @@ def rollback_cmd(reason: Reason, actor: Actor = None, role: Role = "ml-engineer"
     from registry.config import RegistryConfig
 
     _decide("rollback", client=_client(tracking_uri), model=_model(model), actor=_actor(actor), role=role,
-            reason=reason, cfg=RegistryConfig(), audit_dir=_home())
+            reason=reason, cfg=RegistryConfig(), lock_dir=_home())
 
 
 @registry_app.command("audit")
-def audit_cmd(verify: Annotated[bool, typer.Option("--verify", help="Check the hash chain; exit 1 if broken.")]
-              = False, model: Model = None) -> None:
-    """Print the audit trail of the model (and verify its hash chain)."""
-    from registry.audit import AuditError, audit_path, read_records
-    from registry.audit import verify as verify_chain
+def audit_cmd(verify: Annotated[bool, typer.Option(
+                  "--verify", help="Check the hash chain, that its last record is the head tag and that the version "
+                                   "tags agree with it; exit 1 if not.")] = False,
+              model: Model = None, tracking_uri: Uri = None) -> None:
+    """Print the model's audit trail, as stored in the registry (and verify it)."""
+    from registry.audit_store import RegistryTrail
 
-    path = audit_path(_home(), _model(model))
-    try:
-        records = read_records(path)
-    except AuditError as e:
-        raise fail(str(e), EXIT_FAILURE) from None
-    t = Table(title=f"audit {path}", title_justify="left")
+    name = _model(model)
+    result = RegistryTrail(_client(tracking_uri), name, _home()).check()
+    t = Table(title=f"audit trail: {result.location}", title_justify="left")
     for col in ("seq", "time", "actor", "role", "action", "version", "prev champion", "reason", "hash"):
         t.add_column(col)
-    for r in records:
+    for r in result.records:
         t.add_row(*(escape(str(r.get(k))) for k in ("seq", "time", "actor", "role", "action", "version",
                                                     "previous_champion", "reason")), str(r.get("hash"))[:12])
     console.print(t)
     if verify:
-        result = verify_chain(records)
         if not result.ok:
-            raise fail(f"audit trail {path} is broken at record {result.first_bad_seq}: {result.problem}; restore "
-                       "it from a backup", EXIT_FAILURE)
-        console.print(f"audit trail intact: {len(records)} records")
+            where = "" if result.first_bad_seq is None else f" at record {result.first_bad_seq}"
+            raise fail(f"audit trail at {result.location} is broken{where}: {result.problem}; restore it from "
+                       "a backup", EXIT_FAILURE)
+        console.print(f"audit trail intact: {len(result.records)} records")
+    elif not result.ok:
+        console.print(f"[red]warning[/]: {escape(result.problem)} (run with --verify)")

@@ -21,7 +21,7 @@ import numpy as np
 
 from evaluation.gates import GateConfig, GateReport, evaluate_gates
 from evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
-from evaluation.report import Miss, render_report
+from evaluation.report import Miss, render_report, write_miss_tiles
 from pipelines.config import artifact_location, tracking_uri
 from pipelines.context import GateFailure, StepContext, StepError
 from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
@@ -47,6 +47,7 @@ ONNX_BOARD_METRICS = "export/board_metrics.json"
 METRICS = "metrics.json"
 GATES = "gates.json"
 REPORT = "report.html"
+MISSES = "eval/misses"
 REGISTRATION = "registry.json"
 ONNX = "export/model.onnx"
 PARITY = "export/parity.json"
@@ -422,6 +423,7 @@ def _write_report(ctx: StepContext, net: Any, metrics: ClassificationMetrics, ga
             "dataset fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint[:16],
             "test crops": str(len(y)), "champion compared": champion_version}
     sections = [("Board-level detection (DeepPCB metric)", _board_html(board))] if board else []
+    write_miss_tiles(ctx.path(MISSES), misses)
     render_report(ctx.path(REPORT), title=f"DefectOps evaluation: {ctx.run_id}", metrics=metrics, gates=gates,
                   curves=pr_curves(y, probs, crops.classes), info=info, misses=misses, sections=sections)
 
@@ -462,6 +464,32 @@ def current_user() -> str:
     return os.environ.get("DEFECTOPS_USER") or getpass.getuser()
 
 
+def _review_evidence(ctx: StepContext) -> Path:
+    """``register/evidence/``: what the review page shows besides metrics and gates. ``dataset.json`` (fingerprints,
+    sample counts per split and class, validation summary) and ``misses/`` (the report's worst-miss tiles with their
+    Grad-CAM overlays as PNG files, ``misses/index.json`` listing them, as the evaluate step wrote them)."""
+    out = ctx.path("register/evidence")
+    if (out / "dataset.json").is_file():
+        return out
+    with atomic_dir(out) as tmp:
+        crops_meta = ctx.path(CROPS) / "snapshot.json"
+        crops = read_json(crops_meta) if crops_meta.is_file() else {}
+        snap = load_snapshot(ctx.path(SNAPSHOT))
+        stats = crops.get("stats") or {}
+        write_json(tmp / "dataset.json", {
+            "dataset_fingerprint": snap.fingerprint, "crops_fingerprint": crops.get("fingerprint"),
+            "samples": len(snap.samples), "crops": crops.get("num_samples"), "boards": stats.get("boards"),
+            "crops_per_split": stats.get("crops") or {}, "defects": stats.get("defects") or {},
+            "candidate_recall": stats.get("candidate_recall_overall"),
+            "validation": read_json(ctx.path(VALIDATION)) if ctx.path(VALIDATION).is_file() else {}})
+        if ctx.path(MISSES).is_dir():
+            shutil.copytree(ctx.path(MISSES), tmp / "misses")
+        else:  # evaluated before the evaluate step wrote its tiles
+            (tmp / "misses").mkdir()
+            write_json(tmp / "misses" / "index.json", [])
+    return out
+
+
 def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     import mlflow.pytorch
@@ -485,6 +513,7 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
     c.log_artifact(rid, str(ctx.path(METRICS)))
     for evidence in (GATES, REPORT, VALIDATION, "config.yaml"):
         c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
+    c.log_artifacts(rid, str(_review_evidence(ctx)), "evidence")
     c.log_artifacts(rid, str(model_dir), "model")
     metrics = read_json(ctx.path(METRICS))
     for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
@@ -510,7 +539,7 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
         from registry.governance import record_register
 
         record_register(c, registry.model_name, str(mv.version), actor=current_user(), role="ml-engineer",
-                        audit_dir=ctx.home)
+                        lock_dir=ctx.home)
     if gates.passed:
         c.set_registered_model_alias(registry.model_name, registry.challenger_alias, str(mv.version))
     result = {"registered_model": registry.model_name, "version": str(mv.version),

@@ -1,15 +1,16 @@
 """Append-only, hash-chained audit trail of registry decisions (register, approve, reject, rollback).
 
-What: one JSON-lines file per registered model, ``<audit_dir>/audit/<model>.jsonl``. Every record carries the
+What: the record format and the hash chain, plus a JSON-lines file form (``<dir>/audit/<model>.jsonl``, used for
+offline copies and tests). Every record carries the
 sha256 ``hash`` of its own canonical JSON (sorted keys, no whitespace, without ``hash``) and the ``prev_hash`` of the
 record before it, so :func:`verify` detects an edited, deleted, reordered or inserted line. Appends take an
 exclusive ``fcntl`` lock on the file and re-verify the chain first, so concurrent writers cannot fork it.
 
 Why: a promotion to ``champion`` puts a model on the production line; who decided, why, on which evidence and what it
 replaced must be reconstructible and tamper-evident. The pure parts (:func:`make_record`, :func:`record_hash`,
-:func:`verify`, :func:`evidence_digest`) do no I/O. The file lives under the DefectOps home (local, simple, works
-for a SQLite registry and for a remote server alike); :mod:`registry.governance` mirrors each record into a model
-version tag so the trail is also visible in the MLflow UI.
+:func:`verify`, :func:`evidence_digest`) do no I/O. The trail of record lives in the registry's artifact store
+(:mod:`registry.audit_store`), which also uses :func:`locked` for same-host serialisation; :mod:`registry.governance`
+mirrors each record into a model version tag so the trail is also visible (and cross-checked) in the MLflow UI.
 """
 
 from __future__ import annotations

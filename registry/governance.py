@@ -4,12 +4,18 @@ What: :func:`approve` promotes the ``challenger`` version to ``champion`` after 
 passed its gates, that the reviewer may decide (role ``quality-lead`` or ``admin``, not the person who registered
 it) and that it does not regress against the current champion; :func:`reject` retires a candidate; :func:`rollback`
 restores the champion that the audit trail says came before. Every decision is appended to the hash-chained trail
-of :mod:`registry.audit` and mirrored as a version tag ``defectops.audit.<seq>`` for the MLflow UI.
+stored in the registry itself (:mod:`registry.audit_store`) and mirrored as a version tag ``defectops.audit.<seq>``
+for the MLflow UI (and as a cross-check of the trail).
 
 Why: the pipeline may only nominate (``challenger``); putting a model on the production line is a human decision
 that must be authorised, explained and reconstructible. Decisions on one model are serialised by an ``fcntl`` lock
-in ``audit_dir`` and every check re-reads the registry under that lock, so two concurrent approvals cannot leave two
-champions or a forked trail.
+in ``lock_dir`` (per host) and every check re-reads the registry under that lock, so two concurrent approvals on one
+host cannot leave two champions or a forked trail (see :mod:`registry.audit_store` for the cross-host limit).
+
+Refusals are :class:`GovernanceError` subclasses so that callers (the CLI, the review web app) can map them to exit
+codes or HTTP statuses without re-implementing the rules: :class:`InvalidDecision` (a missing reason),
+:class:`NotPermitted` (wrong role, separation of duties), :class:`NotFound` (no such model or version) and the
+plain :class:`GovernanceError` for a decision the registry's current state does not allow.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from mlflow.tracking import MlflowClient
 from evaluation.gates import GateConfig, evaluate_gates
 from evaluation.metrics import ClassificationMetrics
 from registry import audit
-from registry.audit import AuditRecord
+from registry.audit import AuditError, AuditRecord
+from registry.audit_store import RegistryTrail
 from registry.config import RegistryConfig
 
-__all__ = ["DECIDER_ROLES", "GovernanceError", "approve", "champion_history", "list_versions", "record_register",
-           "reject", "rollback"]
+__all__ = ["DECIDER_ROLES", "GovernanceError", "InvalidDecision", "NotFound", "NotPermitted", "approve",
+           "champion_history", "list_versions", "read_artifact", "record_register", "reject", "rollback", "trail"]
 
 DECIDER_ROLES = ("quality-lead", "admin")
 TAG = "defectops."
@@ -41,7 +48,28 @@ GATES_ARTIFACT = "evidence/gates.json"
 
 
 class GovernanceError(RuntimeError):
-    """A registry decision was refused; the message names the problem and the fix."""
+    """A registry decision was refused; the message names the problem and the fix. The base class means the current
+    state of the registry does not allow it (HTTP 409)."""
+
+
+class InvalidDecision(GovernanceError):
+    """The request itself is incomplete, e.g. no reason (HTTP 400)."""
+
+
+class NotPermitted(GovernanceError):
+    """This actor may not make this decision: role, or separation of duties (HTTP 403)."""
+
+
+class NotFound(GovernanceError):
+    """No such registered model or version (HTTP 404)."""
+
+
+def trail(client: MlflowClient, model: str, lock_dir: Path) -> RegistryTrail:
+    """The registry-stored audit trail of ``model`` (locks under ``lock_dir``)."""
+    try:
+        return RegistryTrail(client, model, lock_dir)
+    except AuditError as e:
+        raise InvalidDecision(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ registry reads
@@ -49,8 +77,8 @@ def _version(client: MlflowClient, model: str, version: str) -> ModelVersion:
     try:
         return client.get_model_version(model, str(version))
     except MlflowException:
-        raise GovernanceError(f"model {model!r} has no version {version}; run `defectops registry list` to see "
-                              "the versions") from None
+        raise NotFound(f"model {model!r} has no version {version}; run `defectops registry list` to see "
+                       "the versions") from None
 
 
 def _alias(client: MlflowClient, model: str, alias: str) -> str | None:
@@ -60,7 +88,8 @@ def _alias(client: MlflowClient, model: str, alias: str) -> str | None:
         return None
 
 
-def _artifact(client: MlflowClient, run_id: str | None, path: str) -> bytes | None:
+def read_artifact(client: MlflowClient, run_id: str | None, path: str) -> bytes | None:
+    """The bytes of artifact ``path`` of run ``run_id``; ``None`` when there is no such run or file."""
     if not run_id:
         return None
     with tempfile.TemporaryDirectory(prefix="defectops-gov-") as tmp:
@@ -73,12 +102,12 @@ def _artifact(client: MlflowClient, run_id: str | None, path: str) -> bytes | No
 
 
 def _evidence(client: MlflowClient, mv: ModelVersion) -> str:
-    return audit.evidence_digest(_artifact(client, mv.run_id, GATES_ARTIFACT),
-                                 _artifact(client, mv.run_id, METRICS_ARTIFACT))
+    return audit.evidence_digest(read_artifact(client, mv.run_id, GATES_ARTIFACT),
+                                 read_artifact(client, mv.run_id, METRICS_ARTIFACT))
 
 
 def _metrics(client: MlflowClient, model: str, mv: ModelVersion) -> ClassificationMetrics:
-    raw = _artifact(client, mv.run_id, METRICS_ARTIFACT)
+    raw = read_artifact(client, mv.run_id, METRICS_ARTIFACT)
     if raw is None:
         raise GovernanceError(f"version {mv.version} of {model!r} has no {METRICS_ARTIFACT} in run {mv.run_id}; "
                               "re-run its pipeline's register step to log the evidence")
@@ -91,10 +120,10 @@ def _metrics(client: MlflowClient, model: str, mv: ModelVersion) -> Classificati
 
 # ---------------------------------------------------------------------------------------------------- checks
 def _check_decider(role: str, reason: str, what: str) -> None:
-    if not reason or not reason.strip():
-        raise GovernanceError(f"a reason is required to {what}; pass --reason 'why'")
     if role not in DECIDER_ROLES:
-        raise GovernanceError(f"role {role!r} may not {what}; ask a {' or '.join(DECIDER_ROLES)} (--role)")
+        raise NotPermitted(f"role {role!r} may not {what}; ask a {' or '.join(DECIDER_ROLES)} (--role)")
+    if not reason or not reason.strip():
+        raise InvalidDecision(f"a reason is required to {what}; say why (--reason 'why')")
 
 
 def _regressions(candidate: ClassificationMetrics, champion: ClassificationMetrics,
@@ -106,23 +135,27 @@ def _regressions(candidate: ClassificationMetrics, champion: ClassificationMetri
 
 
 def _mirror(client: MlflowClient, model: str, version: str, rec: AuditRecord) -> None:
-    """Show the record on the version in the MLflow UI (the file under audit_dir stays the source of truth)."""
+    """Show the record on the version in the MLflow UI (the registry-stored trail stays the source of truth)."""
     value = json.dumps({"hash": rec.hash, "action": rec.action, "actor": rec.actor, "reason": rec.reason,
                         "time": rec.time}, sort_keys=True)
     client.set_model_version_tag(model, version, f"{TAG}audit.{rec.seq}", value)
 
 
-def _lock(audit_dir: Path, model: str) -> Any:
-    return audit.locked(audit.audit_path(audit_dir, model).with_suffix(".decide.lock"))
+def _append(t: RegistryTrail, **fields: Any) -> AuditRecord:
+    try:
+        return t.append(**fields)
+    except AuditError as e:
+        raise GovernanceError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------- decisions
 def approve(client: MlflowClient, model: str, version: str, *, actor: str, role: str, reason: str,
-            cfg: RegistryConfig, max_regression: float, audit_dir: Path) -> AuditRecord:
+            cfg: RegistryConfig, max_regression: float, lock_dir: Path) -> AuditRecord:
     """Promote ``version`` (the gated ``challenger``) to ``champion``; raises :class:`GovernanceError` if refused."""
     _check_decider(role, reason, "approve a model version")
     version = str(version)
-    with _lock(audit_dir, model):
+    t = trail(client, model, lock_dir)
+    with t.locked():
         mv = _version(client, model, version)
         tags = dict(mv.tags)
         if tags.get(f"{TAG}gates_passed") != "true":
@@ -134,8 +167,8 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
                                   "current challenger (see `defectops registry list`)")
         registered_by = tags.get(f"{TAG}registered_by")
         if registered_by and registered_by == actor:
-            raise GovernanceError(f"{actor!r} registered version {version} and may not approve it (separation of "
-                                  "duties); ask another quality lead")
+            raise NotPermitted(f"{actor!r} registered version {version} and may not approve it (separation of "
+                               "duties); ask another quality lead")
         champion = _alias(client, model, cfg.champion_alias)
         if champion is not None and champion != version:
             failing = _regressions(_metrics(client, model, mv),
@@ -143,7 +176,7 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
             if failing:
                 raise GovernanceError(f"version {version} regresses against champion {champion} by more than "
                                       f"{max_regression}: {'; '.join(failing)}; retrain or reject it")
-        rec = audit.append(audit_dir, actor=actor, role=role, action="approve", model=model, version=version,
+        rec = _append(t, actor=actor, role=role, action="approve", version=version,
                            previous_champion=champion, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, version)
         client.delete_registered_model_alias(model, cfg.challenger_alias)
@@ -155,16 +188,17 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
 
 
 def reject(client: MlflowClient, model: str, version: str, *, actor: str, role: str, reason: str,
-           cfg: RegistryConfig, audit_dir: Path) -> AuditRecord:
+           cfg: RegistryConfig, lock_dir: Path) -> AuditRecord:
     """Mark ``version`` rejected and take away its ``challenger`` alias; the champion cannot be rejected."""
     _check_decider(role, reason, "reject a model version")
     version = str(version)
-    with _lock(audit_dir, model):
+    t = trail(client, model, lock_dir)
+    with t.locked():
         mv = _version(client, model, version)
         if _alias(client, model, cfg.champion_alias) == version:
             raise GovernanceError(f"version {version} of {model!r} is the '{cfg.champion_alias}'; use "
                                   "`defectops registry rollback` to replace it")
-        rec = audit.append(audit_dir, actor=actor, role=role, action="reject", model=model, version=version,
+        rec = _append(t, actor=actor, role=role, action="reject", version=version,
                            previous_champion=_alias(client, model, cfg.champion_alias), reason=reason,
                            evidence=_evidence(client, mv))
         if _alias(client, model, cfg.challenger_alias) == version:
@@ -190,16 +224,16 @@ def champion_history(records: list[dict[str, Any]]) -> list[str]:
 
 
 def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason: str, cfg: RegistryConfig,
-             audit_dir: Path) -> AuditRecord:
+             lock_dir: Path) -> AuditRecord:
     """Move ``champion`` back to the champion it replaced, as recorded in the audit trail."""
     _check_decider(role, reason, "roll back the champion")
-    with _lock(audit_dir, model):
-        path = audit.audit_path(audit_dir, model)
-        records = audit.read_records(path)
-        result = audit.verify(records)
+    t = trail(client, model, lock_dir)
+    with t.locked():
+        result = t.check()
         if not result.ok:
-            raise GovernanceError(f"audit trail {path} is broken at record {result.first_bad_seq} ({result.problem});"
-                                  " restore it before rolling back")
+            raise GovernanceError(f"audit trail at {result.location} is broken at record {result.first_bad_seq} "
+                                  f"({result.problem}); restore it before rolling back")
+        records = result.records
         current = _alias(client, model, cfg.champion_alias)
         stack = champion_history(records)
         if current is None or len(stack) < 2:
@@ -210,7 +244,7 @@ def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason:
                                   "(alias moved outside governance); approve the intended version explicitly")
         target = stack[-2]
         mv = _version(client, model, target)
-        rec = audit.append(audit_dir, actor=actor, role=role, action="rollback", model=model, version=target,
+        rec = _append(t, actor=actor, role=role, action="rollback", version=target,
                            previous_champion=current, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, target)
         client.set_model_version_tag(model, current, f"{TAG}review_status", "rolled-back")
@@ -222,12 +256,13 @@ def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason:
 
 
 def record_register(client: MlflowClient, model: str, version: str, *, actor: str, role: str,
-                    audit_dir: Path) -> AuditRecord:
+                    lock_dir: Path) -> AuditRecord:
     """Record a registration in the trail and tag ``defectops.registered_by`` (for separation of duties)."""
     version = str(version)
-    with _lock(audit_dir, model):
+    t = trail(client, model, lock_dir)
+    with t.locked():
         mv = _version(client, model, version)
-        rec = audit.append(audit_dir, actor=actor, role=role, action="register", model=model, version=version,
+        rec = _append(t, actor=actor, role=role, action="register", version=version,
                            previous_champion=_alias(client, model, RegistryConfig().champion_alias),
                            reason=mv.description or "registered by the pipeline", evidence=_evidence(client, mv))
         client.set_model_version_tag(model, version, f"{TAG}registered_by", actor)
@@ -242,8 +277,8 @@ def list_versions(client: MlflowClient, model: str) -> list[dict[str, Any]]:
         aliases = dict(client.get_registered_model(model).aliases)
         versions = client.search_model_versions(f"name = '{model}'")
     except MlflowException:
-        raise GovernanceError(f"no registered model {model!r} in this registry; check --model and "
-                              "--tracking-uri") from None
+        raise NotFound(f"no registered model {model!r} in this registry; check --model and "
+                       "--tracking-uri") from None
     out = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = dict(mv.tags)

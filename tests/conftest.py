@@ -103,3 +103,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+# --- Review web app: a registry with a champion and a challenger, and one real `defectops review` server ----------
+from review_support import ReviewServer, make_review_registry, start_review_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def review_registry(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A copy of the tiny run's registry where version 1 is the champion (approved by ``lee``) and version 2, on a
+    run with better metrics and the same evidence layout, is the pending ``challenger`` registered by ``eve``."""
+    return make_review_registry(tiny_run, tmp_path_factory.mktemp("review-home"))
+
+
+@pytest.fixture(scope="session")
+def review_server(review_registry: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewServer]:
+    """``defectops review --insecure-cookies`` on a free loopback port, shared by the session's review tests."""
+    with start_review_server(review_registry, tmp_path_factory.mktemp("review-server")) as server:
+        yield server

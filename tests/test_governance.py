@@ -1,8 +1,8 @@
 """Registry governance: approve / reject / rollback rules, the hash-chained audit trail, concurrency and the CLI.
 
 Each test works on its own copy of the registry database left by the session's ``tiny_run`` (version 1 aliased
-``challenger``); artifacts stay where that run wrote them. More versions are created on the same model source with
-the tags the register step would set.
+``challenger``, its registration already the first record of the registry-stored audit trail); artifacts stay where
+that run wrote them. More versions are created on the same model source with the tags the register step would set.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from registry import audit
+from registry.audit_store import HEAD_TAG, RUN_TAG, RegistryTrail
 from registry.config import RegistryConfig
 from registry.governance import GovernanceError, approve, list_versions, reject, rollback
 from registry.mlflow_registry import client as make_client
@@ -26,7 +27,7 @@ QL = {"actor": "quinn", "role": "quality-lead"}
 
 
 class Reg:
-    """A private registry copy: client, model name, audit dir (= the copy's home)."""
+    """A private registry copy: client, model name, lock dir (= the copy's home)."""
 
     def __init__(self, home: Path, model: str) -> None:
         self.home = home
@@ -51,12 +52,18 @@ class Reg:
         aliases = self.c.get_registered_model(self.model).aliases
         return str(aliases[name]) if name in aliases else None
 
+    def trail(self) -> RegistryTrail:
+        return RegistryTrail(self.c, self.model, self.home)
+
     def records(self) -> list[dict[str, Any]]:
-        return audit.read_records(audit.audit_path(self.home, self.model))
+        """The decisions in the registry-stored trail (after the pipeline's own ``register`` record)."""
+        recs = self.trail().records()
+        assert recs[0]["action"] == "register"
+        return recs[1:]
 
     def approve(self, version: str, **kw: Any) -> audit.AuditRecord:
         args: dict[str, Any] = {**QL, "reason": "looks good", "cfg": CFG, "max_regression": 0.02,
-                                "audit_dir": self.home, **kw}
+                                "lock_dir": self.home, **kw}
         return approve(self.c, self.model, version, **args)
 
 
@@ -81,14 +88,16 @@ def test_approve_happy_path(reg: Reg) -> None:
     assert tags["defectops.review_reason"] == "looks good"
     assert tags["defectops.previous_champion"] == "none"
     assert "defectops.decided_at" in tags
-    assert json.loads(tags["defectops.audit.0"])["hash"] == rec.hash
+    assert json.loads(tags[f"defectops.audit.{rec.seq}"])["hash"] == rec.hash
+    assert reg.c.get_registered_model(reg.model).tags[HEAD_TAG] == rec.hash
+    assert not (reg.home / "audit" / f"{reg.model}.jsonl").exists()  # the registry holds the trail
     (only,) = reg.records()
     assert only["action"] == "approve"
     assert only["version"] == "1"
     assert only["previous_champion"] is None
     assert len(only["evidence_digest"]) == 64
     assert only["evidence_digest"] != audit.evidence_digest(None, None)  # the run's evidence was found
-    assert audit.verify(reg.records()).ok
+    assert reg.trail().check().ok
 
 
 @pytest.mark.parametrize(
@@ -141,8 +150,8 @@ def test_approve_refuses_regression_against_champion(reg: Reg, tmp_path: Path) -
 # ------------------------------------------------------------------------------------------- reject, rollback
 def test_reject(reg: Reg) -> None:
     with pytest.raises(GovernanceError, match="may not reject"):
-        reject(reg.c, reg.model, "1", actor="x", role="ml-engineer", reason="r", cfg=CFG, audit_dir=reg.home)
-    rec = reject(reg.c, reg.model, "1", reason="false calls on board 7", cfg=CFG, audit_dir=reg.home, **QL)
+        reject(reg.c, reg.model, "1", actor="x", role="ml-engineer", reason="r", cfg=CFG, lock_dir=reg.home)
+    rec = reject(reg.c, reg.model, "1", reason="false calls on board 7", cfg=CFG, lock_dir=reg.home, **QL)
     assert rec.action == "reject"
     assert reg.alias(CFG.challenger_alias) is None
     tags = reg.c.get_model_version(reg.model, "1").tags
@@ -154,19 +163,19 @@ def test_reject(reg: Reg) -> None:
 
 def test_rollback_restores_previous_champion(reg: Reg) -> None:
     with pytest.raises(GovernanceError, match="no previous champion"):
-        rollback(reg.c, reg.model, reason="r", cfg=CFG, audit_dir=reg.home, **QL)
+        rollback(reg.c, reg.model, reason="r", cfg=CFG, lock_dir=reg.home, **QL)
     reg.approve("1")
     v2 = reg.add_version()
     reg.approve(v2)
     assert reg.alias(CFG.champion_alias) == v2
-    rec = rollback(reg.c, reg.model, reason="escapes on line 3", cfg=CFG, audit_dir=reg.home, **QL)
+    rec = rollback(reg.c, reg.model, reason="escapes on line 3", cfg=CFG, lock_dir=reg.home, **QL)
     assert (rec.action, rec.version, rec.previous_champion) == ("rollback", "1", v2)
     assert reg.alias(CFG.champion_alias) == "1"
     assert reg.c.get_model_version(reg.model, v2).tags["defectops.review_status"] == "rolled-back"
     with pytest.raises(GovernanceError, match="no previous champion"):
-        rollback(reg.c, reg.model, reason="again", cfg=CFG, audit_dir=reg.home, **QL)
+        rollback(reg.c, reg.model, reason="again", cfg=CFG, lock_dir=reg.home, **QL)
     assert [r["action"] for r in reg.records()] == ["approve", "approve", "rollback"]
-    assert audit.verify(reg.records()).ok
+    assert reg.trail().check().ok
 
 
 def test_list_versions(reg: Reg) -> None:
@@ -225,7 +234,7 @@ def test_concurrent_approvals_leave_one_champion(reg: Reg, same: bool) -> None:
         barrier.wait()
         try:
             approve(c, reg.model, version, actor=actor, role="quality-lead", reason="go", cfg=CFG,
-                    max_regression=0.02, audit_dir=reg.home)
+                    max_regression=0.02, lock_dir=reg.home)
             outcomes[actor] = "ok"
         except GovernanceError as e:
             outcomes[actor] = str(e)
@@ -239,9 +248,8 @@ def test_concurrent_approvals_leave_one_champion(reg: Reg, same: bool) -> None:
     assert list(outcomes.values()).count("ok") == 1, outcomes
     assert reg.alias(CFG.champion_alias) == "1"
     assert reg.alias(CFG.challenger_alias) is None
-    recs = reg.records()
-    assert [(r["action"], r["version"]) for r in recs] == [("approve", "1")]
-    assert audit.verify(recs).ok
+    assert [(r["action"], r["version"]) for r in reg.records()] == [("approve", "1")]
+    assert reg.trail().check().ok
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -267,7 +275,58 @@ def test_cli_smoke(reg: Reg, monkeypatch: pytest.MonkeyPatch) -> None:
     assert runner.invoke(registry_app, ["rollback", "--reason", "x", "--role", "admin", *model]).exit_code == 1
     res = runner.invoke(registry_app, ["audit", "--verify", *model])
     assert res.exit_code == 0, res.output
-    assert "intact: 1 records" in res.output
-    path = audit.audit_path(reg.home, reg.model)
-    path.write_text(path.read_text().replace('"ok"', '"fine"'))
-    assert runner.invoke(registry_app, ["audit", "--verify", *model]).exit_code == 1
+    assert "intact: 2 records" in res.output
+    snapshot = _snapshot_file(reg)
+    snapshot.write_text(snapshot.read_text().replace('"ok"', '"fine"'))
+    res = runner.invoke(registry_app, ["audit", "--verify", *model])
+    assert res.exit_code == 1
+    assert "modified after it was written" in res.output
+
+
+# ------------------------------------------------------------------------------------------ registry-stored trail
+def _snapshot_file(reg: Reg) -> Path:
+    """The local file behind the snapshot the head tag names (the SQLite registry's artifacts are a folder)."""
+    tags = reg.c.get_registered_model(reg.model).tags
+    root = reg.c.get_run(tags[RUN_TAG]).info.artifact_uri.removeprefix("file://")
+    return Path(root) / "trail" / f"{tags[HEAD_TAG]}.jsonl"
+
+
+def test_registry_trail_detects_stale_and_substituted_copies(reg: Reg) -> None:
+    reg.approve("1")
+    first_head = reg.c.get_registered_model(reg.model).tags[HEAD_TAG]
+    v2 = reg.add_version()
+    rec = reg.approve(v2)
+    assert reg.trail().check().ok
+    assert [r["hash"] for r in reg.trail().records()][-1] == rec.hash
+
+    # head moved back to an older (intact) snapshot: the chain verifies, the version tags do not agree
+    reg.c.set_registered_model_tag(reg.model, HEAD_TAG, first_head)
+    stale = reg.trail().check()
+    assert not stale.ok
+    assert stale.first_bad_seq == rec.seq
+    assert "has only" in stale.problem
+    with pytest.raises(GovernanceError, match="broken"):
+        rollback(reg.c, reg.model, reason="r", cfg=CFG, lock_dir=reg.home, **QL)
+    reg.c.set_registered_model_tag(reg.model, HEAD_TAG, rec.hash)
+
+    # a snapshot replaced by a shorter, internally valid copy: its last hash is not the head
+    snapshot = _snapshot_file(reg)
+    lines = snapshot.read_text().splitlines(keepends=True)
+    original = "".join(lines)
+    snapshot.write_text("".join(lines[:-1]))
+    swapped = reg.trail().check()
+    assert not swapped.ok
+    assert "not the head" in swapped.problem
+    v3 = reg.add_version()
+    with pytest.raises(GovernanceError, match="not the head"):
+        reg.approve(v3)
+    assert reg.alias(CFG.champion_alias) == v2  # nothing changed
+    snapshot.write_text(original)
+
+    # the head tag names a snapshot that is not there
+    reg.c.set_registered_model_tag(reg.model, HEAD_TAG, "f" * 64)
+    missing = reg.trail().check()
+    assert not missing.ok
+    assert "missing" in missing.problem
+    reg.c.set_registered_model_tag(reg.model, HEAD_TAG, rec.hash)
+    assert reg.trail().check().ok

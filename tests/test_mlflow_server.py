@@ -38,5 +38,16 @@ def test_run_register_and_approve_on_a_tracking_server(mlflow_server: str, home:
                             "quality-lead", "--tracking-uri", mlflow_server])
     assert r.exit_code == 0, r.output
     assert c.get_model_version_by_alias("defectops-aoi", "champion").version == mv.version
-    r = runner.invoke(app, ["registry", "audit", "--verify"])
+    r = runner.invoke(app, ["registry", "audit", "--verify", "--tracking-uri", mlflow_server])
     assert r.exit_code == 0, r.output
+    assert "intact: 2 records" in r.output  # register + approve, read back from the server's artifact store
+
+    from registry.audit_store import HEAD_TAG, LATEST, RUN_TAG
+
+    tags = c.get_registered_model("defectops-aoi").tags
+    run = tags[RUN_TAG]
+    assert c.get_experiment(c.get_run(run).info.experiment_id).name == "defectops-audit/defectops-aoi"
+    assert {a.path for a in c.list_artifacts(run, "trail")} >= {f"trail/{tags[HEAD_TAG]}.jsonl"}
+    latest = Path(c.download_artifacts(run, LATEST, str(home)))
+    assert json.loads(latest.read_text().splitlines()[-1])["hash"] == tags[HEAD_TAG]
+    assert not (home / "audit" / "defectops-aoi.jsonl").exists()  # no local trail: the server holds it

@@ -59,8 +59,10 @@ def test_registry_state(tiny_run: dict) -> None:
     assert tags["defectops.run_id"] == s["run_id"]
     assert "defectops.git_commit" in tags
     assert tags["defectops.registered_by"]  # separation of duties: the submitter cannot approve it
-    trail = (tiny_run["home"] / "audit" / f"{s['registered_model']}.jsonl").read_text().splitlines()
-    assert json.loads(trail[0])["action"] == "register"
+    from registry.audit_store import RegistryTrail
+
+    trail = RegistryTrail(c, s["registered_model"], tiny_run["home"]).records()  # stored in the registry
+    assert trail[0]["action"] == "register"
     assert float(tags["defectops.onnx_top1_agreement"]) >= 0.999
     arts = {a.path for a in c.list_artifacts(mv.run_id)}
     assert {"metrics.json", "evidence", "model", "onnx"} <= arts

@@ -1,0 +1,49 @@
+"""Evidence for the review page: the miss tiles the evaluate step writes, and what the register step logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.gates import GateConfig, evaluate_gates
+from evaluation.metrics import classification_metrics, pr_curves
+from evaluation.report import Miss, miss_png, render_report, write_miss_tiles
+from registry.mlflow_registry import client as make_client
+
+
+def test_miss_tiles_are_the_report_gallery(tmp_path: Path) -> None:
+    classes = ["false_call", "a<b", "short"]
+    y = np.array([0, 1, 2, 0, 1, 2])
+    probs = np.eye(3)[[0, 2, 2, 1, 1, 2]] * 0.8 + 0.2 / 3
+    metrics = classification_metrics(y, probs, classes, "false_call")
+    img = np.zeros((20, 20, 3), np.uint8)
+    img[5:10, 5:10] = 255
+    misses = [Miss(img, "a<b", "short", 0.75, caption="cam & crop"), Miss(img[:, :, 0], "false_call", "a<b", 0.5)]
+    html = render_report(tmp_path / "r.html", title="t", metrics=metrics, gates=evaluate_gates(metrics, GateConfig()),
+                         curves=pr_curves(y, probs, classes), info={}, misses=misses).read_text(encoding="utf-8")
+    out = write_miss_tiles(tmp_path / "misses", misses)
+    index = json.loads((out / "index.json").read_text())
+    assert [(t["true_label"], t["predicted"], t["confidence"], t["caption"]) for t in index] == [
+        ("a<b", "short", 0.75, "cam & crop"), ("false_call", "a<b", 0.5, "")]
+    for t, m in zip(index, misses, strict=True):
+        png = (out / t["file"]).read_bytes()
+        assert png.startswith(b"\x89PNG") and png == miss_png(m)
+        assert base64.b64encode(png).decode("ascii") in html  # the same image the report shows
+    write_miss_tiles(out, misses[:1])  # rewritten as a whole: no stale tile survives
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "miss-00.png"]
+
+
+def test_register_logs_review_evidence(tiny_run: dict) -> None:
+    root = Path(tiny_run["root"])
+    index = json.loads((root / "register" / "evidence" / "misses" / "index.json").read_text())
+    assert index == json.loads((root / "eval" / "misses" / "index.json").read_text()) and len(index) > 0
+    dataset = json.loads((root / "register" / "evidence" / "dataset.json").read_text())
+    assert set(dataset["crops_per_split"]) == {"train", "val", "test"}
+    c = make_client(f"sqlite:///{Path(tiny_run['home']) / 'mlflow.db'}")
+    run = c.get_model_version(tiny_run["cfg"].registry.model_name, "1").run_id
+    logged = {a.path for a in c.list_artifacts(run, "evidence")}
+    assert {"evidence/dataset.json", "evidence/misses", "evidence/gates.json", "evidence/report.html"} <= logged
+    assert len(c.list_artifacts(run, "evidence/misses")) == len(index) + 1
