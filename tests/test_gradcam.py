@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from evaluation.gradcam import grad_cam, overlay, target_layer
+from training.candidates import MIN_CROP_SIDE
 from training.models import MODELS, create_model, model_family
 
 
@@ -65,3 +69,46 @@ def test_overlay_is_pure_and_checks_shapes() -> None:
 def test_unknown_family() -> None:
     with pytest.raises(ValueError, match="family"):
         target_layer(create_model("aoi_resnet10t", num_classes=2), "alexnet")
+
+
+def _box_in_crop(box: Sequence[int], size: int, context: float) -> tuple[float, float, float, float]:
+    """Where a candidate box lands in its crop (the geometry of ``training.candidates.crop``), in crop pixels."""
+    x1, y1, x2, y2 = box
+    side = max(MIN_CROP_SIDE, round(max(x2 - x1 + 1, y2 - y1 + 1) * context))
+    ox, oy = round((x1 + x2 + 1) / 2 - side / 2), round((y1 + y2 + 1) / 2 - side / 2)
+    k = size / side
+    return (x1 - ox) * k, (y1 - oy) * k, (x2 + 1 - ox) * k, (y2 + 1 - oy) * k
+
+
+def test_cam_peak_falls_inside_the_defect_box(tiny_run: dict) -> None:
+    """On the synthetic boards of the tiny run: for the defect crops (all parts) that the trained model
+    classifies correctly, the Grad-CAM peak of the true class must fall inside the defect's candidate box for most of
+    them (measured: 11 of 12; the floor leaves room for the 2-epoch model of the tiny config)."""
+    from pipelines.steps import CROPS, MODEL
+    from training.data import load_split, to_tensor
+    from training.snapshot import load_snapshot
+    from training.trainer import load_trained_model
+
+    root = Path(tiny_run["root"])
+    cand = tiny_run["cfg"].data.candidates
+    net, state = load_trained_model(root / MODEL)
+    snap = load_snapshot(root / CROPS)
+    good = snap.classes.index(tiny_run["cfg"].data.good_class)
+    by_path = {s["path"]: s for s in snap.samples}
+    parts = [load_split(snap, split) for split in ("train", "val", "test")]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    rows = [by_path[path] for p in parts for path in p[2]]
+    keep = np.flatnonzero(y != good)
+    x, y, rows = x[keep], y[keep], [rows[i] for i in keep]
+    with torch.no_grad():
+        pred = net(to_tensor(x)).argmax(1).numpy()
+    ok = np.flatnonzero(pred == y)
+    assert len(ok) >= 10, f"only {len(ok)} correctly classified defect crops; the tiny run is too weak to judge"
+    cams = grad_cam(net, model_family(str(state["model_name"])), to_tensor(x[ok]), y[ok].tolist())
+    inside = []
+    for i, cam in zip(ok, cams, strict=True):
+        py, px = np.unravel_index(int(cam.argmax()), cam.shape)
+        bx1, by1, bx2, by2 = _box_in_crop(rows[i]["box"], cand.crop_size, cand.context)
+        inside.append(bx1 - 1 <= px + 0.5 <= bx2 + 1 and by1 - 1 <= py + 0.5 <= by2 + 1)
+    print(f"Grad-CAM peak inside the defect box: {np.mean(inside):.3f} of {len(ok)} correctly classified defect crops")
+    assert np.mean(inside) >= 0.6, f"CAM peak inside the defect box for {np.mean(inside):.2f} of {len(ok)} crops"
