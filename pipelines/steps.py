@@ -8,6 +8,7 @@ configuration.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -50,6 +51,8 @@ REPORT = "report.html"
 MISSES = "eval/misses"
 REGISTRATION = "registry.json"
 ONNX = "export/model.onnx"
+ONNX_INT8 = "export/model.int8.onnx"
+INT8_REPORT = "export/int8.json"
 PARITY = "export/parity.json"
 ONNX_METRICS = "export/metrics.json"
 ONNX_GATES = "export/gates.json"
@@ -569,7 +572,26 @@ def export(ctx: StepContext, export: ExportConfig, data: DataConfig) -> dict[str
                           candidates=detector.get("candidates"), detector=detector,
                           extra={"run_id": ctx.run_id, "dataset_fingerprint": crops_meta.get("board_fingerprint", "")})
     export_onnx(net, ctx.path(ONNX), input_shape=(3, size, size), opset=export.opset, metadata=meta)
-    return {"onnx_path": str(ctx.path(ONNX)), "opset": export.opset, "bytes": ctx.path(ONNX).stat().st_size}
+    result: dict[str, Any] = {"onnx_path": str(ctx.path(ONNX)), "opset": export.opset,
+                              "bytes": ctx.path(ONNX).stat().st_size}
+    if export.int8.enabled:
+        result["int8"] = _export_int8(ctx, export)
+    return result
+
+
+def _export_int8(ctx: StepContext, export: ExportConfig) -> dict[str, Any]:
+    """Quantize the FP32 export to INT8, calibrated on a class-stratified sample of the training crops."""
+    from serving.quantize import calibration_sample, quantize_int8
+    from training.data import load_split, to_tensor
+
+    q = export.int8
+    x, y, _ = load_split(load_snapshot(ctx.path(CROPS)), "train")
+    idx = calibration_sample(y, q.calibration_samples, seed=0)
+    calibration = {"samples": len(idx), "method": q.method, "per_channel": q.per_channel}
+    quantize_int8(ctx.path(ONNX), ctx.path(ONNX_INT8), to_tensor(x[idx]).numpy(), per_channel=q.per_channel,
+                  method=q.method, extra_metadata={"defectops.precision": "int8",
+                                                   "defectops.int8_calibration": json.dumps(calibration)})
+    return {"path": str(ctx.path(ONNX_INT8)), "bytes": ctx.path(ONNX_INT8).stat().st_size, **calibration}
 
 
 def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
@@ -623,13 +645,65 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
         if registry.challenger_alias in reg.aliases_of(c, registry.model_name, version):
             c.delete_registered_model_alias(registry.model_name, registry.challenger_alias)
         raise StepError("exported model failed verification, challenger alias removed: " + "; ".join(problems))
+    int8 = None
+    if export.int8.enabled and ctx.path(ONNX_INT8).is_file():
+        int8 = _verify_int8(ctx, data, export, gates, detect, x, y, ref, crops.classes, champion)
+        for k, v in {"defectops.int8_published": str(int8["publish"]).lower(),
+                     "defectops.int8_macro_recall_drop": f"{int8['macro_recall_drop']:.6f}",
+                     "defectops.int8_refused": "; ".join(int8["reasons"]) or "none"}.items():
+            c.set_model_version_tag(registry.model_name, version, k, v[:5000])
+        c.log_artifact(rid, str(ctx.path(INT8_REPORT)), "onnx")
+        if int8["publish"]:
+            c.log_artifact(rid, str(ctx.path(ONNX_INT8)), "onnx")
+        else:
+            ctx.reporter.log("INT8 model not published: " + "; ".join(int8["reasons"]))
+    served = ctx.path(ONNX)
+    if export.serve == "int8":
+        if int8 and int8["publish"]:
+            served = ctx.path(ONNX_INT8)
+        else:
+            ctx.reporter.log("export.serve=int8 but the INT8 model was not verified: serving FP32")
     size = int(x.shape[1])
-    model_dir = write_repository(ctx.path(TRITON), registry.model_name, ctx.path(ONNX), crops.classes,
+    model_dir = write_repository(ctx.path(TRITON), registry.model_name, served, crops.classes,
                                  (3, size, size), export.triton, version=int(version))
-    result = {"parity": par.to_dict(), "onnx_macro_recall": metrics.macro_recall, "triton_model": str(model_dir)}
+    result = {"parity": par.to_dict(), "onnx_macro_recall": metrics.macro_recall, "triton_model": str(model_dir),
+              "served": "int8" if served == ctx.path(ONNX_INT8) else "fp32"}
+    if int8:
+        result["int8"] = {k: int8[k] for k in ("publish", "macro_recall", "macro_recall_drop", "top1_agreement",
+                                               "reasons")}
     if board and "test" in board:
         result["onnx_board"] = {k: board["test"][k] for k in ("map", "fscore", "images_per_s")}
     return result
+
+
+def _verify_int8(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig, detect: DetectConfig,
+                 x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray, classes: tuple[str, ...],
+                 champion: ClassificationMetrics | None) -> dict[str, Any]:
+    """Evaluate the INT8 model like the checkpoint (same crops, same gates, board-level too) and decide whether it may
+    be published (:func:`serving.quantize.int8_verdict`); writes ``export/int8.json``."""
+    from serving.onnx_export import onnx_logits, onnx_session, parity
+    from serving.quantize import int8_verdict
+    from training.data import to_tensor
+    from training.engine import softmax
+
+    session = onnx_session(ctx.path(ONNX_INT8))
+    logits = onnx_logits(session, to_tensor(x).numpy())
+    par = parity(ref_logits, logits)
+    metrics = classification_metrics(y, softmax(logits), classes, data.good_class)
+    board = None
+    if ctx.path(DETECTOR).is_file():
+        threshold = read_json(ctx.path(DETECTOR))["score_threshold"]
+        board = board_evaluation(ctx, data, detect, classes, lambda b: onnx_logits(session, b), threshold)
+    report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
+    reference = ClassificationMetrics.from_dict(read_json(ctx.path(METRICS)))
+    verdict = int8_verdict(reference.macro_recall, metrics.macro_recall, par.top1_agreement,
+                           [f"{g.name} ({g.detail})" for g in report.failed()], export.int8.max_macro_recall_drop)
+    out = {**verdict.to_dict(), "macro_recall": metrics.macro_recall, "reference_macro_recall": reference.macro_recall,
+           "parity": par.to_dict(), "metrics": metrics.to_dict(), "gates": report.to_dict()}
+    if board and "test" in board:
+        out["board"] = {k: board["test"][k] for k in ("map", "fscore", "images_per_s")}
+    write_json(ctx.path(INT8_REPORT), out)
+    return out
 
 
 STEP_FUNCTIONS = {f.__name__: f for f in (pull_data, validate_data, train, evaluate, register, export, verify_export)}
