@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: run test lint typecheck bench clean help
+.PHONY: run test lint typecheck bench clean help .venv-triton
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,10 +25,24 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install $(PIP_FLAGS) -c requirements.lock -e ".[test]"
 	touch $@
 
+# The real Triton Inference Server for the serving tests (tests/triton_backend/server.py): the tritonserver binary of
+# the nvidia-pytriton wheel, in a venv of its own because its python backend needs numpy<2. Exact pins, no project.
+TRITON_VENV := .venv-triton
+TRITON_REQS := tests/triton_backend/requirements.txt
+
+$(TRITON_VENV)/.installed: $(TRITON_REQS)
+	rm -rf $(TRITON_VENV)
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r $(TRITON_REQS)
+	$(TRITON_VENV)/bin/pip check $(PIP_FLAGS)
+	touch $@
+
+.venv-triton: $(TRITON_VENV)/.installed  ## the Triton server venv the serving tests start tritonserver from
+
 run: $(VENV)/.installed  ## train, gate, register and export on the embedded synthetic data (ARGS="key=value ...")
 	$(BIN)/defectops run $(ARGS)
 
-test: $(VENV)/.installed-test  ## run the whole test suite
+test: $(VENV)/.installed-test $(TRITON_VENV)/.installed  ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test  ## ruff and mypy
@@ -38,5 +52,5 @@ lint: $(VENV)/.installed-test  ## ruff and mypy
 bench: $(VENV)/.installed  ## wall time of each step of the default run
 	$(BIN)/python benchmarks/bench_run.py
 
-clean:  ## remove the venv and the default home
-	rm -rf $(VENV) defectops-home
+clean:  ## remove the venvs and the default home
+	rm -rf $(VENV) $(TRITON_VENV) defectops-home

@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from pipelines.cli_bench import bench_app
 from pipelines.cli_common import (
     EXIT_FAILURE,
     EXIT_GATES,
@@ -33,6 +34,7 @@ from pipelines.cli_data import data_app
 from pipelines.cli_predict import predict_app
 from pipelines.cli_registry import registry_app
 from pipelines.cli_review import review_app
+from pipelines.cli_serve import infer, serve_app
 
 app = typer.Typer(
     name="defectops", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
@@ -40,11 +42,14 @@ app = typer.Typer(
          "Exit codes: 0 ok, 1 a step failed, 2 usage/config error, 3 gates failed.",
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(predict_app, name="predict")
 app.add_typer(registry_app, name="registry")
 app.add_typer(review_app, name="review")
+app.add_typer(serve_app, name="serve")
+app.command("infer")(infer)
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,4 +122,45 @@ def review_registry(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) ->
 def review_server(review_registry: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewServer]:
     """``defectops review --insecure-cookies`` on a free loopback port, shared by the session's review tests."""
     with start_review_server(review_registry, tmp_path_factory.mktemp("review-server")) as server:
+        yield server
+
+
+# --- Triton: the real tritonserver (nvidia-pytriton wheel, CPU) serving the tiny run's model (tests/triton_backend/) --
+from triton_backend.server import TritonServer, triton_server  # noqa: E402
+
+# Dynamic batching window of the served model: long enough that requests fired together are batched on 2 busy cores
+TRITON_QUEUE_DELAY_US = 20000
+
+
+@pytest.fixture(scope="session")
+def triton_repository(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run's model (``defectops-aoi``) published with ``defectops serve publish --model <run root> --to
+    <folder>``."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    repo = tmp_path_factory.mktemp("triton-repo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
+        r = CliRunner().invoke(app, ["serve", "publish", "--model", str(tiny_run["root"]), "--to", str(repo),
+                                     "--max-queue-delay-us", str(TRITON_QUEUE_DELAY_US)])
+    if r.exit_code != 0:
+        pytest.fail(f"defectops serve publish failed ({r.exit_code}): {r.output}", pytrace=False)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(triton_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """``tritonserver`` on ``triton_repository`` (free loopback ports, own process group, killed at the end).
+
+    Its ``onnxruntime`` backend is the Python stand-in of tests/triton_backend/onnxruntime/model.py (the wheel has
+    no C++ onnxruntime backend): the repository is the production one, the backend is test support only. A server
+    that cannot start fails the tests that need it, with its log, rather than skipping them.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(triton_server(triton_repository, tmp_path_factory.mktemp("triton")))
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            pytest.fail(f"the Triton test server did not start: {e}", pytrace=False)
         yield server
