@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -68,3 +69,21 @@ def progress_bars() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
+
+
+def image_paths(inputs: list[Path], option: str = "") -> list[Path]:
+    """Image files named directly or found (recursively, hidden folders skipped) in folders; usage error if none."""
+    from training.importers import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise fail(f"{option + ' ' if option else ''}{p} does not exist", EXIT_USAGE)
+    if not paths:
+        raise fail(f"no images found in {option or 'the paths given'}", EXIT_USAGE)
+    return paths

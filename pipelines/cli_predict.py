@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
+from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths, progress_bars
 
 if TYPE_CHECKING:
     from serving.model_ref import ResolvedModel
@@ -88,20 +88,9 @@ def images(
     """Classify images with a folder-per-class model, preprocessed exactly as in training (same fit to square)."""
     from serving.predict import predict_images
     from training.images import ImageError
-    from training.importers import IMAGE_EXTENSIONS
 
     m = _resolve(model, tracking_uri)
-    paths: list[Path] = []
-    for p in input:
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise fail(f"--input {p} does not exist", EXIT_USAGE)
-    if not paths:
-        raise fail("no images found in --input", EXIT_USAGE)
+    paths = image_paths(list(input), "--input")
     try:
         with progress_bars() as progress:
             tid = progress.add_task("classifying", total=len(paths))

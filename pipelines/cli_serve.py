@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths
 from pipelines.cli_predict import ModelRef, TrackingUri, _resolve
 
 serve_app = typer.Typer(help="Publish models for Triton Inference Server.", no_args_is_help=True)
@@ -99,23 +99,6 @@ def publish(
                   f"{escape(result.dest)}: {result.uploaded} files written, {result.skipped} unchanged")
 
 
-def _image_paths(images: list[Path]) -> list[Path]:
-    from training.importers import IMAGE_EXTENSIONS
-
-    paths: list[Path] = []
-    for p in images:
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise fail(f"{p} does not exist", EXIT_USAGE)
-    if not paths:
-        raise fail("no images found in the paths given", EXIT_USAGE)
-    return paths
-
-
 def infer(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).",
                                                  show_default=False)],
@@ -143,7 +126,7 @@ def infer(
 
     if protocol not in PROTOCOLS:
         raise fail(f"--protocol {protocol!r}: use http or grpc", EXIT_USAGE)
-    paths = _image_paths(images)
+    paths = image_paths(images)
     try:
         with TritonClient(url, model, protocol, timeout=timeout) as client:
             probs, rows = [], []

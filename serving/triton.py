@@ -15,10 +15,8 @@ it), then ``labels.txt``, then ``config.pbtxt``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,20 +245,8 @@ def _publish_local(models: list[Path], dest: Path, progress: Callable[[str], Non
                     sum(1 for p in vt.rglob("*") if p.is_file()) == len(files):
                 skipped += len(files)
                 continue
-            tmp = Path(tempfile.mkdtemp(prefix=f".{v.name}.", suffix=".tmp", dir=target))
-            try:
+            with atomic_dir(vt) as tmp:  # replacing a published version: a brief gap for that version only
                 shutil.copytree(v, tmp, dirs_exist_ok=True)
-                if vt.exists():  # replacing a published version: a brief gap for that version only
-                    old = target / f".{v.name}.old"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(vt, old)
-                    os.replace(tmp, vt)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, vt)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             uploaded += len(files)
             if progress:
                 progress(str(vt))
