@@ -114,7 +114,10 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: AdamW + cosine schedule with warm-up, class-balanced sampling, checkpoints every epoch."""
+    """Optimisation: AdamW + cosine schedule with warm-up, class-balanced sampling, checkpoints every epoch.
+
+    ``nproc`` > 1 trains with DistributedDataParallel in that many processes (torchrun; one per GPU, or gloo on CPU).
+    """
 
     epochs: int = 10
     batch_size: int = 64
@@ -127,5 +130,6 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0
     device: str = "auto"
+    nproc: int = 1
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
