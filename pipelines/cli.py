@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from pipelines.cli_argo import register as register_argo_commands
 from pipelines.cli_bench import bench_app
 from pipelines.cli_common import (
     EXIT_FAILURE,
@@ -204,6 +205,9 @@ def ui(
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+register_argo_commands(app)  # compile, submit, status (pipelines/cli_argo.py)
 
 
 def main() -> None:
