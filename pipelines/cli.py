@@ -137,33 +137,62 @@ def _print_results(root: Path) -> None:
 def step(
     name: Annotated[str, typer.Argument(help="Step to run: pull_data, validate_data, train, evaluate, register, "
                                               "export, verify_export.")],
-    run_root: Annotated[Path, typer.Option("--run-root", help="The run's folder (created if missing).")],
+    run_root: Annotated[str, typer.Option("--run-root", help="The run's folder (created if missing), or "
+                                                             "s3://bucket/prefix: mirrored to $DEFECTOPS_HOME/"
+                                                             "remote-runs before the step and back after it.")],
     overrides: Overrides = None,
     force: Annotated[bool, typer.Option(help="Run even if the step already completed in this run root.")] = False,
 ) -> None:
     """Run one step of the DAG against a run root (what an Argo pod calls).
 
     The run root's config.yaml (written by its first step) is the configuration; overrides are only accepted when
-    the run root is new.
+    the run root is new. With an s3:// run root the step works on a local mirror: objects that are missing or differ
+    are downloaded first, and what changed is uploaded afterwards (step markers last), also when the step fails.
     """
     from pipelines.config import from_yaml, home_dir
     from pipelines.context import StepError
     from pipelines.dag import STEP_NAMES
+    from pipelines.remote_root import is_remote, local_mirror, pull_root, push_root
     from pipelines.runner import RunError, run_single
+    from training.remote import RemoteError
 
     if name not in STEP_NAMES:
         raise fail(f"unknown step {name!r}: choose one of {', '.join(STEP_NAMES)}", EXIT_USAGE)
-    cfg_file = run_root / "config.yaml"
-    reuse = cfg_file.is_file() and not overrides
-    cfg = from_yaml(cfg_file.read_text(encoding="utf-8")) if reuse else load(overrides)
-    with progress_bars() as progress:
+    home = home_dir()
+    remote = is_remote(run_root)
+    if remote:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise fail("an s3:// run root cannot be mirrored from inside torchrun: run `defectops step train "
+                       "--run-root s3://...` as one process (with train.nproc > 1 it starts torchrun itself)",
+                       EXIT_USAGE)
+        root = local_mirror(run_root, home)
         try:
-            outcome = run_single(name, cfg, run_root.resolve(), home=home_dir(), reporter=RichReporter(progress),
-                                 force=force)
-        except StepError as e:
-            raise fail(str(e), EXIT_USAGE) from None
-        except RunError as e:
-            raise fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
+            got = pull_root(run_root, root)
+        except RemoteError as e:
+            raise fail(str(e), EXIT_FAILURE) from None
+        console.print(f"run root {escape(run_root)} mirrored to {root} ({got.transferred} files fetched, "
+                      f"{got.skipped} up to date)")
+    else:
+        root = Path(run_root)
+    try:
+        cfg_file = root / "config.yaml"
+        reuse = cfg_file.is_file() and not overrides
+        cfg = from_yaml(cfg_file.read_text(encoding="utf-8")) if reuse else load(overrides)
+        with progress_bars() as progress:
+            try:
+                outcome = run_single(name, cfg, root.resolve(), home=home, reporter=RichReporter(progress),
+                                     force=force)
+            except StepError as e:
+                raise fail(str(e), EXIT_USAGE) from None
+            except RunError as e:
+                raise fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
+    finally:
+        if remote and root.is_dir():
+            try:
+                sent = push_root(root, run_root)
+            except RemoteError as e:
+                raise fail(f"step {name} ran but its outputs could not be uploaded: {e}", EXIT_FAILURE) from None
+            console.print(f"run root {escape(run_root)} updated ({sent.transferred} files uploaded)")
     console.print(f"[green]✓ {name}[/] {outcome.status} ({outcome.seconds:.1f} s)")
 
 
