@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: run test lint typecheck bench clean help .venv-triton
+.PHONY: run test lint typecheck bench clean help .venv-triton .venv-checkov
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,10 +39,23 @@ $(TRITON_VENV)/.installed: $(TRITON_REQS)
 
 .venv-triton: $(TRITON_VENV)/.installed  ## the Triton server venv the serving tests start tritonserver from
 
+# checkov for the Terraform tests (tests/test_terraform.py): a venv of its own because checkov pins an old boto3.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_REQS := terraform/ci/checkov-requirements.txt
+
+$(CHECKOV_VENV)/.installed: $(CHECKOV_REQS)
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r $(CHECKOV_REQS)
+	$(CHECKOV_VENV)/bin/pip check $(PIP_FLAGS)
+	touch $@
+
+.venv-checkov: $(CHECKOV_VENV)/.installed  ## the checkov venv the Terraform tests scan terraform/ with
+
 run: $(VENV)/.installed  ## train, gate, register and export on the embedded synthetic data (ARGS="key=value ...")
 	$(BIN)/defectops run $(ARGS)
 
-test: $(VENV)/.installed-test $(TRITON_VENV)/.installed  ## run the whole test suite
+test: $(VENV)/.installed-test $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test  ## ruff and mypy
@@ -53,4 +66,4 @@ bench: $(VENV)/.installed  ## wall time of each step of the default run
 	$(BIN)/python benchmarks/bench_run.py
 
 clean:  ## remove the venvs and the default home
-	rm -rf $(VENV) $(TRITON_VENV) defectops-home
+	rm -rf $(VENV) $(TRITON_VENV) $(CHECKOV_VENV) defectops-home
