@@ -3,11 +3,16 @@
 A step that completes writes ``steps/<name>.json`` (its result) atomically; a rerun skips completed steps, so a
 killed run continues where it stopped (training resumes from its newest checkpoint). The first failure stops the run
 with the step's name and cause. ``summary.json`` is written at the end of every run that reaches ``register``.
+
+Under torchrun (a distributed train step) only rank 0 writes step markers. ``python -m pipelines.runner <step>
+--run-root R --home H`` is the per-process entry point the train step starts under torchrun when ``train.nproc`` > 1.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +23,7 @@ from pipelines.config import DefectOpsConfig, config_hash, home_dir, run_id, to_
 from pipelines.context import GateFailure, Reporter, StepContext, StepError
 from pipelines.dag import DAG, Step, get_step
 from pipelines.fsutil import read_json, write_json, write_text
+from training.distributed import env_info
 
 SUMMARY = "summary.json"
 
@@ -88,8 +94,9 @@ def run_step(step: Step, ctx: StepContext, cfg: DefectOpsConfig, *, force: bool 
     except (StepError, FileNotFoundError, ValueError) as e:
         raise RunError(step.name, str(e)) from e
     seconds = time.perf_counter() - t0
-    write_json(m, {"step": step.name, "seconds": seconds, "result": result,
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if env_info().is_main:  # under torchrun, rank 0 alone records the step
+        write_json(m, {"step": step.name, "seconds": seconds, "result": result,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return StepOutcome(step.name, "done", seconds, result)
 
 
@@ -168,3 +175,71 @@ def run_single(name: str, cfg: DefectOpsConfig, root: Path, *, home: Path | None
     if name == DAG[-1].name:
         write_summary(ctx, cfg)
     return outcome
+
+
+class _WorkerReporter(Reporter):
+    """Rank 0's reporter in a worker started by the train step: progress and log lines for the launching process."""
+
+    def __init__(self, flush_s: float = 0.5) -> None:
+        self.pending = 0
+        self.last = time.monotonic()
+        self.flush_s = flush_s
+
+    def _emit(self, obj: dict[str, Any]) -> None:
+        print(S.WORKER_PREFIX + json.dumps(obj), flush=True)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._emit({"advance": self.pending})
+            self.pending = 0
+        self.last = time.monotonic()
+
+    def task(self, description: str, total: int | None) -> Any:
+        def advance(n: int) -> None:
+            self.pending += n
+            if time.monotonic() - self.last >= self.flush_s:
+                self.flush()
+        return advance
+
+    def log(self, message: str) -> None:
+        self.flush()
+        self._emit({"log": message})
+
+    def error(self, message: str) -> None:
+        self.flush()
+        self._emit({"error": message})
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """One process of a distributed step (started by the train step under torchrun): run ``step`` against the run
+    root with its pinned config.yaml. Rank 0 reports progress, epochs and errors on stdout for the launcher."""
+    import argparse
+    import traceback
+
+    from pipelines.config import from_yaml
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.runner", description=worker_main.__doc__)
+    p.add_argument("step")
+    p.add_argument("--run-root", type=Path, required=True)
+    p.add_argument("--home", type=Path, required=True)
+    args = p.parse_args(argv)
+    out = _WorkerReporter() if env_info().is_main else None
+    try:
+        cfg = from_yaml((args.run_root / "config.yaml").read_text(encoding="utf-8"))
+        run_single(args.step, cfg, args.run_root, home=args.home, reporter=out or Reporter(), force=True)
+    except RunError as e:
+        if out:
+            out.error(str(e.__cause__ or e))
+        return 3 if e.gate_failure else 1
+    except Exception as e:
+        traceback.print_exc()
+        if out:
+            out.error(f"{type(e).__name__}: {e}")
+        return 1
+    if out:
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

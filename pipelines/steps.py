@@ -214,23 +214,50 @@ def _mlflow_run(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, str]:
 
 def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
           seed: int) -> dict[str, Any]:
-    """Train the crop classifier with checkpoints every epoch; a rerun resumes from the newest checkpoint."""
+    """Train the crop classifier with checkpoints every epoch; a rerun resumes from the newest checkpoint.
+
+    ``train.nproc`` > 1 trains with DistributedDataParallel. Outside torchrun this step starts
+    ``torchrun --standalone --nproc_per_node=<nproc>`` of its own worker (``python -m pipelines.runner train``) and
+    returns rank 0's result; under torchrun (``RANK``/``WORLD_SIZE`` set, e.g. ``torchrun ... defectops step train``)
+    each process joins the group. Only rank 0 writes checkpoints, ``model.pt``, the MLflow run and the step marker.
+    """
+    from training import distributed
+
+    if train.nproc > 1 and not distributed.launched_by_torchrun():
+        return _train_with_torchrun(ctx, model, train)
+    owned = not distributed.is_initialized()
+    distributed.init_from_env(train.device)
+    try:
+        return _train(ctx, data, model, train, registry, seed)
+    finally:
+        if owned:
+            distributed.cleanup()
+
+
+def _train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
+           seed: int) -> dict[str, Any]:
     import torch
 
     from registry import mlflow_registry as reg
+    from training import distributed
     from training.data import class_counts, load_split
     from training.trainer import CheckpointError, fit
 
+    main, world = distributed.rank() == 0, distributed.world_size()
     crops = load_snapshot(ctx.path(CROPS))
     x_train, y_train, _ = load_split(crops, "train")
     x_val, y_val, _ = load_split(crops, "val")
-    c, rid = _mlflow_run(ctx, registry)
-    reg.log_params(c, rid, {"model": model.name, "epochs": train.epochs, "batch_size": train.batch_size,
-                            "lr": train.lr, "sampler": train.sampler, "loss": train.loss.name,
-                            "gamma": train.loss.gamma, "seed": seed, "train_samples": len(y_train),
-                            "dataset_fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint})
+    c: Any = None
+    rid = ""
+    if main:
+        c, rid = _mlflow_run(ctx, registry)
+        reg.log_params(c, rid, {"model": model.name, "epochs": train.epochs, "batch_size": train.batch_size,
+                                "lr": train.lr, "sampler": train.sampler, "loss": train.loss.name,
+                                "gamma": train.loss.gamma, "seed": seed, "train_samples": len(y_train),
+                                "nproc": world, "dataset_fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint})
     per_epoch = len(y_train) // train.batch_size * train.batch_size if len(y_train) > train.batch_size else len(y_train)
-    advance = ctx.reporter.task(f"training {model.name}", train.epochs * per_epoch)
+    advance = ctx.reporter.task(f"training {model.name}" + (f" on {world} processes" if world > 1 else ""),
+                                train.epochs * per_epoch) if main else (lambda n: None)
 
     def on_epoch(epoch: int, stats: dict[str, float]) -> None:
         for k, v in stats.items():
@@ -241,9 +268,12 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
 
     try:
         result = fit(x_train, y_train, crops.classes, model, train, ctx.path(CHECKPOINTS), seed=seed,
-                     val=(x_val, y_val), on_epoch=on_epoch, on_batch=advance)
+                     val=(x_val, y_val), on_epoch=on_epoch, on_batch=advance if world == 1 else
+                     (lambda n: advance(n * world)))
     except CheckpointError as e:
         raise StepError(str(e)) from None
+    if not main:
+        return {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "rank": distributed.rank()}
     if result.resumed_from:
         advance(result.resumed_from * per_epoch)
     with atomic_path(ctx.path(MODEL)) as tmp:
@@ -251,8 +281,77 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
         for k in ("optimizer", "scheduler"):
             state.pop(k, None)
         torch.save(state, tmp)
-    return {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
-            "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
+    out = {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
+           "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
+    if world > 1:
+        out["nproc"] = world
+    return out
+
+
+WORKER_PREFIX = "defectops-worker:"
+"""Lines a distributed step's rank 0 prints for the launching process: ``<prefix>{"log"|"advance"|"error": ...}``."""
+
+
+def _train_with_torchrun(ctx: StepContext, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+    """Run the train step in ``train.nproc`` processes under ``torchrun --standalone`` and return rank 0's result.
+
+    Rank 0's progress and epoch lines are forwarded to this step's reporter; a failure becomes a :class:`StepError`
+    with rank 0's message. The workers end with this process (and with torchrun, even on SIGKILL).
+    """
+    import os
+    import sys
+    from collections import deque
+
+    import torch
+
+    n = train.nproc
+    if resolve_device(train.device).type == "cuda" and n > torch.cuda.device_count():
+        raise StepError(f"train.nproc={n} but only {torch.cuda.device_count()} GPU(s) are visible: set train.nproc to "
+                        f"at most that, or train.device=cpu")
+    if train.batch_size % n:
+        raise StepError(f"train.batch_size={train.batch_size} does not split evenly over train.nproc={n} processes: "
+                        f"use a multiple of {n} (the global batch stays train.batch_size)")
+    marker = ctx.root / "steps" / "train.json"  # rank 0 records its result there (pipelines.runner.run_step)
+    before = marker.stat().st_mtime_ns if marker.is_file() else None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "pipelines.runner", "train", "--run-root", str(ctx.root), "--home", str(ctx.home)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    n_train = sum(1 for x in load_snapshot(ctx.path(CROPS)).samples if x["split"] == "train")
+    per_epoch = n_train // train.batch_size * train.batch_size if n_train > train.batch_size else n_train
+    advance = ctx.reporter.task(f"training {model.name} on {n} processes (torchrun)", train.epochs * per_epoch)
+    tail: deque[str] = deque(maxlen=40)
+    error = None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line[len(WORKER_PREFIX):]) if line.startswith(WORKER_PREFIX) else None
+            except json.JSONDecodeError:  # a line garbled by another process's output
+                msg = None
+            if not isinstance(msg, dict):
+                tail.append(line.rstrip())
+                continue
+            if "advance" in msg:
+                advance(int(msg["advance"]))
+            elif "log" in msg:
+                ctx.reporter.log(msg["log"])
+            elif "error" in msg:
+                error = msg["error"]
+        code = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun stops its workers on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code != 0 or not marker.is_file() or marker.stat().st_mtime_ns == before:
+        detail = error or " | ".join(x for x in list(tail)[-8:] if x.strip()) or f"exit code {code}"
+        raise StepError(f"distributed training ({n} processes) failed: {detail}")
+    return dict(read_json(marker)["result"])
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate

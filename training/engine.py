@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from training import distributed
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite; training stops rather than corrupting the weights."""
@@ -19,15 +21,22 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int, *,
                     max_grad_norm: float | None = None,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns mean loss, accuracy and the last learning rate."""
+    """Train for one pass over ``loader``; returns mean loss, accuracy and the last learning rate.
+
+    Under DDP (a process group is initialised) the loss is checked for finiteness across all ranks at every step, so
+    a NaN on any rank stops every rank before the gradient all-reduce, and the returned statistics are over the
+    global batch (summed over ranks).
+    """
     model.train()
+    world = distributed.world_size()
     total_loss, correct, seen = 0.0, 0, 0
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = criterion(logits, y)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} step {step}: lower train.lr or check "
+        value = loss.item() if world == 1 else distributed.all_reduce_sum([loss.item()])[0] / world
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step}: lower train.lr or check "
                                      f"the data for broken samples")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -41,6 +50,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         seen += n
         if on_batch:
             on_batch(n)
+    if world > 1:
+        total_loss, summed_correct, summed_seen = distributed.all_reduce_sum([total_loss, correct, seen])
+        correct, seen = int(summed_correct), int(summed_seen)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
             "lr": float(optimizer.param_groups[0]["lr"])}
 

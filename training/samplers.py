@@ -2,10 +2,15 @@
 
 Modes: ``none`` (uniform), ``inverse_frequency`` (each class drawn equally often in expectation) and
 ``effective_number`` (Cui et al., 2019: weight ``(1 - beta) / (1 - beta ** n_c)``, between the two).
+
+Under DDP, :class:`DistributedBalancedSampler` gives each rank a strided shard of the very draw a single process makes
+for the epoch, so the union over ranks is the single-process epoch and, with a per-rank batch of
+``batch_size / world_size``, global batch ``k`` holds the same samples as the single-process batch ``k``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -63,3 +68,33 @@ class BalancedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class DistributedBalancedSampler(BalancedSampler):
+    """Rank ``rank``'s shard of :class:`BalancedSampler`'s draw for the epoch (DDP).
+
+    Every rank draws the same seeded weighted sample for ``(seed, epoch)`` and keeps positions ``rank, rank + W,
+    rank + 2W ...`` (``W = num_replicas``). Shards are equally long: with ``drop_last`` the draw is cut to a multiple
+    of ``W``, otherwise it is padded by wrapping around (as ``torch.utils.data.DistributedSampler`` does). The
+    union of the shards is therefore the single-process draw (its prefix with ``drop_last``; plus the padding without).
+    """
+
+    def __init__(self, labels: np.ndarray, num_classes: int, mode: str, *, num_replicas: int, rank: int,
+                 beta: float = 0.999, seed: int = 0, num_samples: int | None = None, drop_last: bool = False) -> None:
+        super().__init__(labels, num_classes, mode, beta=beta, seed=seed, num_samples=num_samples)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        n = self.num_samples
+        self.total_size = (n // num_replicas if drop_last else math.ceil(n / num_replicas)) * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        draw = list(super().__iter__())
+        if len(draw) < self.total_size and draw:
+            draw += (draw * math.ceil(self.total_size / len(draw)))[:self.total_size - len(draw)]
+        yield from draw[self.rank:self.total_size:self.num_replicas]
+
+    def __len__(self) -> int:
+        return self.total_size // self.num_replicas

@@ -3,6 +3,15 @@
 A checkpoint is written atomically after every epoch (model, optimizer, scheduler, epoch, history). Rerunning with
 the same arguments resumes from the newest checkpoint and reproduces an uninterrupted run exactly on CPU: the sampler
 and the augmentation are seeded by (seed, epoch), never by state carried across epochs.
+
+Under torchrun (a process group initialised by :func:`training.distributed.init_from_env`) the same function trains
+with DistributedDataParallel: the global batch (``train.batch_size``) and the learning-rate schedule stay those of one
+process, each rank taking ``batch_size / world_size`` samples of the same class-balanced draw
+(:class:`~training.samplers.DistributedBalancedSampler`) with its own augmentation stream. BatchNorm is synchronised
+on CUDA (SyncBatchNorm); on CPU (gloo has none) it normalises per rank, and on both the running statistics are
+averaged over ranks after every epoch. Rank 0 alone writes checkpoints (the format of one process, so a run may
+resume with another ``nproc``) and calls ``on_epoch``; every rank resumes from the checkpoint rank 0 loaded and
+broadcast, and validation is sharded over ranks and summed.
 """
 
 from __future__ import annotations
@@ -12,19 +21,20 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from pipelines.fsutil import atomic_path
+from training import distributed
 from training.config import ModelConfig, TrainConfig
 from training.data import CropDataset, build_augment, to_tensor
 from training.engine import predict_logits, train_one_epoch
 from training.losses import create_loss
 from training.models import DefectClassifier, create_model
-from training.samplers import BalancedSampler
+from training.samplers import BalancedSampler, DistributedBalancedSampler
 
 CKPT_RE = re.compile(r"^epoch-(\d{3})\.pt$")
 KEEP_CHECKPOINTS = 2
@@ -82,16 +92,29 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
         cfg: TrainConfig, ckpt_dir: Path, *, seed: int, val: tuple[np.ndarray, np.ndarray] | None = None,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         on_batch: Callable[[int], None] | None = None) -> FitResult:
-    """Train ``model_cfg`` on crops, checkpointing into ``ckpt_dir``; resumes from the newest checkpoint there."""
+    """Train ``model_cfg`` on crops, checkpointing into ``ckpt_dir``; resumes from the newest checkpoint there.
+
+    With an initialised process group this is one rank of a DDP run (see the module docstring): ``on_epoch`` is called
+    on rank 0 only, ``on_batch`` with this rank's share of each batch; the history is the same on every rank.
+    """
     if len(train_labels) == 0:
         raise ValueError("the training split has no samples: add boards or lower data.split.val/test")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    world, rank = distributed.world_size(), distributed.rank()
     device = resolve_device(cfg.device)
+    if world > 1:
+        if cfg.batch_size % world:
+            raise ValueError(f"train.batch_size={cfg.batch_size} does not split evenly over {world} processes: use "
+                             f"a multiple of train.nproc (the global batch stays train.batch_size)")
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(seed)
     num_classes = len(classes)
     img_size = int(train_images.shape[1])
     model = build_model(model_cfg, num_classes, img_size, int(train_images.shape[3])).to(device)
+    if world > 1 and device.type == "cuda":
+        model = sync_batchnorm(model)
     counts = np.bincount(train_labels, minlength=num_classes)
     criterion = create_loss(cfg.loss.name, gamma=cfg.loss.gamma, alpha=cfg.loss.alpha,
                             label_smoothing=cfg.loss.label_smoothing).to(device)
@@ -100,43 +123,105 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_with_warmup(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
     dataset = CropDataset(train_images, train_labels, build_augment(cfg.augment))
-    sampler = BalancedSampler(train_labels, num_classes, cfg.sampler, beta=cfg.sampler_beta, seed=seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        drop_last=len(train_labels) > cfg.batch_size)
+    drop_last = len(train_labels) > cfg.batch_size
+    sampler: BalancedSampler
+    if world == 1:
+        sampler = BalancedSampler(train_labels, num_classes, cfg.sampler, beta=cfg.sampler_beta, seed=seed)
+    else:
+        sampler = DistributedBalancedSampler(train_labels, num_classes, cfg.sampler, beta=cfg.sampler_beta, seed=seed,
+                                             num_replicas=world, rank=rank, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.num_workers,
+                        drop_last=drop_last)
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    existing = checkpoints(ckpt_dir)
-    if existing:
-        state = load_checkpoint(existing[-1])
-        if list(state.get("classes", [])) != list(classes):
-            raise CheckpointError(f"checkpoint {existing[-1]} was trained on classes {state.get('classes')}, not "
-                                  f"{list(classes)}: delete {ckpt_dir} to start over")
+    state = _resume_state(ckpt_dir, classes) if world == 1 else _broadcast_resume_state(ckpt_dir, classes)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = list(state["history"])
         start = int(state["epoch"])
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
     val_x = to_tensor(val[0]) if val is not None and len(val[1]) else None
     for epoch in range(start, cfg.epochs):
-        torch.manual_seed(seed * 1_000_003 + epoch)
+        epoch_seed = seed * 1_000_003 + epoch
+        if world > 1:  # each rank its own augmentation (and dropout) stream, still a function of (seed, epoch)
+            epoch_seed = (epoch_seed * 1_009 + rank) % (2**63 - 1)
+        torch.manual_seed(epoch_seed)
         sampler.set_epoch(epoch)
-        dataset.set_epoch(seed * 1_000_003 + epoch)
-        stats = train_one_epoch(model, loader, criterion, optimizer, scheduler, device, epoch,
+        dataset.set_epoch(epoch_seed)
+        stats = train_one_epoch(net, loader, criterion, optimizer, scheduler, device, epoch,
                                 max_grad_norm=cfg.max_grad_norm, on_batch=on_batch)
         stats["epoch"] = epoch + 1
+        distributed.average_buffers(model)  # DDP: BatchNorm statistics averaged, every rank holds the same model
         if val_x is not None and val is not None:
-            pred = predict_logits(model, val_x, device).argmax(1)
-            stats["val_accuracy"] = float((pred == val[1]).mean())
+            if world == 1:
+                pred = predict_logits(model, val_x, device).argmax(1)
+                stats["val_accuracy"] = float((pred == val[1]).mean())
+            else:
+                stats["val_accuracy"] = _sharded_accuracy(model, val_x, val[1], device, rank, world)
         history.append(stats)
-        save_checkpoint(ckpt_dir / f"epoch-{epoch + 1:03d}.pt", model, optimizer, scheduler, epoch + 1, history,
-                        classes, model_cfg, img_size, counts)
-        for old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
-        if on_epoch:
-            on_epoch(epoch + 1, stats)
-    final = checkpoints(ckpt_dir)[-1]
+        if rank == 0:
+            save_checkpoint(ckpt_dir / f"epoch-{epoch + 1:03d}.pt", model, optimizer, scheduler, epoch + 1, history,
+                            classes, model_cfg, img_size, counts)
+            for old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+                old.unlink(missing_ok=True)
+            if on_epoch:
+                on_epoch(epoch + 1, stats)
+    if world == 1:
+        final = checkpoints(ckpt_dir)[-1]
+    else:
+        distributed.barrier()  # rank 0 has written the last checkpoint
+        final = ckpt_dir / f"epoch-{max(start, cfg.epochs):03d}.pt"
     return FitResult(model.cpu().eval(), history, start, final)
+
+
+def sync_batchnorm(model: DefectClassifier) -> DefectClassifier:
+    """BatchNorm layers as SyncBatchNorm (timm's converter: it keeps the activation of timm's ``BatchNormAct2d``,
+    which ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would drop); same parameters and state-dict keys."""
+    from timm.layers import convert_sync_batchnorm
+
+    return cast(DefectClassifier, convert_sync_batchnorm(model))
+
+
+def _resume_state(ckpt_dir: Path, classes: Sequence[str]) -> dict[str, Any] | None:
+    """The newest checkpoint in ``ckpt_dir`` (None if there is none), refused if it was trained on other classes."""
+    existing = checkpoints(ckpt_dir)
+    if not existing:
+        return None
+    state = load_checkpoint(existing[-1])
+    if list(state.get("classes", [])) != list(classes):
+        raise CheckpointError(f"checkpoint {existing[-1]} was trained on classes {state.get('classes')}, not "
+                              f"{list(classes)}: delete {ckpt_dir} to start over")
+    return state
+
+
+def _broadcast_resume_state(ckpt_dir: Path, classes: Sequence[str]) -> dict[str, Any] | None:
+    """Rank 0 loads the newest checkpoint and sends it to every rank (no shared filesystem needed); a checkpoint
+    error is raised on every rank, so none is left waiting."""
+    payload: tuple[str, Any] = ("none", None)
+    if distributed.rank() == 0:
+        try:
+            payload = ("ok", _resume_state(ckpt_dir, classes))
+        except CheckpointError as e:
+            payload = ("error", str(e))
+    kind, value = distributed.broadcast_object(payload)
+    if kind == "error":
+        raise CheckpointError(value)
+    return cast("dict[str, Any] | None", value)
+
+
+def _sharded_accuracy(model: torch.nn.Module, val_x: torch.Tensor, val_y: np.ndarray, device: torch.device,
+                      rank: int, world: int) -> float:
+    """Validation accuracy with each rank predicting every ``world``-th sample, summed over ranks."""
+    xs, ys = val_x[rank::world], val_y[rank::world]
+    correct = int((predict_logits(model, xs, device).argmax(1) == ys).sum()) if len(ys) else 0
+    total_correct, total = distributed.all_reduce_sum([correct, len(ys)])
+    return total_correct / total if total else 0.0
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
