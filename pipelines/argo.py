@@ -13,7 +13,8 @@ Shape of the template (every choice is tested in ``tests/test_argo.py``):
 * ``train`` asks for ``train.nproc`` GPUs (``nvidia.com/gpu`` request = limit) on the GPU node pool (node selector
   ``nvidia.com/gpu.present=true``, toleration for the taint ``nvidia.com/gpu=true:NoSchedule``, the Terraform
   convention), with a priority class and a memory-backed ``/dev/shm`` for data-loader workers. With ``nproc`` > 1
-  it runs under ``torchrun --standalone --nproc_per_node=<nproc>`` in that one pod.
+  the step itself starts ``torchrun --standalone --nproc_per_node=<nproc>`` in that one pod (after mirroring the
+  s3:// run root, which a process under torchrun may not do).
 * retries only for infrastructure failures (see :data:`RETRY_EXPRESSION`); exit codes 1 (the step failed), 2
   (usage/config) and 3 (gates failed) are final; OOM kills are final too (a retry would fail the same way).
 * an exit handler prints one clear line per failed step (``defectops argo-report``), naming a gate failure as such.
@@ -203,10 +204,8 @@ def _resources(step: str, gpus: int) -> dict[str, dict[str, str]]:
 
 def _step_command(step: Step, s: ArgoSettings, *, first: bool) -> tuple[list[str], list[str]]:
     args = ["step", step.name, "--run-root", RUN_ROOT]
-    if step.name in GPU_STEPS and s.nproc > 1:
-        # One pod, N GPUs: torchrun starts N workers of the same CLI (it sets RANK/LOCAL_RANK/WORLD_SIZE).
-        return ["torchrun"], ["--standalone", "--nnodes=1", f"--nproc_per_node={s.nproc}", "--no-python",
-                              "defectops", *args]
+    # train with nproc > 1 needs no wrapper: the step mirrors the s3:// run root once, then starts
+    # `torchrun --standalone --nproc_per_node=<train.nproc>` itself (one pod, N GPUs, one process per GPU).
     if first:
         # The overrides parameter is one string: the shell splits it into arguments (globbing off, no eval).
         script = ('set -f; exec defectops step "$0" --run-root "$1" '
