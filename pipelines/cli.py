@@ -32,6 +32,7 @@ from pipelines.cli_common import (
     progress_bars,
 )
 from pipelines.cli_data import data_app
+from pipelines.cli_drift import drift_app
 from pipelines.cli_predict import predict_app
 from pipelines.cli_registry import registry_app
 from pipelines.cli_review import review_app
@@ -46,6 +47,7 @@ config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_
 app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(drift_app, name="drift")
 app.add_typer(predict_app, name="predict")
 app.add_typer(registry_app, name="registry")
 app.add_typer(review_app, name="review")

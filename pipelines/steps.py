@@ -617,6 +617,8 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
         c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
     c.log_artifacts(rid, str(_review_evidence(ctx)), "evidence")
     c.log_artifacts(rid, str(model_dir), "model")
+    from pipelines.drift_steps import write_reference_profile  # the drift reference profile (docs/drift.md)
+    c.log_artifacts(rid, str(write_reference_profile(ctx)), "drift")
     metrics = read_json(ctx.path(METRICS))
     for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
         if metrics.get(k) is not None:

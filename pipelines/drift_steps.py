@@ -1,0 +1,265 @@
+"""Drift glue between the pipeline, the registry and ``defectops drift check`` (pure tests: ``evaluation.drift``).
+
+* :func:`write_reference_profile`: called by the register step; profiles the held-out (val + test) crops with the
+  trained model into ``drift/reference.{npz,json}`` of the run root, logged under ``drift/`` of the version's run.
+* :func:`load_checked_model`: a ``models:/name@alias`` / ``models:/name/<version>`` reference or a run root ->
+  the PyTorch model (the version's ``model`` artifact: the ONNX export only outputs logits, and the embeddings need
+  the penultimate layer) and its reference profile.
+* :func:`load_batch`: a folder of images (crops for AOI models) or ``s3://bucket/prefix`` -> uint8 pixels
+  preprocessed exactly as the model was trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.drift import Profile
+from evaluation.drift_profile import REFERENCE_JSON, load_profile, profile_from_images, reduce_reference, save_profile
+
+DRIFT = "drift"
+TRIGGER_REPORT = "trigger/drift-report.json"  # a drift report that started this run (uploaded by --submit-retrain)
+MAX_BATCH_DEFAULT = 5000
+
+
+class DriftUsageError(ValueError):
+    """Bad input to the check (exit code 2)."""
+
+
+class DriftFailure(RuntimeError):
+    """The check could not be carried out (exit code 1)."""
+
+
+# --------------------------------------------------------------------------------------------------- register step
+def write_reference_profile(ctx: Any) -> Path:
+    """``drift/`` of the run root with the reference profile (computed once; a rerun reuses it)."""
+    from pipelines.config import from_yaml
+    from pipelines.fsutil import read_json
+    from pipelines.steps import CROPS, MODEL, SNAPSHOT, _has_boards
+    from training.data import load_split
+    from training.snapshot import load_snapshot
+    from training.trainer import load_trained_model
+
+    out = ctx.path(DRIFT)
+    if not (out / REFERENCE_JSON).is_file():
+        crops = load_snapshot(ctx.path(CROPS))
+        parts = [load_split(crops, sp) for sp in ("val", "test")]
+        parts = [p for p in parts if len(p[1])]
+        if not parts:
+            raise ValueError("no held-out crops to profile")
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        net, state = load_trained_model(ctx.path(MODEL))
+        task = "aoi" if _has_boards(ctx) else "folder"
+        profile = reduce_reference(profile_from_images(net, images, crops.classes, task, labels=labels))
+        cfg = from_yaml(ctx.path("config.yaml").read_text(encoding="utf-8"))
+        meta_file = ctx.path(CROPS) / "snapshot.json"
+        fit = (read_json(meta_file).get("fit") or {}) if meta_file.is_file() else {}
+        save_profile(out, profile, {
+            "run_id": ctx.run_id, "model_name": str(state.get("model_name")), "task": task,
+            "good_class": cfg.data.good_class, "input_size": int(state["img_size"]),
+            "fit_mode": fit.get("mode", cfg.data.fit_mode), "splits": ["val", "test"],
+            "dataset_fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint,
+            "crops_fingerprint": crops.fingerprint,
+            "data": {"source": cfg.data.source, "root": cfg.data.root or ""}})
+    trigger = ctx.path(TRIGGER_REPORT)
+    if trigger.is_file():  # this run was started by a drift check: keep its report with the profile
+        shutil.copyfile(trigger, out / "trigger-report.json")
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------------- model
+@dataclass
+class CheckedModel:
+    net: Any
+    reference: Profile
+    meta: dict[str, Any]
+    source: str
+    version: dict[str, str] = field(default_factory=dict)  # name, version, run_id, dataset fingerprint
+
+
+def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> CheckedModel:
+    """The model and reference profile behind ``ref`` (``models:/...`` or a run root)."""
+    from serving.model_ref import _MODELS_URI
+
+    m = _MODELS_URI.match(ref)
+    if m:
+        return _from_registry(m.group("name"), m.group("alias"), m.group("version"), tracking_uri, cache_dir, ref)
+    if ref.startswith("models:/"):
+        raise DriftUsageError(f"bad registry reference {ref!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+    root = Path(ref).expanduser()
+    if not root.is_dir():
+        raise DriftUsageError(f"--model {ref!r} is neither models:/name@alias nor a run root")
+    from training.trainer import load_trained_model
+
+    try:
+        reference, meta = load_profile(root / DRIFT)
+    except FileNotFoundError:
+        raise DriftUsageError(f"run root {root} has no {DRIFT}/{REFERENCE_JSON}: run its register step (it writes "
+                              f"the reference profile)") from None
+    except ValueError as e:
+        raise DriftFailure(str(e)) from None
+    net, _ = load_trained_model(root / "train" / "model.pt")
+    return CheckedModel(net, reference, meta, str(root), {"run_root": str(root)})
+
+
+def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
+                   ref: str) -> CheckedModel:
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from registry.mlflow_registry import client
+
+    c = client(tracking_uri)
+    try:
+        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise DriftUsageError(f"{ref} not found in the registry at {tracking_uri} ({e.error_code})") from None
+    if not mv.run_id:
+        raise DriftUsageError(f"{ref} (version {mv.version}) has no MLflow run")
+    registry_id = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+    dest = cache_dir / "drift" / registry_id / name / str(mv.version)
+    try:
+        if not (dest / "reference" / REFERENCE_JSON).is_file():
+            from pipelines.fsutil import atomic_dir
+
+            with atomic_dir(dest) as tmp:
+                try:
+                    c.download_artifacts(mv.run_id, DRIFT, str(tmp))
+                except MlflowException:
+                    raise DriftUsageError(f"{ref} (version {mv.version}) has no drift reference profile (artifact "
+                                          f"{DRIFT}/ of its run): it was registered before drift profiles existed; "
+                                          f"retrain it or check a newer version") from None
+                (tmp / DRIFT).rename(tmp / "reference")
+                c.download_artifacts(mv.run_id, "model", str(tmp))
+        reference, meta = load_profile(dest / "reference")
+        net = mlflow.pytorch.load_model(str(dest / "model"), map_location="cpu")
+    except DriftUsageError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise DriftUsageError(f"{ref} (version {mv.version}): {e}") from None
+    except Exception as e:  # unreachable store, broken artifact: the check cannot run
+        raise DriftFailure(f"could not load {ref} (version {mv.version}): {type(e).__name__}: {str(e)[:200]}") \
+            from None
+    info = {"name": name, "version": str(mv.version), "run_id": str(mv.run_id),
+            "dataset_fingerprint": mv.tags.get("defectops.dataset_fingerprint", "")}
+    return CheckedModel(net, reference, meta, f"{ref} (version {mv.version})", info)
+
+
+# --------------------------------------------------------------------------------------------------- batch
+def _download_s3(uri: str, dest: Path, max_images: int) -> list[Path]:
+    from training.importers import IMAGE_EXTENSIONS
+    from training.remote import parse_s3_uri, s3_client
+
+    try:
+        bucket, prefix = parse_s3_uri(uri)
+    except ValueError as e:
+        raise DriftUsageError(str(e)) from None
+    s3 = s3_client()
+    keys: list[str] = []
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"
+                                                                 if prefix else ""):
+            keys += [o["Key"] for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in IMAGE_EXTENSIONS]
+    except Exception as e:
+        raise DriftFailure(f"cannot list {uri}: {type(e).__name__}: {str(e)[:200]}") from None
+    keys.sort()
+    if len(keys) > max_images:
+        keys = [keys[i] for i in np.sort(np.random.default_rng(0).choice(len(keys), max_images, replace=False))]
+    paths = []
+    for i, key in enumerate(keys):
+        p = dest / f"{i:06d}{Path(key).suffix.lower()}"
+        try:
+            s3.download_file(bucket, key, str(p))
+        except Exception as e:
+            raise DriftFailure(f"cannot download s3://{bucket}/{key}: {type(e).__name__}: {str(e)[:200]}") from None
+        paths.append(p)
+    return paths
+
+
+def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH_DEFAULT, seed: int = 0
+               ) -> tuple[np.ndarray, int]:
+    """uint8 (N, size, size, 3) pixels of the batch and how many images were found before sampling.
+
+    AOI models take crops as the candidate step writes them (RGB = tested, template, difference); other sizes are
+    resized. Folder-per-class models take any image, fitted to the square like in training.
+    """
+    from training.images import ImageError, square_image
+    from training.importers import IMAGE_EXTENSIONS
+
+    size = int(meta["input_size"])
+    mode = "resize" if meta.get("task") == "aoi" else str(meta.get("fit_mode", "letterbox"))
+    with tempfile.TemporaryDirectory(prefix="defectops-drift-") as tmp:
+        if source.startswith("s3://"):
+            paths = _download_s3(source, Path(tmp), max_images)
+            found = len(paths)
+        else:
+            root = Path(source).expanduser()
+            if not root.exists():
+                raise DriftUsageError(f"--images {source} does not exist")
+            paths = [root] if root.is_file() else sorted(
+                q for q in root.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in q.relative_to(root).parts))
+            found = len(paths)
+            if len(paths) > max_images:
+                paths = [paths[i] for i in np.sort(np.random.default_rng(seed).choice(len(paths), max_images,
+                                                                                      replace=False))]
+        if not paths:
+            raise DriftUsageError(f"no images found in {source}")
+        out = np.empty((len(paths), size, size, 3), np.uint8)
+        for k, p in enumerate(paths):
+            try:
+                out[k] = square_image(p, size, mode)
+            except ImageError as e:
+                raise DriftUsageError(str(e)) from None
+    return out, found
+
+
+def check(model: CheckedModel, images: np.ndarray, *, alpha: float, n_perm: int, seed: int,
+          min_psi: float) -> tuple[Any, Profile]:
+    """The drift report of ``images`` against the model's reference, and the batch profile."""
+    from evaluation.drift import compare
+
+    task = str(model.meta.get("task", "aoi"))
+    batch = profile_from_images(model.net, images, model.reference.classes, task)
+    return compare(model.reference, batch, alpha=alpha, n_perm=n_perm, seed=seed, min_psi=min_psi), batch
+
+
+# --------------------------------------------------------------------------------------------------- retrain
+def retrain_overrides(meta: dict[str, Any], data: str | None, *, resolve_latest: bool = True) -> list[str]:
+    """Overrides that pin the data snapshot of a retrain: ``data`` if given, else the champion's own snapshot
+    source. ``s3://bucket/prefix`` (its latest snapshot) is pinned to the fingerprint that is latest now, so the
+    run is reproducible. Sources other than snapshots (synthetic, in-place folders) add nothing: the
+    WorkflowTemplate's own data settings apply."""
+    trained_on = meta.get("data") or {}
+    src = data or (str(trained_on.get("root") or "") if trained_on.get("source") == "snapshot" else "")
+    if not src:
+        return []
+    if src.startswith("s3://") and "@" not in src and resolve_latest:
+        from training.remote import RemoteError, remote_fingerprint
+
+        try:
+            fp = remote_fingerprint(src)
+        except (RemoteError, ValueError) as e:
+            raise DriftFailure(f"cannot resolve the latest snapshot at {src}: {e}") from None
+        if fp is None:
+            raise DriftUsageError(f"no complete snapshot at {src}: push one with `defectops data push`")
+        src = f"{src}@{fp}"
+    return ["data=snapshot", f"data.root={src}"]
+
+
+def report_annotation(report: dict[str, Any], model: CheckedModel, images: str) -> str:
+    """A compact JSON summary of a drift report for the retrain Workflow's annotation."""
+    doc = {"model": model.source, "images": images, "decision": report["decision"],
+           "drifted": [s["name"] for s in report["signals"] if s["drifted"]],
+           "min_p_value": min((s["p_value"] for s in report["signals"] if s["p_value"] is not None), default=None),
+           "n_batch": report["n_batch"], "report_sha256": hashlib.sha256(json.dumps(report, sort_keys=True)
+                                                                         .encode()).hexdigest()}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
