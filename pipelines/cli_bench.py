@@ -71,19 +71,17 @@ def _from_run_root(root: Path) -> BenchModels:
 def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
     import mlflow.pytorch
 
-    from registry.mlflow_registry import client
-    from serving.model_ref import ModelRefError, resolve
+    from serving.model_ref import ModelRefError, cache_folder, parse_registry_ref, registry_version, resolve
 
     try:
-        resolved = resolve(ref, tracking_uri=tracking_uri, cache_dir=cache)
+        parsed = parse_registry_ref(ref)
+        assert parsed is not None
+        c, mv = registry_version(*parsed, tracking_uri, ref)
+        resolved = resolve(f"models:/{parsed[0]}/{mv.version}", tracking_uri=tracking_uri, cache_dir=cache)
     except ModelRefError as e:
         raise fail(str(e), EXIT_USAGE) from None
-    c = client(tracking_uri)
-    folder = resolved.onnx_path.parent
-    version = folder.name
-    mv = c.get_model_version(folder.parent.name, version)
     run_id = str(mv.run_id)
-    bench = cache / "bench" / folder.parent.parent.name / folder.parent.name / version
+    bench = cache_folder(cache, "bench", tracking_uri, parsed[0], str(mv.version))
     bench.mkdir(parents=True, exist_ok=True)
     if not (bench / "model").is_dir():
         c.download_artifacts(run_id, "model", str(bench))

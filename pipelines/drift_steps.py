@@ -87,13 +87,14 @@ class CheckedModel:
 
 def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> CheckedModel:
     """The model and reference profile behind ``ref`` (``models:/...`` or a run root)."""
-    from serving.model_ref import _MODELS_URI
+    from serving.model_ref import ModelRefError, parse_registry_ref
 
-    m = _MODELS_URI.match(ref)
-    if m:
-        return _from_registry(m.group("name"), m.group("alias"), m.group("version"), tracking_uri, cache_dir, ref)
-    if ref.startswith("models:/"):
-        raise DriftUsageError(f"bad registry reference {ref!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+    try:
+        parsed = parse_registry_ref(ref)
+    except ModelRefError as e:
+        raise DriftUsageError(str(e)) from None
+    if parsed:
+        return _from_registry(*parsed, tracking_uri, cache_dir, ref)
     root = Path(ref).expanduser()
     if not root.is_dir():
         raise DriftUsageError(f"--model {ref!r} is neither models:/name@alias nor a run root")
@@ -115,17 +116,13 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    from registry.mlflow_registry import client
+    from serving.model_ref import ModelRefError, cache_folder, registry_version
 
-    c = client(tracking_uri)
     try:
-        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, str(version))
-    except MlflowException as e:
-        raise DriftUsageError(f"{ref} not found in the registry at {tracking_uri} ({e.error_code})") from None
-    if not mv.run_id:
-        raise DriftUsageError(f"{ref} (version {mv.version}) has no MLflow run")
-    registry_id = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
-    dest = cache_dir / "drift" / registry_id / name / str(mv.version)
+        c, mv = registry_version(name, alias, version, tracking_uri, ref)
+    except ModelRefError as e:
+        raise DriftUsageError(str(e)) from None
+    dest = cache_folder(cache_dir, "drift", tracking_uri, name, str(mv.version))
     try:
         if not (dest / "reference" / REFERENCE_JSON).is_file():
             from pipelines.fsutil import atomic_dir

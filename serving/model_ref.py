@@ -65,11 +65,9 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 def resolve(ref: str, *, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
     """Resolve ``ref`` (registry URI, run root or ONNX path) to a local ONNX model with its metadata."""
-    m = _MODELS_URI.match(ref)
-    if m:
-        return _from_registry(m.group("name"), m.group("alias"), m.group("version"), tracking_uri, cache_dir, ref)
-    if ref.startswith("models:/"):
-        raise ModelRefError(f"bad registry reference {ref!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+    parsed = parse_registry_ref(ref)
+    if parsed:
+        return _from_registry(*parsed, tracking_uri, cache_dir, ref)
     p = Path(ref).expanduser()
     if p.is_dir():
         onnx_path = p / "export" / "model.onnx"
@@ -81,8 +79,19 @@ def resolve(ref: str, *, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
     raise ModelRefError(f"--model {ref!r} is neither models:/name@alias, a run root, nor an .onnx file")
 
 
-def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
-                   ref: str) -> ResolvedModel:
+def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, alias, version)`` of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``; ``None`` if ``ref``
+    is no registry reference; :class:`ModelRefError` if it is a malformed one."""
+    m = _MODELS_URI.match(ref)
+    if m:
+        return m.group("name"), m.group("alias"), m.group("version")
+    if ref.startswith("models:/"):
+        raise ModelRefError(f"bad registry reference {ref!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+    return None
+
+
+def registry_version(name: str, alias: str | None, version: str | None, tracking_uri: str, ref: str) -> tuple[Any, Any]:
+    """The MLflow client and the model version a registry reference names (with a run to fetch artifacts from)."""
     from mlflow.exceptions import MlflowException
 
     from registry.mlflow_registry import client
@@ -92,13 +101,23 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
         mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, str(version))
     except MlflowException as e:
         raise ModelRefError(f"{ref} not found in the registry at {tracking_uri} ({e.error_code})") from None
+    if not mv.run_id:
+        raise ModelRefError(f"{ref} (version {mv.version}) has no MLflow run to fetch its artifacts from")
+    return c, mv
+
+
+def cache_folder(cache_dir: Path, kind: str, tracking_uri: str, name: str, version: str) -> Path:
+    """Where artifacts of one registered version are cached: versions are numbered per registry."""
+    return cache_dir / kind / hashlib.sha256(tracking_uri.encode()).hexdigest()[:12] / name / str(version)
+
+
+def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
+                   ref: str) -> ResolvedModel:
+    c, mv = registry_version(name, alias, version, tracking_uri, ref)
     if mv.tags.get("defectops.export_verified") != "true":
         raise ModelRefError(f"{ref} (version {mv.version}) has no verified ONNX export: its verify_export step did "
                             f"not pass")
-    if not mv.run_id:
-        raise ModelRefError(f"{ref} (version {mv.version}) has no MLflow run to fetch its ONNX artifact from")
-    registry_id = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]  # versions are per registry
-    dest = cache_dir / "models" / registry_id / name / str(mv.version)
+    dest = cache_folder(cache_dir, "models", tracking_uri, name, str(mv.version))
     onnx_path = dest / "model.onnx"
     if not onnx_path.is_file():
         with atomic_dir(dest) as tmp:
