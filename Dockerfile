@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # DefectOps: the `defectops` CLI and its pinned dependencies (requirements.lock, CUDA wheels of torch included), as
-# the Argo WorkflowTemplate runs it (`defectops step <name> --run-root s3://...`, `torchrun ... defectops step train`).
+# the Argo WorkflowTemplate runs it (`defectops step <name> --run-root s3://...`; with train.nproc > 1 the train step
+# starts torchrun itself).
 #
 # Build (BuildKit; see docs/kubernetes.md, "Container image"):
 #   docker build -t <account>.dkr.ecr.<region>.amazonaws.com/defectops:0.1.0 .
