@@ -1,9 +1,10 @@
 """DeepPCB end to end: train with `+experiment=deeppcb`, then detect on the held-out part of our trainval split.
 
 Prints the DeepPCB mAP and F-score (IoU > 0.33) on the held-out part, end-to-end images/s of `predict boards`
-(decode, candidates, classification through onnxruntime, 2 threads), the training wall time, and the candidate recall
-ceiling (the fraction of ground-truth boxes any candidate can match, which bounds recall). The baseline run in the same
-process is decoding alone (reading both images of every pair): the ratio says what detection costs on top of I/O.
+(decode, candidates, classification through onnxruntime with the served model, 2 threads), the training wall time,
+and the candidate recall ceiling (the fraction of ground-truth boxes any candidate can match, which bounds recall).
+The baseline run in the same process is decoding alone (reading both images of every pair): the ratio says what
+detection costs on top of I/O.
 
     .venv/bin/python benchmarks/deeppcb.py                  # data: $DEFECTOPS_DEEPPCB or ../shared/datasets/deeppcb
     .venv/bin/python benchmarks/deeppcb.py --home /tmp/dp   # keep (and resume) the run in that home
@@ -49,7 +50,7 @@ def main() -> int:
     from pipelines.config import load_config
     from pipelines.fsutil import read_json
     from pipelines.runner import run_pipeline
-    from serving.model_ref import from_onnx
+    from serving.model_ref import resolve
     from serving.predict import predict_boards, read_board_list
     from training.snapshot import load_snapshot
 
@@ -71,7 +72,7 @@ def main() -> int:
     held_out = [s for s in snap.samples if s["split"] == "test"]
     list_file = ctx.root / "eval" / "held_out.txt"
     list_file.write_text("".join(f"{s['path'].removesuffix('_test.jpg')}.jpg {s['annotation']}\n" for s in held_out))
-    model = from_onnx(ctx.root / "export" / "model.onnx")
+    model = resolve(str(ctx.root), tracking_uri="", cache_dir=home / "cache")  # the served model (INT8 if verified)
     pairs, _ = read_board_list(root, list_file)
     baseline = decode_baseline(pairs)
     r = predict_boards(model, root, list_file, ctx.root / "eval" / "held_out_results")
@@ -84,7 +85,8 @@ def main() -> int:
         "decode_only_images_per_s": baseline, "train_seconds": train_seconds, "run_seconds": run_seconds,
         "candidate_recall_ceiling": board.get("test", {}).get("ceiling_recall"),
         "candidate_recall_loose": validate.get("candidate_recall_overall"),
-        "score_threshold": board.get("score_threshold"), "steps": steps,
+        "score_threshold": board.get("score_threshold"), "steps": steps, "served_model": model.source,
+        "val": {k: board.get("val", {}).get(k) for k in ("map", "fscore", "ceiling_recall")},
     }
     t = Table(title=f"DeepPCB held-out part ({r.images} boards of trainval, never trained or tuned on)")
     for col in ("mAP", "F-score", "images/s", "x decode-only", "train s", "ceiling recall@0.33"):

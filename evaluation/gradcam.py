@@ -59,7 +59,7 @@ def grad_cam(model: DefectClassifier, family: str, images: torch.Tensor, classes
     model.eval()
     try:
         x = images.detach().clone().requires_grad_(True)
-        logits = model(x)
+        logits = model.forward_single(x)  # one view: the hooked activations are this crop's
         idx = torch.as_tensor(list(classes), dtype=torch.long)
         model.zero_grad(set_to_none=True)
         logits.gather(1, idx[:, None]).sum().backward()

@@ -77,7 +77,8 @@ def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
         parsed = parse_registry_ref(ref)
         assert parsed is not None
         c, mv = registry_version(*parsed, tracking_uri, ref)
-        resolved = resolve(f"models:/{parsed[0]}/{mv.version}", tracking_uri=tracking_uri, cache_dir=cache)
+        resolved = resolve(f"models:/{parsed[0]}/{mv.version}", tracking_uri=tracking_uri, cache_dir=cache,
+                           precision="fp32")
     except ModelRefError as e:
         raise fail(str(e), EXIT_USAGE) from None
     run_id = str(mv.run_id)

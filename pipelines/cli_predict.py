@@ -21,9 +21,11 @@ TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI for m
                                                       "$MLFLOW_TRACKING_URI, else the SQLite registry in "
                                                       "$DEFECTOPS_HOME).")]
 Threads = Annotated[int, typer.Option(help="CPU threads for decoding and inference.")]
+Precision = Annotated[str, typer.Option(help="For models:/ and run roots: served (what verify_export published to "
+                                             "Triton), fp32 or int8 (refused without a verified INT8 model).")]
 
 
-def _resolve(ref: str, tracking_uri: str | None) -> ResolvedModel:
+def _resolve(ref: str, tracking_uri: str | None, precision: str = "served") -> ResolvedModel:
     import os
 
     from pipelines.config import home_dir
@@ -32,7 +34,7 @@ def _resolve(ref: str, tracking_uri: str | None) -> ResolvedModel:
     home = home_dir()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     try:
-        return resolve(ref, tracking_uri=uri, cache_dir=home / "cache")
+        return resolve(ref, tracking_uri=uri, cache_dir=home / "cache", precision=precision)
     except ModelRefError as e:
         raise fail(str(e), EXIT_USAGE) from None
 
@@ -46,6 +48,7 @@ def boards(
     out: Annotated[Path, typer.Option("--out", help="Folder for the result files (one NNNNNNNN.txt per image).")],
     tracking_uri: TrackingUri = None,
     threads: Threads = 2,
+    precision: Precision = "served",
 ) -> None:
     """Detect defects on board pairs: template differencing -> candidates -> classifier -> boxes.
 
@@ -54,7 +57,7 @@ def boards(
     """
     from serving.predict import predict_boards
 
-    m = _resolve(model, tracking_uri)
+    m = _resolve(model, tracking_uri, precision)
     try:
         lines = [x for x in list_file.read_text(encoding="utf-8").splitlines() if x.strip()] \
             if list_file.is_file() else []
@@ -84,12 +87,13 @@ def images(
     out: Annotated[Path, typer.Option("--out", help="CSV file: path, predicted, confidence, p_<class>...")],
     tracking_uri: TrackingUri = None,
     threads: Threads = 2,
+    precision: Precision = "served",
 ) -> None:
     """Classify images with a folder-per-class model, preprocessed exactly as in training (same fit to square)."""
     from serving.predict import predict_images
     from training.images import ImageError
 
-    m = _resolve(model, tracking_uri)
+    m = _resolve(model, tracking_uri, precision)
     paths = image_paths(list(input), "--input")
     try:
         with progress_bars() as progress:

@@ -17,7 +17,7 @@ from pipelines.cli_predict import ModelRef, TrackingUri, _resolve
 
 serve_app = typer.Typer(help="Publish models for Triton Inference Server.", no_args_is_help=True)
 
-_REGISTRY_VERSION = re.compile(r"\(version (\d+)\)$")
+_REGISTRY_VERSION = re.compile(r"\(version (\d+)(?:, int8)?\)$")
 
 
 def _name_and_version(ref: str, source: str) -> tuple[str | None, int | None]:

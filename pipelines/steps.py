@@ -391,7 +391,7 @@ def _detector_settings(classes: tuple[str, ...], data: DataConfig, detect: Detec
     c = data.candidates
     return DetectorSettings(classes=classes, good_class=data.good_class, crop_size=c.crop_size, context=c.context,
                             candidates=candidate_params(c), score_threshold=threshold, box_margin=c.box_margin,
-                            merge=detect.merge)
+                            merge=detect.merge, confidence=detect.confidence)
 
 
 def _board_split(ctx: StepContext, split: str) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]]]:
@@ -414,14 +414,14 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
                      logits_fn: Any, threshold: float | None) -> dict[str, Any]:
     """Detect on the val and test boards; choose the score threshold on val (unless given); score test."""
     from evaluation.deeppcb import boxes_found, score
-    from serving.detector import BoardDetector, detections_from_probs
+    from serving.detector import CONFIDENCES, BoardDetector, detections_from_probs
     from training.candidates import detection_box
 
     settings = _detector_settings(classes, data, detect)
     detector = BoardDetector(logits_fn, settings, threads=detect.threads, batch_boards=detect.batch_boards)
     out: dict[str, Any] = {"settings": {"candidates": settings.candidates, "box_margin": settings.box_margin,
                                         "crop_size": settings.crop_size, "context": settings.context,
-                                        "merge": settings.merge}}
+                                        "merge": settings.merge, "confidence": settings.confidence}}
     runs = {}
     for split in ("val", "test"):
         pairs, gts = _board_split(ctx, split)
@@ -441,6 +441,8 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
     objectives = {"fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
     if detect.select not in objectives:
         raise StepError(f"detect.select={detect.select} is unknown: use {', '.join(objectives)}")
+    if detect.confidence not in CONFIDENCES:
+        raise StepError(f"detect.confidence={detect.confidence} is unknown: use {', '.join(CONFIDENCES)}")
     if threshold is None:  # best val objective on a grid; ties go to the threshold nearest 0.5
         grid = [round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)]
         objective = objectives[detect.select]
@@ -764,6 +766,8 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
             served = ctx.path(ONNX_INT8)
         else:
             ctx.reporter.log("export.serve=int8 but the INT8 model was not verified: serving FP32")
+    c.set_model_version_tag(registry.model_name, version, "defectops.served_precision",
+                            "int8" if served == ctx.path(ONNX_INT8) else "fp32")
     size = int(x.shape[1])
     model_dir = write_repository(ctx.path(TRITON), registry.model_name, served, crops.classes,
                                  (3, size, size), export.triton, version=int(version))

@@ -50,14 +50,17 @@ class ExportConfig:
 class DetectConfig:
     """Board-level detection on DeepPCB-format data: candidates + classifier -> boxes scored with the DeepPCB metric.
 
-    ``score_threshold`` null: chosen on the validation split to maximise the DeepPCB F-score, then applied unchanged
-    to the test split (and embedded in the exported model).
+    ``score_threshold`` null: chosen on the validation split to maximise ``select`` (the DeepPCB F-score, mAP or
+    their mean), then applied unchanged to the test split (and embedded in the exported model). A candidate becomes a
+    detection when its defect probability ``1 - p(good)`` reaches the threshold; ``confidence`` is what its result
+    line reports and the mAP ranks by: ``label`` (the reported type's probability) or ``defect`` (``1 - p(good)``).
     """
 
     enabled: bool = True
     score_threshold: float | None = None
     select: str = "mean"
     merge: bool = True
+    confidence: str = "label"
     iou_threshold: float = 0.33
     threads: int = 2
     batch_boards: int = 8

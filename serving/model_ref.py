@@ -3,6 +3,11 @@
 Accepted: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (the version's verified ONNX artifact, fetched
 from the MLflow registry and cached under the DefectOps home), a run root (its ``export/model.onnx``), or an ONNX
 file. Every ONNX file DefectOps exports carries its classes, input size and preprocessing in ``metadata_props``.
+
+For a registered version or a run root, ``precision`` picks the artifact: ``served`` (default) is the one its
+``verify_export`` step published to Triton (``export.serve``: the INT8 model only when it passed its re-validation),
+so ``defectops predict`` measures what the line would run; ``fp32`` or ``int8`` ask for one explicitly, and ``int8``
+is refused where no verified INT8 model exists.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pipelines.fsutil import atomic_dir
 from serving.onnx_export import read_metadata
 
 META_PREFIX = "defectops."
+PRECISIONS = ("served", "fp32", "int8")
+SERVED_TAG = "defectops.served_precision"  # version tag written by verify_export: fp32 | int8
 
 
 class ModelRefError(ValueError):
@@ -63,20 +70,36 @@ def from_onnx(path: Path, source: str = "") -> ResolvedModel:
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
-def resolve(ref: str, *, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
-    """Resolve ``ref`` (registry URI, run root or ONNX path) to a local ONNX model with its metadata."""
+def resolve(ref: str, *, tracking_uri: str, cache_dir: Path, precision: str = "served") -> ResolvedModel:
+    """Resolve ``ref`` (registry URI, run root or ONNX path) to a local ONNX model with its metadata; ``precision``
+    (``served``, ``fp32``, ``int8``) picks the artifact of a registered version or run root."""
+    if precision not in PRECISIONS:
+        raise ModelRefError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     parsed = parse_registry_ref(ref)
     if parsed:
-        return _from_registry(*parsed, tracking_uri, cache_dir, ref)
+        return _from_registry(*parsed, tracking_uri, cache_dir, ref, precision)
     p = Path(ref).expanduser()
     if p.is_dir():
-        onnx_path = p / "export" / "model.onnx"
-        if not onnx_path.is_file():
-            raise ModelRefError(f"run root {p} has no export/model.onnx: run its export step first")
-        return from_onnx(onnx_path, ref)
+        return _from_run_root(p, ref, precision)
     if p.suffix == ".onnx":
         return from_onnx(p, ref)
     raise ModelRefError(f"--model {ref!r} is neither models:/name@alias, a run root, nor an .onnx file")
+
+
+def _from_run_root(root: Path, ref: str, precision: str) -> ResolvedModel:
+    onnx_path = root / "export" / "model.onnx"
+    if not onnx_path.is_file():
+        raise ModelRefError(f"run root {root} has no export/model.onnx: run its export step first")
+    verified = root / "steps" / "verify_export.json"
+    result = json.loads(verified.read_text()).get("result") or {} if verified.is_file() else {}
+    if precision == "served":
+        precision = str(result.get("served", "fp32"))
+    if precision == "int8":
+        if not (result.get("int8") or {}).get("publish"):
+            raise ModelRefError(f"run root {root} has no verified INT8 model (export.int8 and its verify_export "
+                                f"step): use --precision fp32")
+        return from_onnx(root / "export" / "model.int8.onnx", f"{ref} (int8)")
+    return from_onnx(onnx_path, ref)
 
 
 def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None] | None:
@@ -112,16 +135,23 @@ def cache_folder(cache_dir: Path, kind: str, tracking_uri: str, name: str, versi
 
 
 def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
-                   ref: str) -> ResolvedModel:
+                   ref: str, precision: str = "served") -> ResolvedModel:
     c, mv = registry_version(name, alias, version, tracking_uri, ref)
     if mv.tags.get("defectops.export_verified") != "true":
         raise ModelRefError(f"{ref} (version {mv.version}) has no verified ONNX export: its verify_export step did "
                             f"not pass")
-    dest = cache_folder(cache_dir, "models", tracking_uri, name, str(mv.version))
-    onnx_path = dest / "model.onnx"
+    if precision == "served":
+        precision = mv.tags.get(SERVED_TAG, "fp32")
+    if precision == "int8" and mv.tags.get("defectops.int8_published") != "true":
+        raise ModelRefError(f"{ref} (version {mv.version}) has no verified INT8 model: use --precision fp32")
+    filename = "model.int8.onnx" if precision == "int8" else "model.onnx"
+    dest = cache_folder(cache_dir, "models-int8" if precision == "int8" else "models", tracking_uri, name,
+                        str(mv.version))
+    onnx_path = dest / filename
     if not onnx_path.is_file():
         with atomic_dir(dest) as tmp:
-            local = Path(c.download_artifacts(mv.run_id, "onnx/model.onnx", str(tmp)))
-            if local != tmp / "model.onnx":
-                local.replace(tmp / "model.onnx")
-    return from_onnx(onnx_path, f"{ref} (version {mv.version})")
+            local = Path(c.download_artifacts(mv.run_id, f"onnx/{filename}", str(tmp)))
+            if local != tmp / filename:
+                local.replace(tmp / filename)
+    suffix = ", int8" if precision == "int8" else ""
+    return from_onnx(onnx_path, f"{ref} (version {mv.version}{suffix})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from evaluation.deeppcb import Detection
 from serving.detector import DetectorSettings, detections_from_probs, merge_fragments
@@ -19,10 +20,24 @@ def test_threshold_label_and_box() -> None:
     cands = [Candidate(10, 10, 20, 20, 30), Candidate(100, 100, 110, 110, 30), Candidate(0, 0, 5, 5, 10)]
     probs = np.array([[0.1, 0.2, 0.7], [0.8, 0.15, 0.05], [0.45, 0.5, 0.05]])
     dets = detections_from_probs(cands, probs, _settings(box_margin=6), (640, 640), threshold=0.5)
-    assert [(d.label, round(d.confidence, 3)) for d in dets] == [("short", 0.9), ("open", 0.55)]
+    # detected on 1 - p(good) >= 0.5; the confidence is the reported type's probability by default
+    assert [(d.label, round(d.confidence, 3)) for d in dets] == [("short", 0.7), ("open", 0.5)]
     assert (dets[0].x1, dets[0].y1, dets[0].x2, dets[0].y2) == (4, 4, 26, 26)
     assert (dets[1].x1, dets[1].y1) == (0, 0)  # clipped at the border
     assert detections_from_probs([], np.zeros((0, 3)), _settings(), (64, 64)) == []
+    defect = detections_from_probs(cands, probs, _settings(box_margin=6, confidence="defect"), (640, 640), 0.5)
+    assert [(d.label, round(d.confidence, 3)) for d in defect] == [("short", 0.9), ("open", 0.55)]
+
+
+def test_label_confidence_ranks_type_ambiguous_detections_last() -> None:
+    cands = [Candidate(10, 10, 20, 20, 30), Candidate(100, 100, 110, 110, 30)]
+    probs = np.array([[0.02, 0.50, 0.48], [0.10, 0.85, 0.05]])  # the first is surely a defect, but which?
+    dets = detections_from_probs(cands, probs, _settings(), (640, 640), threshold=0.5)
+    assert [(d.x1, d.label) for d in dets] == [(94, "open"), (4, "open")]
+    defect = detections_from_probs(cands, probs, _settings(confidence="defect"), (640, 640), threshold=0.5)
+    assert [d.x1 for d in defect] == [4, 94]
+    with pytest.raises(ValueError, match="detect.confidence"):
+        detections_from_probs(cands, probs, _settings(confidence="max"), (640, 640))
 
 
 def test_merge_fragments_of_one_defect_only() -> None:

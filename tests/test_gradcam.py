@@ -112,3 +112,12 @@ def test_cam_peak_falls_inside_the_defect_box(tiny_run: dict) -> None:
         inside.append(bx1 - 1 <= px + 0.5 <= bx2 + 1 and by1 - 1 <= py + 0.5 <= by2 + 1)
     print(f"Grad-CAM peak inside the defect box: {np.mean(inside):.3f} of {len(ok)} correctly classified defect crops")
     assert np.mean(inside) >= 0.6, f"CAM peak inside the defect box for {np.mean(inside):.2f} of {len(ok)} crops"
+
+
+def test_cam_of_a_tta_model_explains_the_crop_itself() -> None:
+    torch.manual_seed(0)
+    plain = create_model("aoi_resnet10t", num_classes=3, img_size=32).eval()
+    tta = create_model("aoi_resnet10t", num_classes=3, img_size=32, tta="d8").eval()
+    tta.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert np.allclose(grad_cam(tta, "resnet", x, [0, 1]), grad_cam(plain, "resnet", x, [0, 1]), atol=1e-5)

@@ -95,3 +95,50 @@ def test_predict_images_matches_training_preprocessing(tmp_path: Path, home: Pat
     r = runner.invoke(app, ["predict", "boards", "--model", "models:/defectops-folder@challenger", "--input",
                             str(root), "--list", str(root / "x.txt"), "--out", str(tmp_path / "o")])
     assert r.exit_code == EXIT_USAGE
+
+
+def test_precision_picks_the_served_or_the_asked_artifact(tiny_run: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from registry.mlflow_registry import client as make_client
+    from serving.model_ref import ModelRefError, resolve
+
+    root, home = Path(tiny_run["root"]), Path(tiny_run["home"])
+    uri, cache = f"sqlite:///{home / 'mlflow.db'}", tmp_path / "cache"
+    verified = json.loads((root / "steps" / "verify_export.json").read_text())["result"]
+    assert verified["served"] == "fp32" and verified["int8"]["publish"]  # tiny: export.serve=fp32, INT8 verified
+    mv = make_client(uri).get_model_version("defectops-aoi", "1")
+    assert mv.tags["defectops.served_precision"] == "fp32"
+
+    assert resolve(str(root), tracking_uri=uri, cache_dir=cache).onnx_path == root / "export" / "model.onnx"
+    assert resolve(str(root), tracking_uri=uri, cache_dir=cache, precision="int8").onnx_path == \
+        root / "export" / "model.int8.onnx"
+    served = resolve("models:/defectops-aoi/1", tracking_uri=uri, cache_dir=cache)
+    int8 = resolve("models:/defectops-aoi/1", tracking_uri=uri, cache_dir=cache, precision="int8")
+    assert served.onnx_path.name == "model.onnx" and int8.onnx_path.name == "model.int8.onnx"
+    assert int8.onnx_path.read_bytes() == (root / "export" / "model.int8.onnx").read_bytes()
+    assert served.onnx_path.is_file() and served.onnx_path.parent != int8.onnx_path.parent  # cached apart
+    assert int8.source.endswith("(version 1, int8)") and int8.classes == served.classes
+
+    fake = tmp_path / "run"  # a run root whose verify_export served INT8, then one whose INT8 was refused
+    shutil.copytree(root / "export", fake / "export")
+    (fake / "steps").mkdir()
+    marker = json.loads((root / "steps" / "verify_export.json").read_text())
+    marker["result"]["served"] = "int8"
+    (fake / "steps" / "verify_export.json").write_text(json.dumps(marker))
+    assert resolve(str(fake), tracking_uri=uri, cache_dir=cache).onnx_path == fake / "export" / "model.int8.onnx"
+    marker["result"].update(served="fp32", int8={**marker["result"]["int8"], "publish": False})
+    (fake / "steps" / "verify_export.json").write_text(json.dumps(marker))
+    with pytest.raises(ModelRefError, match="no verified INT8"):
+        resolve(str(fake), tracking_uri=uri, cache_dir=cache, precision="int8")
+    with pytest.raises(ModelRefError, match="unknown precision"):
+        resolve(str(root), tracking_uri=uri, cache_dir=cache, precision="fp16")
+
+    monkeypatch.setenv("DEFECTOPS_HOME", str(home))
+    boards = root / "data" / "boards"
+    r = CliRunner().invoke(app, ["predict", "boards", "--model", "models:/defectops-aoi@challenger", "--precision",
+                                 "int8", "--input", str(boards), "--list", str(boards / "trainval.txt"), "--out",
+                                 str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "int8" in r.output

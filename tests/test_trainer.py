@@ -87,3 +87,13 @@ def test_checkpoint_from_other_classes_is_refused(tmp_path: Path) -> None:
     fit(x, y, CLASSES, MODEL, _cfg(epochs=1), tmp_path, seed=0)
     with pytest.raises(CheckpointError, match="classes"):
         fit(x, y, ("a", "b", "c"), MODEL, _cfg(epochs=2), tmp_path, seed=0)
+
+
+def test_checkpoint_keeps_the_test_time_augmentation(tmp_path: Path) -> None:
+    from training.trainer import load_trained_model
+
+    x, y = _data()
+    result = fit(x, y, CLASSES, ModelConfig(name="aoi_mobilenetv3", tta="hflip"), _cfg(epochs=1), tmp_path, seed=0)
+    net, state = load_trained_model(result.checkpoint)
+    assert state["model_tta"] == "hflip"
+    assert net.tta == "hflip" and len(net.views) == 2

@@ -85,11 +85,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from the registry in ``training.models`` (timm backbones)."""
+    """A model from the registry in ``training.models`` (timm backbones).
+
+    ``tta`` is the test-time augmentation the trained model classifies with in eval mode (and in its ONNX export):
+    ``none``, ``hflip`` (2 views), ``rot4`` (4 quarter turns) or ``d8`` (8 views); it costs that many forward passes.
+    """
 
     name: str = "aoi_resnet10t"
     drop_rate: float = 0.0
     kwargs: dict[str, str] = field(default_factory=dict)
+    tta: str = "none"
 
 
 @dataclass

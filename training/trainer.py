@@ -60,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(model_cfg: ModelConfig, num_classes: int, img_size: int, in_chans: int = 3) -> DefectClassifier:
     return create_model(model_cfg.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                        drop_rate=model_cfg.drop_rate, **dict(model_cfg.kwargs))
+                        drop_rate=model_cfg.drop_rate, tta=model_cfg.tta, **dict(model_cfg.kwargs))
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -229,7 +229,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     classes: Sequence[str], model_cfg: ModelConfig, img_size: int, counts: np.ndarray) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "epoch": epoch, "history": history, "classes": list(classes), "model_name": model_cfg.name,
-             "model_kwargs": dict(model_cfg.kwargs), "img_size": img_size, "class_counts": counts.tolist()}
+             "model_kwargs": dict(model_cfg.kwargs), "model_tta": model_cfg.tta, "img_size": img_size,
+             "class_counts": counts.tolist()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -237,7 +238,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_trained_model(path: Path) -> tuple[DefectClassifier, dict[str, Any]]:
     """Rebuild the model of a checkpoint (or a final ``model.pt``) in eval mode on CPU."""
     state = load_checkpoint(path)
-    cfg = ModelConfig(name=state["model_name"], kwargs=state.get("model_kwargs", {}))
+    cfg = ModelConfig(name=state["model_name"], kwargs=state.get("model_kwargs", {}),
+                      tta=state.get("model_tta", "none"))
     model = build_model(cfg, len(state["classes"]), int(state["img_size"]), int(state.get("in_chans", 3)))
     model.load_state_dict(state["model"])
     return model.eval(), state

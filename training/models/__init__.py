@@ -12,9 +12,9 @@ from typing import Any
 
 import timm
 
-from training.models.classifier import DefectClassifier
+from training.models.classifier import TTA_VIEWS, DefectClassifier, tta_views
 
-__all__ = ["MODELS", "DefectClassifier", "ModelSpec", "create_model", "list_models"]
+__all__ = ["MODELS", "TTA_VIEWS", "DefectClassifier", "ModelSpec", "create_model", "list_models"]
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,17 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 64, drop_rate: float = 0.0,
-                 **kwargs: Any) -> DefectClassifier:
-    """Build registry model ``name`` for ``num_classes`` outputs on ``in_chans`` x ``img_size`` crops."""
+                 tta: str = "none", **kwargs: Any) -> DefectClassifier:
+    """Build registry model ``name`` for ``num_classes`` outputs on ``in_chans`` x ``img_size`` crops, classifying
+    in eval mode with test-time augmentation ``tta`` (one of :data:`TTA_VIEWS`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (model.name=...)")
+    tta_views(tta)  # fail before building the backbone
     spec = MODELS[name]
     kw = {**spec.build_kwargs(img_size), **kwargs}
     backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                                  drop_rate=drop_rate, **kw)
-    return DefectClassifier(backbone, in_chans=in_chans)
+    return DefectClassifier(backbone, in_chans=in_chans, tta=tta)
 
 
 def model_family(name: str) -> str:
