@@ -52,7 +52,7 @@ from training.candidates import (  # noqa: E402
 from training.snapshot import assign_split  # noqa: E402
 from training.synth import Box  # noqa: E402
 
-SPLIT_VAL, SPLIT_TEST, SPLIT_SEED = 0.15, 0.2, 0  # the DeepPCB experiment's split; tune on train, report on test
+SPLIT_VAL, SPLIT_TEST, SPLIT_SEED = 0.15, 0.2, 0  # benchmarks/deeppcb.py's split: tune on train, report on test
 
 
 @dataclass(frozen=True)
