@@ -8,6 +8,7 @@ import torch
 
 from serving.onnx_export import export_onnx, onnx_logits, onnx_session, parity
 from training.models import MODELS, TTA_VIEWS, create_model
+from training.models.classifier import single_view
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -94,7 +95,12 @@ def test_tta_errors_and_models_pickled_before_tta() -> None:
         model(torch.rand(1, 3, 32, 48))
     flipped = create_model("aoi_resnet10t", num_classes=2, tta="hflip").eval()
     assert flipped(torch.rand(1, 3, 32, 48)).shape == (1, 2)  # a mirror image keeps the shape
-    del model.views  # what unpickling a DefectClassifier saved before TTA existed gives
     x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), single_view(model):
+        assert torch.equal(model(x), model.forward_single(x))
+    assert len(model.views) == 4  # restored after the block
+    with single_view(torch.nn.Identity()):  # any other module is left alone
+        pass
+    del model.views  # what unpickling a DefectClassifier saved before TTA existed gives
     with torch.no_grad():
         assert torch.equal(model(x), model.forward_single(x))

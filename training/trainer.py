@@ -34,6 +34,7 @@ from training.data import CropDataset, build_augment, to_tensor
 from training.engine import predict_logits, train_one_epoch
 from training.losses import create_loss
 from training.models import DefectClassifier, create_model
+from training.models.classifier import single_view
 from training.samplers import BalancedSampler, DistributedBalancedSampler
 
 CKPT_RE = re.compile(r"^epoch-(\d{3})\.pt$")
@@ -159,11 +160,12 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
         stats["epoch"] = epoch + 1
         distributed.average_buffers(model)  # DDP: BatchNorm statistics averaged, every rank holds the same model
         if val_x is not None and val is not None:
-            if world == 1:
-                pred = predict_logits(model, val_x, device).argmax(1)
-                stats["val_accuracy"] = float((pred == val[1]).mean())
-            else:
-                stats["val_accuracy"] = _sharded_accuracy(model, val_x, val[1], device, rank, world)
+            with single_view(model):  # a monitoring figure: one view, whatever model.tta says
+                if world == 1:
+                    pred = predict_logits(model, val_x, device).argmax(1)
+                    stats["val_accuracy"] = float((pred == val[1]).mean())
+                else:
+                    stats["val_accuracy"] = _sharded_accuracy(model, val_x, val[1], device, rank, world)
         history.append(stats)
         if rank == 0:
             save_checkpoint(ckpt_dir / f"epoch-{epoch + 1:03d}.pt", model, optimizer, scheduler, epoch + 1, history,

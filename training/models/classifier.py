@@ -14,6 +14,8 @@ one view.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +91,19 @@ class DefectClassifier(nn.Module):
         """Penultimate-layer embedding (pooled) of the crop itself, for drift profiles and retrieval."""
         feats = self.backbone.forward_features((x - self.mean) / self.std)  # type: ignore[operator]
         return self.backbone.forward_head(feats, pre_logits=True)  # type: ignore[operator]
+
+
+@contextmanager
+def single_view(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``model`` (a :class:`DefectClassifier`, or any other module, left alone) classifies the crop
+    itself even in eval mode: for monitoring such as per-epoch validation accuracy, which TTA would make several times
+    as expensive without changing what is trained."""
+    if not isinstance(model, DefectClassifier) or not hasattr(model, "views"):
+        yield
+        return
+    saved = model.views
+    model.views = TTA_VIEWS["none"]
+    try:
+        yield
+    finally:
+        model.views = saved
