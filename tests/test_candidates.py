@@ -288,3 +288,20 @@ def test_recall_on_real_deeppcb_pairs(deeppcb_root: Path) -> None:
         found += gt_found(find_candidates(template, tested), gt)
     recall = sum(found) / len(found)
     assert recall >= REAL_RECALL_FLOOR, f"real DeepPCB candidate recall {recall:.3f} on {len(picks)} pairs"
+
+
+def test_blob_pass_proposes_a_long_thin_scratch_that_the_cleanup_breaks() -> None:
+    template, tested = _blank(128), _blank(128)
+    template[20:110, 20:110] = 0  # a copper pour
+    tested[20:110, 20:110] = 0
+    for i in range(80):  # a 2 px wide diagonal scratch across it, the kind of open the cross opening erases
+        tested[25 + i, 25 + i: 27 + i] = 255
+    tested[60:64, 90:94] = 255  # a compact pin-hole both passes see
+    plain = find_candidates(template, tested, pad=0, tolerance=1, exact_min_area=12)
+    assert [c.box for c in plain] == [(90, 60, 93, 63)]  # the scratch is gone
+    blob = find_candidates(template, tested, pad=0, tolerance=1, exact_min_area=12, blob_min_area=100)
+    assert [c.box for c in blob] == [(25, 25, 105, 104), (90, 60, 93, 63)]
+    # a blob that an existing candidate already covers is not proposed again; too short or too long ones neither
+    assert find_candidates(template, tested, pad=0, tolerance=1, blob_min_area=10, blob_min_side=4,
+                           blob_max_side=20) == plain
+    assert len(find_candidates(template, tested, pad=0, tolerance=1, blob_min_area=100, blob_max_side=60)) == 1

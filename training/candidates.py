@@ -152,7 +152,8 @@ def align_template(
     return _moved(template, dy, dx, tested), (dy, dx)
 
 
-def _cleaned_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int = 0) -> np.ndarray:
+def _raw_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int = 0) -> np.ndarray:
+    """0/1 mask of differing pixels, before any cleanup."""
     if tolerance > 0:  # position tolerance: a pixel differs only if the template has no such pixel within reach
         reach = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
         extra = cv2.bitwise_and(s, cv2.bitwise_not(cv2.dilate(t, reach)))
@@ -162,6 +163,11 @@ def _cleaned_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance:
     else:
         diff = cv2.absdiff(t, s)
         cv2.threshold(diff, threshold, 1, cv2.THRESH_BINARY, dst=diff)
+    return diff
+
+
+def _cleaned_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int = 0) -> np.ndarray:
+    diff = _raw_difference(t, s, threshold, tolerance)
     if CLEANUP_KERNEL > 1:
         diff = cv2.morphologyEx(diff, cv2.MORPH_OPEN, _CLEANUP)
     return diff
@@ -286,6 +292,30 @@ def _apart(rows: np.ndarray, others: np.ndarray, pad: int) -> np.ndarray:
     return np.asarray(~overlap.any(axis=1))
 
 
+def _blob_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min_area: int, min_side: int,
+               max_side: int) -> np.ndarray:
+    """Tight ``x1, y1, x2, y2, area`` rows of the 8-connected blobs of the *uncleaned* difference with at least
+    ``min_area`` pixels and a longer side in ``[min_side, max_side]``."""
+    _, _, stats, _ = cv2.connectedComponentsWithStats(_raw_difference(t, s, threshold, tolerance), connectivity=8)
+    st = stats[1:].astype(np.int64)
+    side = np.maximum(st[:, 2], st[:, 3])
+    st = st[(st[:, 4] >= min_area) & (side >= min_side) & (side <= max_side)]
+    return np.stack([st[:, 0], st[:, 1], st[:, 0] + st[:, 2] - 1, st[:, 1] + st[:, 3] - 1, st[:, 4]], axis=1)
+
+
+def _max_iou(rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Per row of ``rows``: the largest IoU of its inclusive pixel box with a box of ``others`` (0 without any)."""
+    if not len(others):
+        return np.zeros(len(rows))
+    a, b = rows[:, None, :4], others[None, :, :4]
+    iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1
+    ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    return np.asarray((inter / (area_a + area_b - inter)).max(axis=1))
+
+
 def find_candidates(
     template: np.ndarray,
     tested: np.ndarray,
@@ -300,6 +330,10 @@ def find_candidates(
     split_side: int = 64,
     tolerance: int = 0,
     exact_min_area: int = 0,
+    blob_min_area: int = 0,
+    blob_min_side: int = 60,
+    blob_max_side: int = 250,
+    blob_max_iou: float = 0.5,
 ) -> list[Candidate]:
     """Difference blobs between two grayscale images, sorted by (y1, x1).
 
@@ -313,6 +347,12 @@ def find_candidates(
     no longer fuses with a defect nearby into one oversized box. It also erases defects thinner than the tolerance
     (hairline shorts and opens), so ``exact_min_area`` > 0 adds a second pass on the exact difference whose blobs of at
     least that many pixels are kept where they touch no candidate of the first pass.
+
+    ``blob_min_area`` > 0 adds whole-blob hypotheses: the blobs of the difference *before* the cleanup opening with at
+    least that many pixels and a longer side of ``blob_min_side`` to ``blob_max_side`` px, each where no candidate box
+    overlaps it by IoU ``blob_max_iou`` or more. A long scratch 2 px wide that the opening breaks into fragments, each
+    too small to match its defect, is one such blob; the classifier decides whether it is a defect, and the detector
+    merges it with its fragments of the same type.
     """
     if max_candidates <= 0:
         return []
@@ -325,6 +365,9 @@ def find_candidates(
     if tolerance > 0 and exact_min_area > 0:
         exact = _candidate_rows(t, s, threshold, 0, exact_min_area, merge_distance, split_side)
         rows = np.concatenate([rows, exact[_apart(exact, rows, pad)]])
+    if blob_min_area > 0:
+        blobs = _blob_rows(t, s, threshold, tolerance, blob_min_area, blob_min_side, blob_max_side)
+        rows = np.concatenate([rows, blobs[_max_iou(blobs, rows) < blob_max_iou]])
     h, w = s.shape
     cands = [
         Candidate(
