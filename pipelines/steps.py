@@ -702,6 +702,7 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
     from registry import mlflow_registry as reg
+    from serving.model_ref import SERVED_TAG
     from serving.onnx_export import onnx_logits, onnx_session, parity
     from serving.triton import write_repository
     from training.data import load_split, to_tensor
@@ -766,13 +767,13 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
             served = ctx.path(ONNX_INT8)
         else:
             ctx.reporter.log("export.serve=int8 but the INT8 model was not verified: serving FP32")
-    c.set_model_version_tag(registry.model_name, version, "defectops.served_precision",
-                            "int8" if served == ctx.path(ONNX_INT8) else "fp32")
+    precision = "int8" if served == ctx.path(ONNX_INT8) else "fp32"
+    c.set_model_version_tag(registry.model_name, version, SERVED_TAG, precision)
     size = int(x.shape[1])
     model_dir = write_repository(ctx.path(TRITON), registry.model_name, served, crops.classes,
                                  (3, size, size), export.triton, version=int(version))
     result = {"parity": par.to_dict(), "onnx_macro_recall": metrics.macro_recall, "triton_model": str(model_dir),
-              "served": "int8" if served == ctx.path(ONNX_INT8) else "fp32"}
+              "served": precision}
     if int8:
         result["int8"] = {k: int8[k] for k in ("publish", "macro_recall", "macro_recall_drop", "top1_agreement",
                                                "reasons")}

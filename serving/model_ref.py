@@ -91,7 +91,7 @@ def _from_run_root(root: Path, ref: str, precision: str) -> ResolvedModel:
     if not onnx_path.is_file():
         raise ModelRefError(f"run root {root} has no export/model.onnx: run its export step first")
     verified = root / "steps" / "verify_export.json"
-    result = json.loads(verified.read_text()).get("result") or {} if verified.is_file() else {}
+    result = (json.loads(verified.read_text()).get("result") or {}) if verified.is_file() else {}
     if precision == "served":
         precision = str(result.get("served", "fp32"))
     if precision == "int8":

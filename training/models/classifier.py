@@ -7,7 +7,7 @@ the same reason: in eval mode the module classifies the crop under several dihed
 mirror images) and returns the log of the views' mean probability, so the evaluated PyTorch model, the ONNX export,
 its INT8 version and Triton all compute the same thing. A PCB defect keeps its type under these views, and training
 already augments with them (``train.augment.flips``/``rotate90``); averaging removes some of the orientation-dependent
-errors (on DeepPCB, ``rot4`` raised the val mAP by about 0.5 points, ``docs/deeppcb.md``). Training mode always sees
+errors (on DeepPCB, ``rot4`` raised the val mAP by 0.2-0.6 points, ``docs/deeppcb.md``). Training mode always sees
 one view.
 """
 
