@@ -206,6 +206,7 @@ def sweep_configs(base: Config) -> list[Config]:
            vary("tolerance 2", tolerance=2), vary("no exact pass", exact_min_area=0)]
     out += [vary(f"min_area={v}", min_area=v) for v in (2, 6, 9)]
     out += [vary(f"exact_min_area={v}", exact_min_area=v) for v in (8, 16, 20)]
+    out += [vary(f"closed pass close_min_area={v}", close_min_area=v) for v in (12, 20, 30)]
     out += [vary(f"merge_distance={v}", merge_distance=v) for v in (3, 4, 8)]
     out += [vary(f"detection margin {C.DEFAULT_PAD + g} (grow={g})", grow=g) for g in (4, 5, 7, 8)]
     return out

@@ -305,3 +305,20 @@ def test_blob_pass_proposes_a_long_thin_scratch_that_the_cleanup_breaks() -> Non
     assert find_candidates(template, tested, pad=0, tolerance=1, blob_min_area=10, blob_min_side=4,
                            blob_max_side=20) == plain
     assert len(find_candidates(template, tested, pad=0, tolerance=1, blob_min_area=100, blob_max_side=60)) == 1
+
+
+def test_closed_pass_proposes_a_dithered_line_that_the_cleanup_erases() -> None:
+    template, tested = _blank(128), _blank(128)
+    ys, xs = np.mgrid[20:100, 60:64]
+    dots = (ys + xs) % 2 == 0  # a 4 px wide stroke drawn as a checkerboard of dots: no 3x3 cross fits in it
+    tested[ys[dots], xs[dots]] = 0
+    tested[30:34, 20:24] = 0  # a compact defect both passes see
+    plain = find_candidates(template, tested, pad=0, tolerance=1, exact_min_area=12)
+    assert [c.box for c in plain] == [(20, 30, 23, 33)]  # the stroke is gone
+    closed = find_candidates(template, tested, pad=0, tolerance=1, exact_min_area=12, close_min_area=20)
+    assert len(closed) == 2 and closed[1] == plain[0]
+    x1, y1, x2, y2 = closed[0].box
+    assert 59 <= x1 <= 61 and 62 <= x2 <= 64 and 19 <= y1 <= 21 and 98 <= y2 <= 100  # the whole stroke, one box
+    # what a candidate already covers is not proposed again, and blobs under close_min_area are not proposed
+    assert find_candidates(template, tested, pad=0, tolerance=1, close_min_area=20, close_max_iou=0.0) == plain
+    assert find_candidates(template, tested, pad=0, tolerance=1, close_min_area=10_000) == plain

@@ -70,6 +70,7 @@ def _check_pair(template: np.ndarray, tested: np.ndarray) -> None:
 
 
 _CLEANUP = cv2.getStructuringElement(cv2.MORPH_CROSS, (CLEANUP_KERNEL, CLEANUP_KERNEL))
+_CLOSING = np.ones((3, 3), np.uint8)
 _SPLIT = np.ones((SPLIT_KERNEL, SPLIT_KERNEL), np.uint8)
 
 
@@ -303,6 +304,14 @@ def _blob_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min
     return np.stack([st[:, 0], st[:, 1], st[:, 0] + st[:, 2] - 1, st[:, 1] + st[:, 3] - 1, st[:, 4]], axis=1)
 
 
+def _closed_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min_area: int,
+                 merge_distance: int) -> np.ndarray:
+    """Tight ``x1, y1, x2, y2, area`` rows of the merged blobs of the difference *closed* with a 3x3 square before the
+    cleanup opening: the closing joins a dithered or broken 1-2 px line into a solid stroke the opening keeps."""
+    closed = cv2.morphologyEx(_raw_difference(t, s, threshold, tolerance), cv2.MORPH_CLOSE, _CLOSING)
+    return _group_boxes(*_grouped_pixels(cv2.morphologyEx(closed, cv2.MORPH_OPEN, _CLEANUP), min_area, merge_distance))
+
+
 def _max_iou(rows: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Per row of ``rows``: the largest IoU of its inclusive pixel box with a box of ``others`` (0 without any)."""
     if not len(others):
@@ -330,6 +339,8 @@ def find_candidates(
     split_side: int = 64,
     tolerance: int = 0,
     exact_min_area: int = 0,
+    close_min_area: int = 0,
+    close_max_iou: float = 0.3,
     blob_min_area: int = 0,
     blob_min_side: int = 60,
     blob_max_side: int = 250,
@@ -348,6 +359,11 @@ def find_candidates(
     (hairline shorts and opens), so ``exact_min_area`` > 0 adds a second pass on the exact difference whose blobs of at
     least that many pixels are kept where they touch no candidate of the first pass.
 
+    ``close_min_area`` > 0 adds a closed-difference pass: the difference is closed with a 3x3 square before the
+    cleanup opening, which joins the dots of a dithered or broken thin line (an open or short drawn as a speckled
+    stroke) into one the opening keeps; its merged blobs of at least that many pixels are added where no candidate box
+    overlaps them by IoU ``close_max_iou`` or more.
+
     ``blob_min_area`` > 0 adds whole-blob hypotheses: the blobs of the difference *before* the cleanup opening with at
     least that many pixels and a longer side of ``blob_min_side`` to ``blob_max_side`` px, each where no candidate box
     overlaps it by IoU ``blob_max_iou`` or more. A long scratch 2 px wide that the opening breaks into fragments, each
@@ -365,6 +381,9 @@ def find_candidates(
     if tolerance > 0 and exact_min_area > 0:
         exact = _candidate_rows(t, s, threshold, 0, exact_min_area, merge_distance, split_side)
         rows = np.concatenate([rows, exact[_apart(exact, rows, pad)]])
+    if close_min_area > 0:
+        closed = _closed_rows(t, s, threshold, tolerance, close_min_area, merge_distance)
+        rows = np.concatenate([rows, closed[_max_iou(closed, rows) < close_max_iou]])
     if blob_min_area > 0:
         blobs = _blob_rows(t, s, threshold, tolerance, blob_min_area, blob_min_side, blob_max_side)
         rows = np.concatenate([rows, blobs[_max_iou(blobs, rows) < blob_max_iou]])

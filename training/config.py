@@ -39,7 +39,9 @@ class CandidateConfig:
     ``max_shift`` px before differencing (crops use the aligned template); groups longer than ``split_side`` px are
     re-opened to separate a defect from a misregistration strip fused to it. ``tolerance`` > 0 compares with a
     position tolerance of that many px, and ``exact_min_area`` > 0 then adds the exact difference's blobs of at least
-    that size that the tolerant pass missed (hairline defects); ``blob_min_area`` > 0 adds whole blobs of the uncleaned
+    that size that the tolerant pass missed (hairline defects); ``close_min_area`` > 0 adds the blobs of the
+    difference closed (3x3) before its cleanup that no candidate covers (IoU below ``close_max_iou``): dithered or
+    broken thin lines the cleanup would erase; ``blob_min_area`` > 0 adds whole blobs of the uncleaned
     difference (``blob_min_side`` to ``blob_max_side`` px long) that no candidate already covers (IoU below
     ``blob_max_iou``): long thin defects that the cleanup breaks into fragments. See
     ``training.candidates.find_candidates``.
@@ -59,6 +61,8 @@ class CandidateConfig:
     split_side: int = 64
     tolerance: int = 0
     exact_min_area: int = 0
+    close_min_area: int = 0
+    close_max_iou: float = 0.3
     blob_min_area: int = 0
     blob_min_side: int = 60
     blob_max_side: int = 250

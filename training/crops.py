@@ -39,7 +39,8 @@ def candidate_params(cfg: CandidateConfig) -> dict[str, Any]:
     return {"threshold": cfg.threshold, "min_area": cfg.min_area, "pad": cfg.pad,
             "merge_distance": cfg.merge_distance, "max_candidates": cfg.max_candidates, "align": cfg.align,
             "max_shift": cfg.max_shift, "split_side": cfg.split_side, "tolerance": cfg.tolerance,
-            "exact_min_area": cfg.exact_min_area, "blob_min_area": cfg.blob_min_area,
+            "exact_min_area": cfg.exact_min_area, "close_min_area": cfg.close_min_area,
+            "close_max_iou": cfg.close_max_iou, "blob_min_area": cfg.blob_min_area,
             "blob_min_side": cfg.blob_min_side, "blob_max_side": cfg.blob_max_side, "blob_max_iou": cfg.blob_max_iou}
 
 
