@@ -84,7 +84,7 @@ def experiment_config(root: Path) -> Config:
     cand = load_config(["+experiment=deeppcb", f"data.root={root}"]).data.candidates
     params = candidate_params(cand)
     defaults = candidate_params(type(cand)())
-    return Config("deeppcb experiment (tolerance 1 + exact)", {k: v for k, v in params.items() if v != defaults[k]
+    return Config("deeppcb experiment (tol 1 + exact + closed)", {k: v for k, v in params.items() if v != defaults[k]
                                                               or k in ("min_area", "merge_distance")},
                   cand.box_margin)
 
