@@ -167,11 +167,13 @@ def _raw_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int
     return diff
 
 
+def _opened(raw: np.ndarray) -> np.ndarray:
+    """The cleanup of a raw difference (a new array: ``raw`` is left as it is)."""
+    return cv2.morphologyEx(raw, cv2.MORPH_OPEN, _CLEANUP) if CLEANUP_KERNEL > 1 else raw.copy()
+
+
 def _cleaned_difference(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int = 0) -> np.ndarray:
-    diff = _raw_difference(t, s, threshold, tolerance)
-    if CLEANUP_KERNEL > 1:
-        diff = cv2.morphologyEx(diff, cv2.MORPH_OPEN, _CLEANUP)
-    return diff
+    return _opened(_raw_difference(t, s, threshold, tolerance))
 
 
 def difference_mask(
@@ -265,10 +267,10 @@ def _split_group(xs: np.ndarray, ys: np.ndarray, box: np.ndarray, min_area: int,
     return rows
 
 
-def _candidate_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min_area: int,
-                    merge_distance: int, split_side: int) -> np.ndarray:
-    """Tight ``x1, y1, x2, y2, area`` rows of the merged (and, where too long, split) blobs of one difference."""
-    xs, ys, starts = _grouped_pixels(_cleaned_difference(t, s, threshold, tolerance), min_area, merge_distance)
+def _candidate_rows(raw: np.ndarray, min_area: int, merge_distance: int, split_side: int) -> np.ndarray:
+    """Tight ``x1, y1, x2, y2, area`` rows of the merged (and, where too long, split) blobs of one raw difference,
+    cleaned."""
+    xs, ys, starts = _grouped_pixels(_opened(raw), min_area, merge_distance)
     rows = _group_boxes(xs, ys, starts)
     if split_side > 0 and rows.size:
         big = np.flatnonzero(np.maximum(rows[:, 2] - rows[:, 0], rows[:, 3] - rows[:, 1]) + 1 > split_side)
@@ -293,23 +295,21 @@ def _apart(rows: np.ndarray, others: np.ndarray, pad: int) -> np.ndarray:
     return np.asarray(~overlap.any(axis=1))
 
 
-def _blob_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min_area: int, min_side: int,
-               max_side: int) -> np.ndarray:
+def _blob_rows(raw: np.ndarray, min_area: int, min_side: int, max_side: int) -> np.ndarray:
     """Tight ``x1, y1, x2, y2, area`` rows of the 8-connected blobs of the *uncleaned* difference with at least
     ``min_area`` pixels and a longer side in ``[min_side, max_side]``."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(_raw_difference(t, s, threshold, tolerance), connectivity=8)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)
     st = stats[1:].astype(np.int64)
     side = np.maximum(st[:, 2], st[:, 3])
     st = st[(st[:, 4] >= min_area) & (side >= min_side) & (side <= max_side)]
     return np.stack([st[:, 0], st[:, 1], st[:, 0] + st[:, 2] - 1, st[:, 1] + st[:, 3] - 1, st[:, 4]], axis=1)
 
 
-def _closed_rows(t: np.ndarray, s: np.ndarray, threshold: int, tolerance: int, min_area: int,
-                 merge_distance: int) -> np.ndarray:
+def _closed_rows(raw: np.ndarray, min_area: int, merge_distance: int) -> np.ndarray:
     """Tight ``x1, y1, x2, y2, area`` rows of the merged blobs of the difference *closed* with a 3x3 square before the
     cleanup opening: the closing joins a dithered or broken 1-2 px line into a solid stroke the opening keeps."""
-    closed = cv2.morphologyEx(_raw_difference(t, s, threshold, tolerance), cv2.MORPH_CLOSE, _CLOSING)
-    return _group_boxes(*_grouped_pixels(cv2.morphologyEx(closed, cv2.MORPH_OPEN, _CLEANUP), min_area, merge_distance))
+    closed = cv2.morphologyEx(raw, cv2.MORPH_CLOSE, _CLOSING)
+    return _group_boxes(*_grouped_pixels(_opened(closed), min_area, merge_distance))
 
 
 def _max_iou(rows: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -377,15 +377,16 @@ def find_candidates(
     if align:
         dy, dx = _estimate_shift(t, s, max_shift)
         t = _moved(t, dy, dx, s)
-    rows = _candidate_rows(t, s, threshold, tolerance, min_area, merge_distance, split_side)
+    raw = _raw_difference(t, s, threshold, tolerance)  # shared by the first, closed and blob passes, never modified
+    rows = _candidate_rows(raw, min_area, merge_distance, split_side)
     if tolerance > 0 and exact_min_area > 0:
-        exact = _candidate_rows(t, s, threshold, 0, exact_min_area, merge_distance, split_side)
+        exact = _candidate_rows(_raw_difference(t, s, threshold, 0), exact_min_area, merge_distance, split_side)
         rows = np.concatenate([rows, exact[_apart(exact, rows, pad)]])
     if close_min_area > 0:
-        closed = _closed_rows(t, s, threshold, tolerance, close_min_area, merge_distance)
+        closed = _closed_rows(raw, close_min_area, merge_distance)
         rows = np.concatenate([rows, closed[_max_iou(closed, rows) < close_max_iou]])
     if blob_min_area > 0:
-        blobs = _blob_rows(t, s, threshold, tolerance, blob_min_area, blob_min_side, blob_max_side)
+        blobs = _blob_rows(raw, blob_min_area, blob_min_side, blob_max_side)
         rows = np.concatenate([rows, blobs[_max_iou(blobs, rows) < blob_max_iou]])
     h, w = s.shape
     cands = [
