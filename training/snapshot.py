@@ -1,7 +1,9 @@
 """Dataset snapshots: ``manifest.jsonl`` + ``classes.json`` + files, identified by a fingerprint.
 
 One manifest line per sample: relative ``path`` (for board pairs, the tested image, with ``template`` beside it),
-``sha256``, ``label``, ``split``, optional ``boxes`` (``[x1, y1, x2, y2, label]``) and ``source``. The fingerprint is
+``sha256``, ``label``, ``split``, optional ``boxes`` (``[x1, y1, x2, y2, label]``), ``source`` and ``group`` (samples
+that must stay together in one split and are reported together: a board design, a duplicate group; see
+:func:`sample_group`). The fingerprint is
 the SHA-256 of the canonical manifest (lines sorted, keys sorted) and the class list, so the same samples always give
 the same fingerprint wherever the files live. ``snapshot.json`` records the fingerprint and the files' root (the
 snapshot folder itself, or a dataset read in place).
@@ -82,6 +84,16 @@ def load_snapshot(dir: Path) -> Snapshot:
                 raise ValueError(f"{dir / MANIFEST} line {i} is not JSON ({e.msg})") from None
     root = dir if meta.get("files_root", ".") == "." else Path(meta["files_root"])
     return Snapshot(dir, root.resolve(), meta["fingerprint"], classes, tuple(samples))
+
+
+def sample_group(sample: dict[str, Any]) -> str:
+    """The group a sample belongs to: its ``group`` entry, else the first folder of its path (a DeepPCB board design
+    such as ``group20085``, a class folder), else the path itself."""
+    group = sample.get("group")
+    if group:
+        return str(group)
+    path = str(sample.get("path", ""))
+    return path.split("/", 1)[0] if "/" in path else path
 
 
 def assign_split(key: str, val: float, test: float, seed: int) -> str:
