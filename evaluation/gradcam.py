@@ -2,7 +2,7 @@
 
 The target layer is chosen per model family (the registry in ``training.models`` records it). Crops are small (64 px),
 so the last stage of a CNN is only 2x2: Grad-CAM uses the stage before it (stride 16, 4x4 at 64 px) — a ResNet's
-``layer3``, a MobileNetV3's block 3 — and the last transformer block of a ViT (tokens reshaped to the patch grid).
+``layer3``, a MobileNetV3's block 3, an EfficientNet's block 4 — and the last transformer block of a ViT (tokens reshaped to the patch grid).
 ``grad_cam`` is the only function here that runs the model; ``overlay`` is pure.
 """
 
@@ -27,6 +27,8 @@ def target_layer(model: DefectClassifier, family: str) -> nn.Module:
         layer = b.layer3[-1]
     elif family == "mobilenet":
         layer = b.blocks[3]
+    elif family == "efficientnet":
+        layer = b.blocks[4]  # the last stride-16 stage
     elif family == "vit":
         layer = b.blocks[-1]
     else:

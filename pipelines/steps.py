@@ -282,7 +282,13 @@ def _train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainC
             state.pop(k, None)
         torch.save(state, tmp)
     out = {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
+           "selected_epoch": result.selected_epoch, "select": train.select,
            "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
+    weights = state.get("weights_info") or {}
+    reg.log_params(c, rid, {"selected_epoch": result.selected_epoch, "pretrained_weights": weights.get("weights", "none"),
+                            "pretrained_sha256": weights.get("weights_sha256", "none")})
+    if weights:
+        out["pretrained"] = weights
     if world > 1:
         out["nproc"] = world
     return out

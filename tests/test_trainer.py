@@ -97,3 +97,58 @@ def test_checkpoint_keeps_the_test_time_augmentation(tmp_path: Path) -> None:
     net, state = load_trained_model(result.checkpoint)
     assert state["model_tta"] == "hflip"
     assert net.tta == "hflip" and len(net.views) == 2
+
+
+def test_best_epoch_prefers_macro_recall_then_accuracy_then_the_later_epoch() -> None:
+    from training.trainer import best_epoch
+
+    h = [{"epoch": 1, "val_macro_recall": 0.8, "val_accuracy": 0.9},
+         {"epoch": 2, "val_macro_recall": 0.9, "val_accuracy": 0.8},
+         {"epoch": 3, "val_macro_recall": 0.9, "val_accuracy": 0.8},
+         {"epoch": 4, "val_macro_recall": 0.85, "val_accuracy": 0.99}]
+    assert best_epoch(h) == 3
+    h[1]["val_accuracy"] = 0.81
+    assert best_epoch(h) == 2
+    assert best_epoch([{"epoch": 1, "loss": 1.0}]) == 0
+
+
+def test_selects_the_best_val_epoch_and_resumes_to_the_same_choice(tmp_path: Path) -> None:
+    from training.engine import predict_logits
+    from training.trainer import BEST, best_epoch, load_trained_model
+
+    x, y = _data(96)
+    rng = np.random.default_rng(1)
+    xv, yv = x[:48].copy(), rng.integers(0, 3, 48)  # noisy val labels: val macro recall moves from epoch to epoch
+    cfg = _cfg(epochs=4)
+    full = fit(x, y, CLASSES, MODEL, cfg, tmp_path / "full", seed=3, val=(xv, yv))
+    assert all("val_macro_recall" in h for h in full.history)
+    assert full.selected_epoch == best_epoch(full.history)
+    assert full.checkpoint.name == BEST
+    net, state = load_trained_model(full.checkpoint)
+    assert state["selected_epoch"] == full.selected_epoch and "optimizer" not in state
+    chosen = full.history[full.selected_epoch - 1]
+    pred = predict_logits(net, torch.from_numpy(xv.transpose(0, 3, 1, 2).copy()).float() / 255, torch.device("cpu"))
+    recall = np.mean([(pred.argmax(1)[yv == c] == c).mean() for c in range(3)])
+    assert recall == pytest.approx(chosen["val_macro_recall"])
+    a, b = _state(full.model), _state(net)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def kill_after_second(epoch: int, _stats: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(x, y, CLASSES, MODEL, cfg, tmp_path / "resumed", seed=3, val=(xv, yv), on_epoch=kill_after_second)
+    resumed = fit(x, y, CLASSES, MODEL, cfg, tmp_path / "resumed", seed=3, val=(xv, yv))
+    assert resumed.selected_epoch == full.selected_epoch
+
+
+def test_select_last_keeps_the_last_epoch(tmp_path: Path) -> None:
+    x, y = _data(48)
+    cfg = _cfg(epochs=2)
+    cfg.select = "last"
+    r = fit(x, y, CLASSES, MODEL, cfg, tmp_path, seed=0, val=(x[:16], y[:16]))
+    assert r.checkpoint.name == "epoch-002.pt" and r.selected_epoch == 2
+    cfg.select = "best"
+    with pytest.raises(ValueError, match="train.select"):
+        fit(x, y, CLASSES, MODEL, cfg, tmp_path / "bad", seed=0)

@@ -100,12 +100,16 @@ class ModelConfig:
 
     ``tta`` is the test-time augmentation the trained model classifies with in eval mode (and in its ONNX export):
     ``none``, ``hflip`` (2 views), ``rot4`` (4 quarter turns) or ``d8`` (8 views); it costs that many forward passes.
+    ``pretrained`` starts a registry entry that has pretrained weights (``aoi_effnet_lite0``) from them, read from a
+    file on disk, never a hub; ``weights`` is a user's own state-dict file for the entry's timm architecture instead.
     """
 
     name: str = "aoi_resnet10t"
     drop_rate: float = 0.0
     kwargs: dict[str, str] = field(default_factory=dict)
     tta: str = "none"
+    pretrained: bool = True
+    weights: str | None = None
 
 
 @dataclass
@@ -133,6 +137,8 @@ class TrainConfig:
     """Optimisation: AdamW + cosine schedule with warm-up, class-balanced sampling, checkpoints every epoch.
 
     ``nproc`` > 1 trains with DistributedDataParallel in that many processes (torchrun; one per GPU, or gloo on CPU).
+    ``select`` is the checkpoint the run keeps: ``val_macro_recall`` (the epoch with the best macro recall on the val
+    split, ties to the later epoch; the last epoch when there is no val split) or ``last``.
     """
 
     epochs: int = 10
@@ -147,5 +153,6 @@ class TrainConfig:
     threads: int = 0
     device: str = "auto"
     nproc: int = 1
+    select: str = "val_macro_recall"
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

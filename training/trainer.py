@@ -12,6 +12,11 @@ on CUDA (SyncBatchNorm); on CPU (gloo has none) it normalises per rank, and on b
 averaged over ranks after every epoch. Rank 0 alone writes checkpoints (the format of one process, so a run may
 resume with another ``nproc``) and calls ``on_epoch``; every rank resumes from the checkpoint rank 0 loaded and
 broadcast, and validation is sharded over ranks and summed.
+
+Checkpoint selection (``train.select``): after every epoch the model classifies the val split (one view) and its
+macro recall and accuracy enter the history; with ``val_macro_recall`` the epoch with the best val macro recall (ties:
+higher accuracy, then the later epoch) is kept as ``best.pt`` (written before that epoch's checkpoint, so a resumed
+run finds it consistent) and becomes the run's model. Selection looks at val only; test stays untouched.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from training.samplers import BalancedSampler, DistributedBalancedSampler
 
 CKPT_RE = re.compile(r"^epoch-(\d{3})\.pt$")
 KEEP_CHECKPOINTS = 2
+BEST = "best.pt"
+SELECT_MODES = ("val_macro_recall", "last")
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +58,7 @@ class FitResult:
     history: list[dict[str, float]]
     resumed_from: int
     checkpoint: Path
+    selected_epoch: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,9 +67,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(model_cfg: ModelConfig, num_classes: int, img_size: int, in_chans: int = 3) -> DefectClassifier:
+def build_model(model_cfg: ModelConfig, num_classes: int, img_size: int, in_chans: int = 3, *,
+                pretrained: bool = False) -> DefectClassifier:
+    """The registry model of ``model_cfg``; ``pretrained`` (a fresh training run) loads its pretrained weights when
+    ``model_cfg.pretrained`` allows it. A trained model is rebuilt without them (its own weights follow)."""
     return create_model(model_cfg.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                        drop_rate=model_cfg.drop_rate, tta=model_cfg.tta, **dict(model_cfg.kwargs))
+                        drop_rate=model_cfg.drop_rate, tta=model_cfg.tta,
+                        pretrained=pretrained and model_cfg.pretrained,
+                        weights=model_cfg.weights if pretrained and model_cfg.pretrained else None,
+                        **dict(model_cfg.kwargs))
+
+
+def best_epoch(history: Sequence[dict[str, float]]) -> int:
+    """The epoch (1-based) with the best val macro recall (ties: val accuracy, then the later epoch); 0 if none was
+    validated."""
+    scored = [(h["val_macro_recall"], h.get("val_accuracy", 0.0), int(h["epoch"])) for h in history
+              if "val_macro_recall" in h and math.isfinite(h["val_macro_recall"])]
+    return max(scored)[2] if scored else 0
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -100,6 +122,8 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
     """
     if len(train_labels) == 0:
         raise ValueError("the training split has no samples: add boards or lower data.split.val/test")
+    if cfg.select not in SELECT_MODES:
+        raise ValueError(f"train.select={cfg.select} is unknown: use one of {', '.join(SELECT_MODES)}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     world, rank = distributed.world_size(), distributed.rank()
@@ -113,7 +137,11 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
     torch.manual_seed(seed)
     num_classes = len(classes)
     img_size = int(train_images.shape[1])
-    model = build_model(model_cfg, num_classes, img_size, int(train_images.shape[3])).to(device)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = _resume_state(ckpt_dir, classes) if world == 1 else _broadcast_resume_state(ckpt_dir, classes)
+    model = build_model(model_cfg, num_classes, img_size, int(train_images.shape[3]), pretrained=state is None)
+    weights_info = dict(model.weights_info) if state is None else dict(state.get("weights_info", {}))
+    model = model.to(device)
     if world > 1 and device.type == "cuda":
         model = sync_batchnorm(model)
     counts = np.bincount(train_labels, minlength=num_classes)
@@ -135,8 +163,6 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
                         drop_last=drop_last)
     history: list[dict[str, float]] = []
     start = 0
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = _resume_state(ckpt_dir, classes) if world == 1 else _broadcast_resume_state(ckpt_dir, classes)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -160,16 +186,16 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
         stats["epoch"] = epoch + 1
         distributed.average_buffers(model)  # DDP: BatchNorm statistics averaged, every rank holds the same model
         if val_x is not None and val is not None:
-            with single_view(model):  # a monitoring figure: one view, whatever model.tta says
-                if world == 1:
-                    pred = predict_logits(model, val_x, device).argmax(1)
-                    stats["val_accuracy"] = float((pred == val[1]).mean())
-                else:
-                    stats["val_accuracy"] = _sharded_accuracy(model, val_x, val[1], device, rank, world)
+            with single_view(model):  # selection and monitoring: one view, whatever model.tta says
+                stats.update(_val_stats(model, val_x, val[1], num_classes, device, rank, world))
         history.append(stats)
         if rank == 0:
+            meta = {"weights_info": weights_info}
+            if cfg.select == "val_macro_recall" and best_epoch(history) == epoch + 1:
+                save_checkpoint(ckpt_dir / BEST, model, None, None, epoch + 1, history, classes, model_cfg, img_size,
+                                counts, extra={**meta, "selected_epoch": epoch + 1, "select": cfg.select})
             save_checkpoint(ckpt_dir / f"epoch-{epoch + 1:03d}.pt", model, optimizer, scheduler, epoch + 1, history,
-                            classes, model_cfg, img_size, counts)
+                            classes, model_cfg, img_size, counts, extra=meta)
             for old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
                 old.unlink(missing_ok=True)
             if on_epoch:
@@ -179,7 +205,12 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
     else:
         distributed.barrier()  # rank 0 has written the last checkpoint
         final = ckpt_dir / f"epoch-{max(start, cfg.epochs):03d}.pt"
-    return FitResult(model.cpu().eval(), history, start, final)
+    selected = len(history)
+    if cfg.select == "val_macro_recall" and (chosen := best_epoch(history)) and (ckpt_dir / BEST).is_file():
+        final, selected = ckpt_dir / BEST, chosen
+        if chosen != len(history):
+            model.load_state_dict(load_checkpoint(final)["model"])
+    return FitResult(model.cpu().eval(), history, start, final, selected)
 
 
 def sync_batchnorm(model: DefectClassifier) -> DefectClassifier:
@@ -217,22 +248,35 @@ def _broadcast_resume_state(ckpt_dir: Path, classes: Sequence[str]) -> dict[str,
     return cast("dict[str, Any] | None", value)
 
 
-def _sharded_accuracy(model: torch.nn.Module, val_x: torch.Tensor, val_y: np.ndarray, device: torch.device,
-                      rank: int, world: int) -> float:
-    """Validation accuracy with each rank predicting every ``world``-th sample, summed over ranks."""
+def _val_stats(model: torch.nn.Module, val_x: torch.Tensor, val_y: np.ndarray, num_classes: int,
+               device: torch.device, rank: int, world: int) -> dict[str, float]:
+    """Val accuracy and macro recall (over classes present in val); under DDP each rank predicts every
+    ``world``-th sample and the per-class counts are summed over ranks."""
     xs, ys = val_x[rank::world], val_y[rank::world]
-    correct = int((predict_logits(model, xs, device).argmax(1) == ys).sum()) if len(ys) else 0
-    total_correct, total = distributed.all_reduce_sum([correct, len(ys)])
-    return total_correct / total if total else 0.0
+    pred = predict_logits(model, xs, device).argmax(1) if len(ys) else np.zeros(0, np.int64)
+    correct = np.bincount(ys[pred == ys], minlength=num_classes).astype(float)
+    support = np.bincount(ys, minlength=num_classes).astype(float)
+    if world > 1:
+        summed = distributed.all_reduce_sum([*correct.tolist(), *support.tolist()])
+        correct, support = np.asarray(summed[:num_classes]), np.asarray(summed[num_classes:])
+    total = support.sum()
+    present = support > 0
+    return {"val_accuracy": float(correct.sum() / total) if total else 0.0,
+            "val_macro_recall": float((correct[present] / support[present]).mean()) if present.any() else 0.0}
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict[str, float]],
-                    classes: Sequence[str], model_cfg: ModelConfig, img_size: int, counts: np.ndarray) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "history": history, "classes": list(classes), "model_name": model_cfg.name,
-             "model_kwargs": dict(model_cfg.kwargs), "model_tta": model_cfg.tta, "img_size": img_size,
-             "class_counts": counts.tolist()}
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, epoch: int,
+                    history: list[dict[str, float]], classes: Sequence[str], model_cfg: ModelConfig, img_size: int,
+                    counts: np.ndarray, extra: dict[str, Any] | None = None) -> None:
+    """Atomically save model (and, for a resumable checkpoint, optimizer and scheduler) with what rebuilds it."""
+    state: dict[str, Any] = {
+        "model": model.state_dict(), "epoch": epoch, "history": history, "classes": list(classes),
+        "model_name": model_cfg.name, "model_kwargs": dict(model_cfg.kwargs), "model_tta": model_cfg.tta,
+        "img_size": img_size, "class_counts": counts.tolist(), **(extra or {})}
+    if optimizer is not None and scheduler is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["scheduler"] = scheduler.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

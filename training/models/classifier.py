@@ -70,6 +70,7 @@ class DefectClassifier(nn.Module):
         self.register_buffer("std", torch.full((1, in_chans, 1, 1), std))
         self.views = tta_views(tta)
         self.tta = tta
+        self.weights_info: dict[str, str] = {}  # pretrained weights the backbone started from (create_model)
 
     def forward_single(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the crop itself (no TTA): what training optimises and Grad-CAM explains."""
