@@ -2,7 +2,8 @@
 
 The target layer is chosen per model family (the registry in ``training.models`` records it). Crops are small (64 px),
 so the last stage of a CNN is only 2x2: Grad-CAM uses the stage before it (stride 16, 4x4 at 64 px) — a ResNet's
-``layer3``, a MobileNetV3's block 3, an EfficientNet's block 4 — and the last transformer block of a ViT (tokens reshaped to the patch grid).
+``layer3``, a MobileNetV3's block 3, an EfficientNet's block 4 — and the last transformer block of a ViT (tokens
+reshaped to the patch grid).
 ``grad_cam`` is the only function here that runs the model; ``overlay`` is pure.
 """
 

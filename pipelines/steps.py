@@ -285,7 +285,8 @@ def _train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainC
            "selected_epoch": result.selected_epoch, "select": train.select,
            "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
     weights = state.get("weights_info") or {}
-    reg.log_params(c, rid, {"selected_epoch": result.selected_epoch, "pretrained_weights": weights.get("weights", "none"),
+    reg.log_params(c, rid, {"selected_epoch": result.selected_epoch,
+                            "pretrained_weights": weights.get("weights", "none"),
                             "pretrained_sha256": weights.get("weights_sha256", "none")})
     if weights:
         out["pretrained"] = weights
