@@ -9,7 +9,11 @@ one :class:`GateResult` per check:
                               ``class_recall[<class>]`` when given, else ``min_class_recall``. A class with no
                               samples in the evaluation set fails: an unevaluated class must not pass silently;
 - ``escape_rate``             <= ``max_escape_rate``;
-- ``false_call_rate``         <= ``max_false_call_rate``;
+- ``false_call_rate``         <= ``max_false_call_rate``. With ``use_upper_bound`` these two compare the Wilson
+                              upper bound at ``confidence`` (:func:`evaluation.intervals.wilson_interval` of the counts
+                              in ``metrics.confusion``) instead of the point value, so that a small test set cannot
+                              pass a model by luck (0 escapes of 20 defects: point 0, 95 % upper bound 0.16); the
+                              result's ``value`` is then the bound, ``interval`` holds point and bounds either way;
 - ``no_regression:macro_recall`` and ``no_regression:recall[<class>]`` (only with a champion): the candidate
                               may lose at most ``max_regression`` against the champion. Skipped for a class the
                               champion has no recall for (absent from its classes or without support), since
@@ -29,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from evaluation.intervals import Interval, error_counts, wilson_interval
 from evaluation.metrics import ClassificationMetrics
 
 __all__ = ["GateConfig", "GateReport", "GateResult", "evaluate_gates"]
@@ -43,6 +48,8 @@ class GateConfig:
     Rates and recalls are fractions in ``[0, 1]``; ``class_recall`` maps class names to a per-class minimum
     recall that overrides ``min_class_recall``; ``max_regression`` is the allowed drop of macro recall and of any
     class recall against the champion; ``max_latency_ms`` is the per-crop latency budget (``None`` = no gate).
+    ``use_upper_bound``: the escape-rate and false-call-rate gates compare the Wilson upper bound at ``confidence``
+    (a two-sided level, e.g. 0.95) with their limit instead of the measured rate.
     """
 
     min_macro_recall: float = 0.90
@@ -54,13 +61,17 @@ class GateConfig:
     max_latency_ms: float | None = None
     min_board_map: float | None = None
     min_board_fscore: float | None = None
+    use_upper_bound: bool = False
+    confidence: float = 0.95
 
 
 @dataclass(frozen=True)
 class GateResult:
     """Outcome of one gate: ``value <comparison> threshold`` with ``comparison`` in ``{">=", "<="}``.
 
-    ``value`` is ``None`` when the metric could not be measured (then ``passed`` is ``False``).
+    ``value`` is ``None`` when the metric could not be measured (then ``passed`` is ``False``). ``interval`` is the
+    metric's confidence interval where one is computed (the rates); ``uses_bound`` says that ``value`` is its upper
+    bound rather than the measured rate (``GateConfig.use_upper_bound``).
     """
 
     name: str
@@ -70,9 +81,11 @@ class GateResult:
     comparison: str
     passed: bool
     detail: str
+    interval: Interval | None = None
+    uses_bound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form (``interval`` and ``uses_bound`` are additions; older readers ignore them)."""
         return {
             "name": self.name,
             "metric": self.metric,
@@ -81,6 +94,8 @@ class GateResult:
             "comparison": self.comparison,
             "passed": self.passed,
             "detail": self.detail,
+            "interval": None if self.interval is None else self.interval.to_dict(),
+            "uses_bound": self.uses_bound,
         }
 
     @classmethod
@@ -95,6 +110,8 @@ class GateResult:
             comparison=str(d["comparison"]),
             passed=bool(d["passed"]),
             detail=str(d["detail"]),
+            interval=Interval.from_dict(d["interval"]) if d.get("interval") else None,
+            uses_bound=bool(d.get("uses_bound", False)),
         )
 
 
@@ -139,6 +156,29 @@ def _check(
     return GateResult(name, metric, float(value), float(threshold), comparison, passed, detail)
 
 
+def _rate_check(name: str, value: float, limit: float, counts: tuple[int, int], what: str, events: str, unit: str,
+                cfg: GateConfig) -> GateResult:
+    """A ``<=`` gate on a rate, compared on its Wilson upper bound when ``cfg.use_upper_bound``; ``detail`` gives the
+    counts and the interval either way."""
+    k, n = counts
+    iv = wilson_interval(k, n, cfg.confidence, unit=unit)
+    level = f"{100 * cfg.confidence:g} %"
+    measured = f"{k} of {n} {events}"
+    if not cfg.use_upper_bound:
+        base = _check(name, name, value, limit, "<=", what)
+        extra = f" ({measured}; {level} Wilson interval {iv.format_bounds(4)})" if iv.defined else f" ({measured})"
+        return GateResult(name, name, base.value, base.threshold, "<=", base.passed, base.detail + extra, iv)
+    if not iv.defined:  # nothing to escape or to falsely call: the bound is not defined, the point (0) stands
+        base = _check(name, name, value, limit, "<=", what)
+        return GateResult(name, name, base.value, base.threshold, "<=", base.passed,
+                          base.detail + f" ({measured}: no {level} upper bound without samples)", iv, False)
+    passed = iv.high <= limit + _TOL
+    verdict = "is within" if passed else "exceeds"
+    detail = (f"{what} {_fmt(value)} ({measured}): its {level} Wilson upper bound {_fmt(iv.high)} {verdict} the "
+              f"maximum {_fmt(limit)} (gates.use_upper_bound)")
+    return GateResult(name, name, float(iv.high), float(limit), "<=", passed, detail, iv, True)
+
+
 def _validate_config(cfg: GateConfig, classes: tuple[str, ...]) -> None:
     unknown = sorted(set(cfg.class_recall) - set(classes))
     if unknown:
@@ -154,6 +194,8 @@ def _validate_config(cfg: GateConfig, classes: tuple[str, ...]) -> None:
     bad = {k: v for k, v in fractions.items() if not 0.0 <= float(v) <= 1.0}  # NaN fails this test too
     if bad:
         raise ValueError(f"GateConfig values must be fractions in [0, 1], got {bad}")
+    if not 0.0 < float(cfg.confidence) < 1.0:
+        raise ValueError(f"GateConfig.confidence must lie strictly between 0 and 1 (e.g. 0.95), got {cfg.confidence}")
     if cfg.max_latency_ms is not None and not float(cfg.max_latency_ms) > 0:
         raise ValueError(f"GateConfig.max_latency_ms must be positive or None, got {cfg.max_latency_ms}")
 
@@ -192,17 +234,11 @@ def evaluate_gates(
         else:
             results.append(_check(key, key, recall, threshold, ">=", f"recall of {c}"))
 
-    results.append(_check("escape_rate", "escape_rate", metrics.escape_rate, cfg.max_escape_rate, "<=", "escape rate"))
-    results.append(
-        _check(
-            "false_call_rate",
-            "false_call_rate",
-            metrics.false_call_rate,
-            cfg.max_false_call_rate,
-            "<=",
-            "false-call rate",
-        )
-    )
+    counts = error_counts(metrics)
+    results.append(_rate_check("escape_rate", metrics.escape_rate, cfg.max_escape_rate, counts["escape_rate"],
+                               "escape rate", "defects called good", "defects", cfg))
+    results.append(_rate_check("false_call_rate", metrics.false_call_rate, cfg.max_false_call_rate,
+                               counts["false_call_rate"], "false-call rate", "good candidates flagged", "good", cfg))
 
     if champion is not None:
         floor = champion.macro_recall - cfg.max_regression

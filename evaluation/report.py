@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
 from evaluation.gates import GateReport, GateResult
+from evaluation.intervals import ClassificationIntervals
 from evaluation.metrics import ClassificationMetrics, PRCurve
 
 __all__ = ["Miss", "miss_png", "render_report", "write_miss_tiles"]
@@ -270,7 +271,13 @@ def _context(
     info: Mapping[str, str],
     misses: Sequence[Miss],
     sections: Sequence[tuple[str, str]],
+    intervals: ClassificationIntervals | None = None,
+    split_note: str = "",
 ) -> dict[str, Any]:
+    def bounds(iv: Any) -> str:
+        return "" if iv is None else str(iv.format_bounds(4))
+
+    per_class_iv = intervals.per_class_recall if intervals else {}
     recall_gates = {r.name: r for r in gates.results if r.name.startswith("recall[")}
     thresholds = {c: recall_gates[f"recall[{c}]"].threshold for c in metrics.classes if f"recall[{c}]" in recall_gates}
     class_rows = []
@@ -283,6 +290,7 @@ def _context(
                 "good": c == metrics.good_class,
                 "support": metrics.support[c],
                 "recall": _num(metrics.per_class_recall[c]),
+                "recall_interval": bounds(per_class_iv.get(c)),
                 "recall_state": "" if gate is None else ("pass" if gate.passed else "fail"),
                 "threshold": "" if gate is None else _num(gate.threshold),
                 "precision": _num(metrics.per_class_precision[c]),
@@ -291,12 +299,14 @@ def _context(
             }
         )
     summary = [
-        ("samples", str(metrics.n)),
-        ("accuracy", _num(metrics.accuracy)),
-        ("macro recall", _num(metrics.macro_recall)),
-        ("macro precision", _num(metrics.macro_precision)),
-        ("escape rate (defects called good)", _num(metrics.escape_rate)),
-        ("false-call rate (good still flagged)", _num(metrics.false_call_rate)),
+        ("samples", str(metrics.n), ""),
+        ("accuracy", _num(metrics.accuracy), ""),
+        ("macro recall", _num(metrics.macro_recall), bounds(intervals.macro_recall if intervals else None)),
+        ("macro precision", _num(metrics.macro_precision), ""),
+        ("escape rate (defects called good)", _num(metrics.escape_rate),
+         bounds(intervals.escape_rate if intervals else None)),
+        ("false-call rate (good still flagged)", _num(metrics.false_call_rate),
+         bounds(intervals.false_call_rate if intervals else None)),
     ]
     gate_rows = [
         {
@@ -334,6 +344,8 @@ def _context(
         "good_class": metrics.good_class,
         "classes": list(metrics.classes),
         "summary": summary,
+        "has_intervals": intervals is not None,
+        "split_note": split_note,
         "class_rows": class_rows,
         "gate_rows": gate_rows,
         "plots": plots,
@@ -369,6 +381,8 @@ def render_report(
     info: dict[str, str],
     misses: Sequence[Miss] = (),
     sections: Sequence[tuple[str, str]] = (),
+    intervals: ClassificationIntervals | None = None,
+    split_note: str = "",
 ) -> Path:
     """Render the evaluation report to ``path`` (created or replaced atomically) and return ``path``.
 
@@ -376,12 +390,15 @@ def render_report(
     :func:`evaluation.metrics.pr_curves`); ``info`` free key/value pairs for the header (run id, model, dataset
     fingerprint, ...); ``misses`` the gallery, shown in the given order; ``sections`` extra ``(title, html)``
     blocks appended at the end, where ``html`` is trusted, pre-rendered HTML inserted verbatim (escape any
-    untrusted content in it yourself). Everything else is escaped.
+    untrusted content in it yourself). Everything else is escaped. ``intervals`` (of ``metrics``) are shown in
+    brackets next to macro recall, the two rates and each class's recall; ``split_note`` is a sentence under the
+    metrics saying which split the figures come from and what the brackets are.
     """
     path = Path(path)
     html = _template().render(
         **_context(
-            title=title, metrics=metrics, gates=gates, curves=curves, info=info, misses=misses, sections=sections
+            title=title, metrics=metrics, gates=gates, curves=curves, info=info, misses=misses, sections=sections,
+            intervals=intervals, split_note=split_note,
         )
     )
     _atomic_write_text(path, html)

@@ -92,23 +92,37 @@ def run(overrides: Overrides = None) -> None:
     _print_results(ctx.root)
 
 
+def _with_interval(value: float | None, interval: Any) -> str:
+    """``0.987 [0.975, 0.994]`` (the interval when known), ``-`` for no value."""
+    if value is None:
+        return "-"
+    bounds = interval.format_bounds() if interval is not None else ""
+    return f"{value:.3f} [dim]{bounds}[/]" if bounds else f"{value:.3f}"
+
+
 def _print_results(root: Path) -> None:
+    from evaluation.intervals import ClassificationIntervals
     from pipelines.fsutil import read_json
 
     s = read_json(root / "summary.json")
     gates = read_json(root / "gates.json") if (root / "gates.json").is_file() else {"results": []}
     m = s["metrics"]
-    t = Table(title="Per-class results (test crops)", title_justify="left")
+    metrics_full = read_json(root / "metrics.json") if (root / "metrics.json").is_file() else {}
+    iv = ClassificationIntervals.of_metrics_dict(metrics_full) if metrics_full else None
+    t = Table(title="Per-class results (test crops)", title_justify="left",
+              caption=escape(f"[brackets]: {100 * iv.confidence:g} % Wilson intervals") if iv else None,
+              caption_justify="left")
     t.add_column("class")
     t.add_column("recall", justify="right")
     t.add_column("precision", justify="right")
-    metrics_full = read_json(root / "metrics.json") if (root / "metrics.json").is_file() else {}
     order = metrics_full.get("classes") or list(m.get("per_class_recall") or {})
     for cls in order:
         rec = (m.get("per_class_recall") or {}).get(cls)
         prec = (m.get("per_class_precision") or {}).get(cls)
-        t.add_row(escape(cls), "-" if rec is None else f"{rec:.3f}", "-" if prec is None else f"{prec:.3f}")
+        t.add_row(escape(cls), _with_interval(rec, iv.per_class_recall.get(cls) if iv else None),
+                  "-" if prec is None else f"{prec:.3f}")
     console.print(t)
+    _print_board_results(root)
     g = Table(title="Gates", title_justify="left")
     for col in ("gate", "value", "threshold", "result"):
         g.add_column(col, justify="right" if col in ("value", "threshold") else "left")
@@ -122,8 +136,10 @@ def _print_results(root: Path) -> None:
     w.add_column("value", overflow="fold")
     rows = [("run", s["run_id"]), ("run root", s["run_root"]), ("registered model", f"{s['registered_model']} "
             f"v{s['version']} aliases={','.join(s['aliases']) or '-'}"), ("MLflow", s["tracking_uri"]),
-            ("macro recall", f"{m.get('macro_recall')}"), ("escape rate", f"{m.get('escape_rate')}"),
-            ("false-call rate", f"{m.get('false_call_rate')}"), ("report", str(s["report"])),
+            ("macro recall", _headline(m.get("macro_recall"), iv.macro_recall if iv else None)),
+            ("escape rate", _headline(m.get("escape_rate"), iv.escape_rate if iv else None)),
+            ("false-call rate", _headline(m.get("false_call_rate"), iv.false_call_rate if iv else None)),
+            ("report", str(s["report"])),
             ("ONNX", str(s["onnx_path"])), ("Triton repository", str(s["triton_repository"])),
             ("summary", str(root / "summary.json"))]
     if s.get("onnx_parity"):
@@ -133,6 +149,43 @@ def _print_results(root: Path) -> None:
     for k, v in rows:
         w.add_row(k, v)
     console.print(w)
+
+
+def _headline(value: float | None, interval: Any) -> str:
+    """A headline figure with its interval and what the interval is: ``0.940 [0.912, 0.961] (95 % Wilson, n = 100
+    defects)``."""
+    text = _with_interval(value, interval)
+    if interval is not None and interval.defined:
+        text += f" [dim]({escape(interval.describe())})[/]"
+    return text
+
+
+def _print_board_results(root: Path) -> None:
+    """The board-level DeepPCB scores per split with their bootstrap intervals, and per board design."""
+    from evaluation.intervals import Interval
+    from pipelines.fsutil import read_json
+
+    if not (root / "board_metrics.json").is_file():
+        return
+    board = read_json(root / "board_metrics.json")
+    t = Table(title="Board-level detection (DeepPCB metric)", title_justify="left", caption_justify="left",
+              caption=escape(f"score threshold {board.get('score_threshold')} chosen on val; [brackets]: "
+                             f"bootstrap over boards; * worst design (lowest F-score)"))
+    for col in ("split", "design", "boards", "mAP", "F-score"):  # precision and recall: board_metrics.json, report
+        t.add_column(col, justify="left" if col in ("split", "design") else "right", no_wrap=True)
+    for split in ("val", "test"):
+        b = board.get(split)
+        if not b:
+            continue
+        ivs = {k: Interval.from_dict(v) for k, v in (b.get("intervals") or {}).items()}
+        t.add_row(split, "[bold]all[/]", str(b["boards"]), _with_interval(b["map"], ivs.get("map")),
+                  _with_interval(b["fscore"], ivs.get("fscore")))
+        groups = b.get("per_group") or {}
+        worst = (b.get("worst_group") or {}).get("group")
+        for g, pg in groups.items():
+            name = escape(g) + ("[red]*[/]" if g == worst and len(groups) > 1 else "")
+            t.add_row("", name, str(pg["boards"]), f"{pg['map']:.3f}", f"{pg['fscore']:.3f}")
+    console.print(t)
 
 
 @app.command()

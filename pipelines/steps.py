@@ -21,6 +21,13 @@ from typing import Any
 import numpy as np
 
 from evaluation.gates import GateConfig, GateReport, evaluate_gates
+from evaluation.intervals import (
+    DEFAULT_RESAMPLES,
+    ClassificationIntervals,
+    board_breakdown,
+    bootstrap_macro_recall,
+    classification_intervals,
+)
 from evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
 from evaluation.report import Miss, render_report, write_miss_tiles
 from pipelines.config import artifact_location, tracking_uri
@@ -29,7 +36,7 @@ from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
 from registry.config import RegistryConfig
 from serving.config import DetectConfig, ExportConfig
 from training.config import DataConfig, ModelConfig, TrainConfig
-from training.snapshot import Snapshot, deeppcb_samples, load_snapshot, write_snapshot
+from training.snapshot import Snapshot, deeppcb_samples, load_snapshot, sample_group, write_snapshot
 from training.synth import DEFECT_TYPES
 from training.trainer import resolve_device
 
@@ -401,25 +408,29 @@ def _detector_settings(classes: tuple[str, ...], data: DataConfig, detect: Detec
                             merge=detect.merge, confidence=detect.confidence)
 
 
-def _board_split(ctx: StepContext, split: str) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]]]:
-    """Accepted board pairs of ``split`` and their ground truth, keyed by image stem."""
+def _board_split(ctx: StepContext, split: str
+                 ) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]], dict[str, str]]:
+    """Accepted board pairs of ``split``, their ground truth and their group (board design), keyed by image stem."""
     from evaluation.deeppcb import GroundTruth
 
     snap = load_snapshot(ctx.path(SNAPSHOT))
     quarantined = {q["index"] for q in read_json(ctx.path(VALIDATION))["quarantined"]}
-    pairs, gts = [], {}
+    pairs, gts, groups = [], {}, {}
     for i, s in enumerate(snap.samples):
         if s["split"] != split or i in quarantined or "template" not in s:
             continue
         key = Path(s["path"]).name.removesuffix("_test.jpg")
         pairs.append((key, snap.file(s["template"]), snap.file(s["path"])))
         gts[key] = [GroundTruth(b[0], b[1], b[2], b[3], b[4]) for b in s.get("boxes", [])]
-    return pairs, gts
+        groups[key] = sample_group(s)
+    return pairs, gts, groups
 
 
 def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
-                     logits_fn: Any, threshold: float | None) -> dict[str, Any]:
-    """Detect on the val and test boards; choose the score threshold on val (unless given); score test."""
+                     logits_fn: Any, threshold: float | None, confidence: float = 0.95) -> dict[str, Any]:
+    """Detect on the val and test boards; choose the score threshold on val (unless given); score test. Each split
+    also gets bootstrap intervals over boards (``intervals``) and its scores per board design (``per_group``,
+    ``worst_group``)."""
     from evaluation.deeppcb import boxes_found, score
     from serving.detector import CONFIDENCES, BoardDetector, detections_from_probs
     from training.candidates import detection_box
@@ -430,8 +441,10 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
                                         "crop_size": settings.crop_size, "context": settings.context,
                                         "merge": settings.merge, "confidence": settings.confidence}}
     runs = {}
+    groups: dict[str, str] = {}
     for split in ("val", "test"):
-        pairs, gts = _board_split(ctx, split)
+        pairs, gts, split_groups = _board_split(ctx, split)
+        groups |= split_groups
         advance = ctx.reporter.task(f"detecting on {split} boards", len(pairs))
         t0 = time.perf_counter()
         results = []
@@ -440,10 +453,13 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
             advance(1)
         runs[split] = (results, gts, len(pairs) / max(time.perf_counter() - t0, 1e-9))
 
-    def score_at(split: str, t: float) -> Any:
+    def images_at(split: str, t: float) -> dict[str, Any]:
         results, gts, _ = runs[split]
-        return score({r.key: (gts[r.key], detections_from_probs(r.candidates, r.probs, settings, r.shape, t))
-                      for r in results}, iou_threshold=detect.iou_threshold)
+        return {r.key: (gts[r.key], detections_from_probs(r.candidates, r.probs, settings, r.shape, t))
+                for r in results}
+
+    def score_at(split: str, t: float) -> Any:
+        return score(images_at(split, t), iou_threshold=detect.iou_threshold)
 
     objectives = {"fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
     if detect.select not in objectives:
@@ -460,10 +476,42 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
             found = [f for r in results for f in boxes_found(
                 gts[r.key], [detection_box(c, settings.box_margin, r.shape) for c in r.candidates],
                 detect.iou_threshold)]
-            out[split] = {**score_at(split, threshold).to_dict(), "images_per_s": ips, "boards": len(results),
-                          "ceiling_recall": float(np.mean(found)) if found else None}
+            images = images_at(split, threshold)
+            out[split] = {**score(images, iou_threshold=detect.iou_threshold).to_dict(), "images_per_s": ips,
+                          "boards": len(results), "ceiling_recall": float(np.mean(found)) if found else None,
+                          **board_breakdown(images, groups, iou_threshold=detect.iou_threshold,
+                                            confidence=confidence)}
     out["score_threshold"] = threshold
     return out
+
+
+def _crop_units(crops: Snapshot, paths: list[str]) -> list[str]:
+    """The resampling unit of each crop: the board it was cut from (``source`` is ``<board>#<k>`` for candidate
+    crops), else its ``group`` when the manifest records one, else the crop itself."""
+    by_path = {s["path"]: s for s in crops.samples}
+    units = []
+    for p in paths:
+        s = by_path.get(p, {})
+        source = str(s.get("source", ""))
+        if s.get("origin") in ("candidate", "missed-gt") and "#" in source:
+            units.append("board:" + source.rsplit("#", 1)[0])
+        else:
+            units.append(f"group:{s['group']}" if s.get("group") else "crop:" + p)
+    return units
+
+
+def _interval_unit(units: list[str]) -> str:
+    kinds = {u.split(":", 1)[0] for u in units}
+    return {"board": "boards", "group": "groups", "crop": "crops"}.get(kinds.pop(), "units") if len(kinds) == 1 \
+        else "boards or crops"
+
+
+def metrics_intervals(metrics: ClassificationMetrics, y: np.ndarray, pred: np.ndarray, units: list[str],
+                      confidence: float) -> ClassificationIntervals:
+    """Wilson intervals of the recalls and rates, and macro recall bootstrapped over ``units`` (seed 0)."""
+    macro = bootstrap_macro_recall(y, pred, len(metrics.classes), groups=units, confidence=confidence, seed=0,
+                                   unit=_interval_unit(units))
+    return classification_intervals(metrics, confidence, macro_recall=macro)
 
 
 def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
@@ -473,6 +521,8 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
     from training.engine import predict_logits, softmax
     from training.trainer import CheckpointError, load_trained_model
 
+    if not 0.0 < gates.confidence < 1.0:
+        raise StepError(f"gates.confidence={gates.confidence} must lie strictly between 0 and 1: use e.g. 0.95")
     crops = load_snapshot(ctx.path(CROPS))
     x, y, paths = load_split(crops, "test")
     if len(y) == 0:
@@ -494,15 +544,17 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
         def torch_logits(batch: np.ndarray) -> np.ndarray:
             return predict_logits(net, torch.from_numpy(batch), resolve_device("cpu"))
 
-        board = board_evaluation(ctx, data, detect, crops.classes, torch_logits, detect.score_threshold)
+        board = board_evaluation(ctx, data, detect, crops.classes, torch_logits, detect.score_threshold,
+                                 gates.confidence)
         write_json(ctx.path(BOARD_METRICS), board)
         write_json(ctx.path(DETECTOR), {"score_threshold": board["score_threshold"], **board["settings"]})
     report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     with atomic_path(ctx.path(PREDICTIONS)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, logits=logits, labels=y, paths=np.asarray(paths))
-    write_json(ctx.path(METRICS), metrics.to_dict())
+    intervals = metrics_intervals(metrics, y, probs.argmax(1), _crop_units(crops, paths), gates.confidence)
+    write_json(ctx.path(METRICS), {**metrics.to_dict(), "intervals": intervals.to_dict()})
     write_json(ctx.path(GATES), report.to_dict())
-    _write_report(ctx, net, metrics, report, probs, y, x, crops, state, champion_version, board)
+    _write_report(ctx, net, metrics, report, probs, y, x, crops, state, champion_version, board, intervals)
     result: dict[str, Any] = {"passed": report.passed, "failed": [g.name for g in report.failed()],
                               "macro_recall": metrics.macro_recall, "champion_version": champion_version}
     if board and "test" in board:
@@ -517,7 +569,8 @@ def _has_boards(ctx: StepContext) -> bool:
 
 def _write_report(ctx: StepContext, net: Any, metrics: ClassificationMetrics, gates: GateReport, probs: np.ndarray,
                   y: np.ndarray, x: np.ndarray, crops: Snapshot, state: dict[str, Any],
-                  champion_version: str, board: dict[str, Any] | None) -> None:
+                  champion_version: str, board: dict[str, Any] | None,
+                  intervals: ClassificationIntervals | None = None) -> None:
     from evaluation.gradcam import grad_cam, overlay
     from training.data import to_tensor
     from training.models import model_family
@@ -536,25 +589,63 @@ def _write_report(ctx: StepContext, net: Any, metrics: ClassificationMetrics, ga
     sections = [("Board-level detection (DeepPCB metric)", _board_html(board))] if board else []
     write_miss_tiles(ctx.path(MISSES), misses)
     render_report(ctx.path(REPORT), title=f"DefectOps evaluation: {ctx.run_id}", metrics=metrics, gates=gates,
-                  curves=pr_curves(y, probs, crops.classes), info=info, misses=misses, sections=sections)
+                  curves=pr_curves(y, probs, crops.classes), info=info, misses=misses, sections=sections,
+                  intervals=intervals, split_note=_split_note(len(y), intervals))
+
+
+def _split_note(n_crops: int, intervals: ClassificationIntervals | None) -> str:
+    """The report's sentence on where the figures come from and what their intervals are."""
+    text = f"All figures are on the held-out test split ({n_crops} crops); training and selection use train and val."
+    if intervals is None:
+        return text
+    level = f"{100 * intervals.confidence:g} %"
+    text += f" Brackets: {level} Wilson score intervals for the recalls and rates"
+    macro = intervals.macro_recall
+    if macro is not None and macro.defined:
+        text += f"; macro recall: percentile bootstrap over {macro.n} {macro.unit} ({DEFAULT_RESAMPLES} resamples)"
+    return text + "."
+
+
+def _iv(d: dict[str, Any] | None, key: str) -> str:
+    from html import escape
+
+    from evaluation.intervals import Interval
+
+    if not d or not d.get(key):
+        return ""
+    return f' <span class="muted">{escape(Interval.from_dict(d[key]).format_bounds(4))}</span>'
 
 
 def _board_html(board: dict[str, Any]) -> str:
     from html import escape
 
-    rows = []
+    rows, designs = [], []
     for split in ("val", "test"):
         if split in board:
             b = board[split]
+            iv = b.get("intervals")
             ceiling = "-" if b.get("ceiling_recall") is None else f"{b['ceiling_recall']:.4f}"
-            rows.append(f"<tr><td>{split}</td><td>{b['boards']}</td><td>{b['map']:.4f}</td><td>{b['fscore']:.4f}</td>"
+            rows.append(f"<tr><td>{split}</td><td>{b['boards']}</td><td>{b['map']:.4f}{_iv(iv, 'map')}</td>"
+                        f"<td>{b['fscore']:.4f}{_iv(iv, 'fscore')}</td>"
                         f"<td>{b['precision']:.4f}</td><td>{b['recall']:.4f}</td><td>{ceiling}</td>"
                         f"<td>{b['images_per_s']:.1f}</td></tr>")
+            worst = (b.get("worst_group") or {}).get("group")
+            for g, m in (b.get("per_group") or {}).items():
+                mark = ' <span class="muted">(worst)</span>' if g == worst and len(b["per_group"]) > 1 else ""
+                designs.append(f"<tr><td>{split}</td><td class=\"mono\">{escape(g)}{mark}</td><td>{m['boards']}</td>"
+                               f"<td>{m['map']:.4f}</td><td>{m['fscore']:.4f}</td><td>{m['precision']:.4f}</td>"
+                               f"<td>{m['recall']:.4f}</td></tr>")
     head = ("<table><thead><tr><th>split</th><th>boards</th><th>mAP</th><th>F-score</th><th>precision</th>"
             "<th>recall</th><th>candidate ceiling</th><th>images/s</th></tr></thead><tbody>")
+    level = next((f"{100 * b['intervals']['map']['confidence']:g} %" for b in (board.get("test"), board.get("val"))
+                  if b and b.get("intervals")), None)
+    bootstrap = f" Brackets: {level} percentile bootstrap over boards ({DEFAULT_RESAMPLES} resamples, seed 0)."
     note = (f"<p>IoU &gt; {escape(str(0.33))}; score threshold {board['score_threshold']} chosen on the val split, "
-            f"applied unchanged to test.</p>")
-    return head + "".join(rows) + "</tbody></table>" + note
+            f"applied unchanged to test.{bootstrap if level else ''}</p>")
+    per_design = ("<h3>Per board design</h3><table><thead><tr><th>split</th><th>design</th><th>boards</th>"
+                  "<th>mAP</th><th>F-score</th><th>precision</th><th>recall</th></tr></thead><tbody>"
+                  + "".join(designs) + "</tbody></table>") if designs else ""
+    return head + "".join(rows) + "</tbody></table>" + note + per_design
 
 
 # ---------------------------------------------------------------------------------------------------- register
@@ -716,7 +807,7 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     from training.engine import softmax
 
     crops = load_snapshot(ctx.path(CROPS))
-    x, y, _ = load_split(crops, "test")
+    x, y, paths = load_split(crops, "test")
     ref = np.load(ctx.path(PREDICTIONS))["logits"]
     session = onnx_session(ctx.path(ONNX))
     logits = onnx_logits(session, to_tensor(x).numpy())
@@ -727,11 +818,14 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     board = None
     if ctx.path(DETECTOR).is_file():
         threshold = read_json(ctx.path(DETECTOR))["score_threshold"]
-        board = board_evaluation(ctx, data, detect, crops.classes, lambda b: onnx_logits(session, b), threshold)
+        board = board_evaluation(ctx, data, detect, crops.classes, lambda b: onnx_logits(session, b), threshold,
+                                 gates.confidence)
         write_json(ctx.path(ONNX_BOARD_METRICS), board)
     report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     write_json(ctx.path(PARITY), par.to_dict())
-    write_json(ctx.path(ONNX_METRICS), metrics.to_dict())
+    units = _crop_units(crops, paths)
+    intervals = metrics_intervals(metrics, y, logits.argmax(1), units, gates.confidence)
+    write_json(ctx.path(ONNX_METRICS), {**metrics.to_dict(), "intervals": intervals.to_dict()})
     write_json(ctx.path(ONNX_GATES), report.to_dict())
     registration = read_json(ctx.path(REGISTRATION))
     c, rid = _mlflow_run(ctx, registry)
@@ -758,7 +852,7 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
         raise StepError("exported model failed verification, challenger alias removed: " + "; ".join(problems))
     int8 = None
     if export.int8.enabled and ctx.path(ONNX_INT8).is_file():
-        int8 = _verify_int8(ctx, data, export, gates, detect, x, y, ref, crops.classes, champion)
+        int8 = _verify_int8(ctx, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
         for k, v in {"defectops.int8_published": str(int8["publish"]).lower(),
                      "defectops.int8_macro_recall_drop": f"{int8['macro_recall_drop']:.6f}",
                      "defectops.int8_refused": "; ".join(int8["reasons"]) or "none"}.items():
@@ -791,7 +885,7 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
 
 def _verify_int8(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig, detect: DetectConfig,
                  x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray, classes: tuple[str, ...],
-                 champion: ClassificationMetrics | None) -> dict[str, Any]:
+                 champion: ClassificationMetrics | None, units: list[str] | None = None) -> dict[str, Any]:
     """Evaluate the INT8 model like the checkpoint (same crops, same gates, board-level too) and decide whether it may
     be published (:func:`serving.quantize.int8_verdict`); writes ``export/int8.json``."""
     from serving.onnx_export import onnx_logits, onnx_session, parity
@@ -806,15 +900,19 @@ def _verify_int8(ctx: StepContext, data: DataConfig, export: ExportConfig, gates
     board = None
     if ctx.path(DETECTOR).is_file():
         threshold = read_json(ctx.path(DETECTOR))["score_threshold"]
-        board = board_evaluation(ctx, data, detect, classes, lambda b: onnx_logits(session, b), threshold)
+        board = board_evaluation(ctx, data, detect, classes, lambda b: onnx_logits(session, b), threshold,
+                                 gates.confidence)
     report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
+    intervals = metrics_intervals(metrics, y, logits.argmax(1), units or [f"crop:{i}" for i in range(len(y))],
+                                  gates.confidence)
     reference = ClassificationMetrics.from_dict(read_json(ctx.path(METRICS)))
     verdict = int8_verdict(reference.macro_recall, metrics.macro_recall, par.top1_agreement,
                            [f"{g.name} ({g.detail})" for g in report.failed()], export.int8.max_macro_recall_drop)
     out = {**verdict.to_dict(), "macro_recall": metrics.macro_recall, "reference_macro_recall": reference.macro_recall,
-           "parity": par.to_dict(), "metrics": metrics.to_dict(), "gates": report.to_dict()}
+           "parity": par.to_dict(), "metrics": {**metrics.to_dict(), "intervals": intervals.to_dict()},
+           "gates": report.to_dict()}
     if board and "test" in board:
-        out["board"] = {k: board["test"][k] for k in ("map", "fscore", "images_per_s")}
+        out["board"] = {k: board["test"][k] for k in ("map", "fscore", "images_per_s", "intervals")}
     write_json(ctx.path(INT8_REPORT), out)
     return out
 

@@ -200,6 +200,8 @@ def test_gate_config_is_a_valid_structured_config() -> None:
         "max_latency_ms",
         "min_board_map",
         "min_board_fscore",
+        "use_upper_bound",
+        "confidence",
     ]
 
 
@@ -214,3 +216,59 @@ def test_board_gates() -> None:
     assert not missing["board_map"].passed
     assert "not measured" in missing["board_map"].detail
     assert "board_map" not in {r.name for r in evaluate_gates(m, GateConfig()).results}
+
+
+# -- gates.use_upper_bound: the Wilson upper bound of the rates against their limits ---------------------------------
+
+
+def test_zero_escapes_of_twenty_defects_pass_on_the_point_but_not_on_the_bound() -> None:
+    m = from_confusion([[100, 0, 0], [0, 10, 0], [0, 0, 10]])  # 0 of 20 defects called good
+    point = {r.name: r for r in evaluate_gates(m, GateConfig()).results}["escape_rate"]
+    assert point.passed and point.value == 0.0 and not point.uses_bound
+    assert point.interval is not None and point.interval.high == pytest.approx(0.1611, abs=5e-5)
+    assert "0 of 20 defects called good" in point.detail and "95 % Wilson interval [0.0000, 0.1611]" in point.detail
+    bound = {r.name: r for r in evaluate_gates(m, GateConfig(use_upper_bound=True)).results}["escape_rate"]
+    assert not bound.passed and bound.uses_bound
+    assert bound.value == pytest.approx(0.1611, abs=5e-5) and bound.threshold == 0.05
+    assert "upper bound 0.1611 exceeds the maximum 0.0500" in bound.detail and "0 of 20" in bound.detail
+
+
+def test_zero_escapes_of_two_thousand_defects_pass_both_ways() -> None:
+    m = from_confusion([[2000, 0, 0], [0, 1000, 0], [0, 0, 1000]])
+    for cfg in (GateConfig(), GateConfig(use_upper_bound=True)):
+        report = evaluate_gates(m, cfg)
+        assert report.passed
+    bound = {r.name: r for r in evaluate_gates(m, GateConfig(use_upper_bound=True)).results}["escape_rate"]
+    assert bound.value == pytest.approx(0.00192, abs=5e-6) and bound.interval is not None
+    assert bound.interval.n == 2000
+
+
+def test_false_call_bound_and_confidence_level(candidate: ClassificationMetrics) -> None:
+    # 10 of 100 good flagged: point 0.10, 95 % Wilson upper 0.1744, 99 % upper 0.2038
+    def fc(cfg: GateConfig) -> GateResult:
+        return {r.name: r for r in evaluate_gates(candidate, cfg).results}["false_call_rate"]
+
+    assert fc(GateConfig(max_false_call_rate=0.18)).passed
+    assert fc(GateConfig(max_false_call_rate=0.18, use_upper_bound=True)).passed
+    strict = fc(GateConfig(max_false_call_rate=0.18, use_upper_bound=True, confidence=0.99))
+    assert not strict.passed and strict.value == pytest.approx(0.2038, abs=5e-4) and "99 %" in strict.detail
+    with pytest.raises(ValueError, match=r"GateConfig\.confidence"):
+        evaluate_gates(candidate, GateConfig(confidence=1.0))
+
+
+def test_bound_without_trials_keeps_the_point() -> None:
+    m = from_confusion([[50, 0, 0], [0, 0, 0], [0, 0, 0]])  # no defects at all: nothing can escape
+    escape = {r.name: r for r in evaluate_gates(m, GateConfig(use_upper_bound=True)).results}["escape_rate"]
+    assert escape.passed and escape.value == 0.0 and not escape.uses_bound
+    assert escape.interval is not None and not escape.interval.defined
+
+
+def test_gate_json_stays_backward_compatible(candidate: ClassificationMetrics) -> None:
+    report = evaluate_gates(candidate, GateConfig(use_upper_bound=True))
+    d = report.to_dict()
+    old_keys = {"name", "metric", "value", "threshold", "comparison", "passed", "detail"}
+    assert all(old_keys <= set(r) for r in d["results"])
+    assert GateReport.from_dict(json.loads(json.dumps(d, allow_nan=False))) == report
+    old = {"passed": True, "results": [{k: v for k, v in r.items() if k in old_keys} for r in d["results"]]}
+    back = GateReport.from_dict(old)  # a gates.json written before intervals existed
+    assert all(r.interval is None and not r.uses_bound for r in back.results)

@@ -232,3 +232,37 @@ def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Pat
     assert evaluate["champion_version"] == "version 1"
     onnx_gates = [g["name"] for g in json.loads((ctx.root / "export" / "gates.json").read_text())["results"]]
     assert onnx_gates == names
+
+
+def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, capsys: pytest.CaptureFixture[str]
+                                                                ) -> None:
+    from evaluation.intervals import BoardIntervals, ClassificationIntervals
+    from evaluation.metrics import ClassificationMetrics
+    from pipelines.cli import _print_results
+
+    root = tiny_run["root"]
+    metrics = json.loads((root / "metrics.json").read_text())
+    ClassificationMetrics.from_dict(metrics)  # the extra key does not break the reader
+    iv = ClassificationIntervals.from_dict(metrics["intervals"])
+    assert iv.macro_recall is not None and iv.macro_recall.unit == "boards"  # crops of a board resample together
+    assert iv.macro_recall.low <= metrics["macro_recall"] <= iv.macro_recall.high
+    assert iv.escape_rate.point == pytest.approx(metrics["escape_rate"]) or not iv.escape_rate.defined
+    assert set(iv.per_class_recall) == set(metrics["classes"])
+    assert "intervals" in json.loads((root / "export" / "metrics.json").read_text())
+    board = json.loads((root / "board_metrics.json").read_text())
+    for split in ("val", "test"):
+        b = board[split]
+        bi = BoardIntervals.from_dict(b["intervals"])
+        assert bi.map.n == b["boards"] and bi.map.point == pytest.approx(b["map"])
+        assert bi.fscore.low <= b["fscore"] <= bi.fscore.high
+        assert sum(g["boards"] for g in b["per_group"].values()) == b["boards"]
+        assert all(name.startswith("group") for name in b["per_group"])
+        assert b["worst_group"]["fscore"] == min(g["fscore"] for g in b["per_group"].values())
+    html = (root / "report.html").read_text()
+    assert iv.false_call_rate.format_bounds(4) in html and "percentile bootstrap over boards" in html
+    assert "Per board design" in html and next(iter(board["test"]["per_group"])) in html
+    _print_results(root)
+    out = capsys.readouterr().out
+    assert iv.false_call_rate.format_bounds() in out and "Wilson" in out
+    assert "Board-level detection" in out and BoardIntervals.from_dict(board["test"]["intervals"]).map.format_bounds() \
+        in out

@@ -221,3 +221,23 @@ def test_leaves_matplotlib_global_state_alone(tmp_path: Path) -> None:
 def test_miss_rejects_bad_images(image: np.ndarray) -> None:
     with pytest.raises(ValueError, match=r"Miss\.image"):
         Miss(image, "open", "short", 0.5)
+
+
+def test_intervals_next_to_headline_figures(tmp_path: Path) -> None:
+    from evaluation.intervals import bootstrap_macro_recall, classification_intervals
+
+    metrics, gates, curves = _inputs(CLASSES[:3])
+    y = np.repeat(np.arange(3), [sum(r) for r in metrics.confusion])
+    pred = np.concatenate([np.repeat(np.arange(3), r) for r in metrics.confusion])
+    iv = classification_intervals(metrics, macro_recall=bootstrap_macro_recall(y, pred, 3, unit="boards"))
+    note = "All figures are on the test split (350 crops). Brackets: 95 % Wilson score intervals."
+    html = render_report(tmp_path / "r.html", title="t", metrics=metrics, gates=gates, curves=curves, info={},
+                         intervals=iv, split_note=note).read_text(encoding="utf-8")
+    for interval in (iv.macro_recall, iv.escape_rate, iv.false_call_rate, *iv.per_class_recall.values()):
+        assert interval is not None and interval.defined
+        assert interval.format_bounds(4) in html
+    assert note in html
+    plain = render_report(tmp_path / "p.html", title="t", metrics=metrics, gates=gates, curves=curves,
+                          info={}).read_text(encoding="utf-8")
+    assert "Interval</th>" not in plain and 'id="split-note"' not in plain
+    assert iv.escape_rate.format_bounds(4) in plain  # the escape-rate gate's detail gives the interval anyway

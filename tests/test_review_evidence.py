@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from review_support import Client, ReviewServer
 
 from evaluation.gates import GateConfig, evaluate_gates
+from evaluation.intervals import ClassificationIntervals
 from evaluation.metrics import classification_metrics, pr_curves
 from evaluation.report import Miss, miss_png, render_report, write_miss_tiles
+from registry.config import RegistryConfig
 from registry.mlflow_registry import client as make_client
+from registry.review.evidence import candidate_view
 
 
 def test_miss_tiles_are_the_report_gallery(tmp_path: Path) -> None:
@@ -47,3 +51,39 @@ def test_register_logs_review_evidence(tiny_run: dict) -> None:
     logged = {a.path for a in c.list_artifacts(run, "evidence")}
     assert {"evidence/dataset.json", "evidence/misses", "evidence/gates.json", "evidence/report.html"} <= logged
     assert len(c.list_artifacts(run, "evidence/misses")) == len(index) + 1
+
+
+def test_review_page_shows_intervals_of_candidate_and_champion(review_registry: dict) -> None:
+    # the champion (v1) was registered by the pipeline with an "intervals" entry; the challenger's metrics.json was
+    # written without one (as by an older version) and gets Wilson intervals from its confusion matrix
+    c = make_client(review_registry["uri"])
+    v = candidate_view(c, review_registry["model"], review_registry["challenger"], RegistryConfig())
+    rows = {r["key"]: r for r in v["summary"]}
+    run = c.get_model_version(review_registry["model"], review_registry["champion"]).run_id
+    champ = json.loads(Path(c.download_artifacts(run, "metrics.json")).read_text())
+    logged = ClassificationIntervals.from_dict(champ["intervals"])
+    assert logged.macro_recall is not None and logged.macro_recall.unit == "boards"
+    assert rows["escape_rate"]["champ_interval"] == logged.escape_rate.format_bounds(4)
+    assert rows["macro_recall"]["champ_interval"] == logged.macro_recall.format_bounds(4)
+    mine = ClassificationIntervals.of_metrics_dict(review_registry["metrics"])
+    assert mine is not None and mine.macro_recall is None
+    assert rows["false_call_rate"]["interval"] == mine.false_call_rate.format_bounds(4)
+    assert rows["macro_recall"]["interval"] is None  # no bootstrap for an old file
+    for cls in v["classes"]:
+        assert cls["recall_interval"] == mine.per_class_recall[cls["name"]].format_bounds(4) or (
+            not mine.per_class_recall[cls["name"]].defined and cls["recall_interval"] is None)
+    assert v["interval_note"] and "Wilson" in v["interval_note"]
+
+
+def test_candidate_page_renders_the_intervals(review_server: ReviewServer) -> None:
+    reg = review_server.registry
+    c = Client(review_server.url)
+    assert c.login("eng").status == 303
+    page = c.get(f"/models/{reg['model']}/versions/{reg['challenger']}")
+    assert page.status == 200
+    mine = ClassificationIntervals.of_metrics_dict(reg["metrics"])
+    assert mine is not None
+    assert f'<span class="small muted interval">{mine.escape_rate.format_bounds(4)}</span>' in page.body
+    assert 'data-testid="interval-note"' in page.body and "Wilson" in page.body
+    champion = c.get(f"/models/{reg['model']}/versions/{reg['champion']}")  # the pipeline's own metrics.json
+    assert champion.status == 200 and "percentile bootstrap over" in champion.body

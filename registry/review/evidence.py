@@ -3,7 +3,9 @@
 What: plain functions from an ``MlflowClient`` to dictionaries the templates render. A version's evidence is what its
 register step logged to its run: ``metrics.json``, ``evidence/gates.json``, ``evidence/dataset.json``,
 ``evidence/validation.json``, ``evidence/misses/`` (worst misses with Grad-CAM overlays) and ``evidence/config.yaml``,
-plus the version's tags and the run's params. Deltas compare the candidate with the current ``champion``.
+plus the version's tags and the run's params. Deltas compare the candidate with the current ``champion``. Confidence
+intervals come from the ``intervals`` entry of ``metrics.json``; for a version registered before it existed, the
+Wilson intervals are recomputed from its confusion matrix and macro recall has none.
 
 Why here and not in the templates: the numbers a quality lead approves on must be computed once, testably, from the
 same artifacts :mod:`registry.governance` hashes into the audit record; nothing here decides anything.
@@ -23,6 +25,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from evaluation.intervals import ClassificationIntervals, Interval
 from registry.audit_store import RegistryTrail
 from registry.config import RegistryConfig
 from registry.governance import DECIDER_ROLES, TAG, NotFound
@@ -133,8 +136,29 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def _intervals(metrics: dict[str, Any] | None) -> ClassificationIntervals | None:
+    return ClassificationIntervals.of_metrics_dict(metrics) if metrics else None
+
+
+def _bounds(iv: Interval | None) -> str | None:
+    """``[0.975, 0.994]`` or ``None`` (no interval, or an undefined one)."""
+    return iv.format_bounds(4) if iv is not None and iv.defined else None
+
+
+def interval_note(cand: dict[str, Any] | None) -> str | None:
+    """The sentence under the headline numbers saying what the brackets are (``None`` without intervals)."""
+    iv = _intervals(cand)
+    if iv is None:
+        return None
+    text = f"Brackets: {100 * iv.confidence:g} % Wilson score intervals of the rates and recalls"
+    if iv.macro_recall is not None and iv.macro_recall.defined:
+        text += f"; macro recall: percentile bootstrap over {iv.macro_recall.n} {iv.macro_recall.unit}"
+    return text + "."
+
+
 def _class_rows(cand: dict[str, Any], champ: dict[str, Any] | None) -> list[dict[str, Any]]:
     rows = []
+    civ, hiv = _intervals(cand), _intervals(champ)
     for c in cand.get("classes", []):
         r = _num(cand["per_class_recall"].get(c))
         p = _num(cand["per_class_precision"].get(c))
@@ -142,19 +166,27 @@ def _class_rows(cand: dict[str, Any], champ: dict[str, Any] | None) -> list[dict
         cp = _num(champ["per_class_precision"].get(c)) if champ else None
         rows.append({"name": c, "good": c == cand.get("good_class"), "support": cand.get("support", {}).get(c),
                      "recall": r, "champ_recall": cr, "d_recall": _delta(r, cr),
+                     "recall_interval": _bounds(civ.per_class_recall.get(c)) if civ else None,
+                     "champ_recall_interval": _bounds(hiv.per_class_recall.get(c)) if hiv else None,
                      "precision": p, "champ_precision": cp, "d_precision": _delta(p, cp)})
     return rows
 
 
 def _summary_rows(cand: dict[str, Any], champ: dict[str, Any] | None) -> list[dict[str, Any]]:
     rows = []
+    civ, hiv = _intervals(cand), _intervals(champ)
+
+    def bounds(ivs: ClassificationIntervals | None, key: str) -> str | None:
+        return _bounds(getattr(ivs, key)) if ivs is not None and hasattr(ivs, key) else None
+
     for key, label, higher_better in (("macro_recall", "macro recall", True),
                                       ("escape_rate", "escape rate (defects called good)", False),
                                       ("false_call_rate", "false-call rate (good still flagged)", False),
                                       ("accuracy", "accuracy", True), ("n", "test samples", None)):
         a, b = _num(cand.get(key)), _num(champ.get(key)) if champ else None
         rows.append({"key": key, "label": label, "value": a, "champ": b, "delta": _delta(a, b),
-                     "higher_better": higher_better, "count": key == "n"})
+                     "higher_better": higher_better, "count": key == "n",
+                     "interval": bounds(civ, key), "champ_interval": bounds(hiv, key)})
     return rows
 
 
@@ -193,6 +225,7 @@ def candidate_view(client: MlflowClient, model: str, version: str, cfg: Registry
         "registered_by": tags.get(f"{TAG}registered_by"), "gates_passed": tags.get(f"{TAG}gates_passed") == "true",
         "gates": (cand["gates"] or {}).get("results", []), "gates_all_passed": (cand["gates"] or {}).get("passed"),
         "summary": _summary_rows(cm, champ_metrics) if cm else [],
+        "interval_note": interval_note(cm),
         "classes": _class_rows(cm, champ_metrics) if cm else [],
         "confusion": confusion_table(cm) if cm else None,
         "champ_confusion": confusion_table(champ_metrics) if champ_metrics else None,
