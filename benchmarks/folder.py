@@ -25,8 +25,6 @@ the training time as a ratio that is comparable across machines.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 import os
 import shutil
