@@ -156,6 +156,7 @@ def run_recipe(root: Path, good: str, name: str, overrides: list[str], home: Pat
     return {"recipe": name, "overrides": [*RECIPES.get(name, []), *overrides], "run_root": str(ctx.root),
             "metrics": metrics, "train_seconds": seconds.get("train"), "seconds": seconds,
             "selected_epoch": train.get("selected_epoch"), "epochs": train.get("epochs"), "last_epoch": history,
+            "val_macro_recall": train.get("selected", {}).get("val_macro_recall"),
             "validate": {k: v for k, v in validate.items() if k != "crops"}}
 
 
@@ -176,7 +177,8 @@ def summarise(r: dict[str, Any], reference: float) -> dict[str, Any]:
             "false_calls": false_calls, "good": good, "false_call_rate": wilson_interval(false_calls, good).to_dict(),
             "accuracy": m.accuracy, "n_test": m.n, "train_seconds": r["train_seconds"],
             "train_x_reference": r["train_seconds"] / reference if r["train_seconds"] else None,
-            "selected_epoch": r["selected_epoch"], "epochs": r["epochs"], "overrides": r["overrides"]}
+            "selected_epoch": r["selected_epoch"], "epochs": r["epochs"], "val_macro_recall": r.get("val_macro_recall"),
+            "overrides": r["overrides"]}
 
 
 def main() -> int:
@@ -211,11 +213,13 @@ def main() -> int:
                                              "runs": results}, indent=2))
     rows = [summarise(r, reference) for r in results]
     t = Table(title=f"{args.dataset}: held-out test split (Wilson 95 % intervals); reference {reference:.2f} s")
-    for col in ("recipe", "macro recall", "escapes", "escape rate", "false-call rate", "train s", "x ref", "epoch"):
+    for col in ("recipe", "val macro recall", "macro recall", "escapes", "escape rate", "false-call rate", "train s",
+                "x ref", "epoch"):
         t.add_column(col, justify="right")
     for s in rows:
         e, f = s["escape_rate"], s["false_call_rate"]
-        t.add_row(s["recipe"], f"{s['macro_recall']:.4f}", f"{s['escapes']}/{s['defects']}",
+        val = "-" if s["val_macro_recall"] is None else f"{s['val_macro_recall']:.4f}"
+        t.add_row(s["recipe"], val, f"{s['macro_recall']:.4f}", f"{s['escapes']}/{s['defects']}",
                   f"{e['point']:.4f} [{e['low']:.4f}, {e['high']:.4f}]",
                   f"{f['point']:.4f} [{f['low']:.4f}, {f['high']:.4f}]", f"{s['train_seconds']:.0f}",
                   f"{s['train_x_reference']:.0f}", f"{s['selected_epoch']}/{s['epochs']}")

@@ -290,6 +290,7 @@ def _train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainC
         torch.save(state, tmp)
     out = {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
            "selected_epoch": result.selected_epoch, "select": train.select,
+           "selected": result.history[result.selected_epoch - 1] if result.selected_epoch else {},
            "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
     weights = state.get("weights_info") or {}
     reg.log_params(c, rid, {"selected_epoch": result.selected_epoch,
