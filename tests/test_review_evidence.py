@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from review_support import Client, ReviewServer
+from review_support import Client, ReviewServer, make_review_registry
 
 from evaluation.gates import GateConfig, evaluate_gates
 from evaluation.intervals import ClassificationIntervals
@@ -53,9 +53,11 @@ def test_register_logs_review_evidence(tiny_run: dict) -> None:
     assert len(c.list_artifacts(run, "evidence/misses")) == len(index) + 1
 
 
-def test_review_page_shows_intervals_of_candidate_and_champion(review_registry: dict) -> None:
+def test_review_page_shows_intervals_of_candidate_and_champion(tiny_run: dict, tmp_path: Path) -> None:
     # the champion (v1) was registered by the pipeline with an "intervals" entry; the challenger's metrics.json was
-    # written without one (as by an older version) and gets Wilson intervals from its confusion matrix
+    # written without one (as by an older version) and gets Wilson intervals from its confusion matrix. A registry of
+    # its own: the session's review_registry may already have its challenger approved by the browser tests.
+    review_registry = make_review_registry(tiny_run, tmp_path)
     c = make_client(review_registry["uri"])
     v = candidate_view(c, review_registry["model"], review_registry["challenger"], RegistryConfig())
     rows = {r["key"]: r for r in v["summary"]}
