@@ -19,7 +19,7 @@ import torch
 
 from evaluation.metrics import classification_metrics
 from serving.onnx_export import export_onnx, onnx_logits, onnx_session, parity
-from training.config import CandidateConfig, ModelConfig, TrainConfig
+from training.config import CandidateConfig, ModelConfig, SplitConfig, TrainConfig
 from training.crops import build_crops
 from training.data import load_split, to_tensor
 from training.engine import predict_logits, softmax
@@ -41,7 +41,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_deeppcb_root(root / "boards", args.boards, seed=0, nuisance=(4, 10))
-        samples = deeppcb_samples(root / "boards", "trainval.txt", val=0.15, test=0.2, seed=0, source="bench")
+        samples = deeppcb_samples(root / "boards", "trainval.txt", SplitConfig(val=0.15, test=0.2, seed=0),
+                                  source="bench")
         snap = write_snapshot(root / "snap", samples, CLASSES, files_root=root / "boards")
         crops, _ = build_crops(snap, range(len(samples)), root / "crops", CandidateConfig(), CLASSES, "false_call")
         xtr, ytr, _ = load_split(crops, "train")

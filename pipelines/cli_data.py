@@ -54,14 +54,22 @@ def import_deeppcb(
     list_file: Annotated[str, typer.Option("--list", help="List file inside ROOT (DeepPCB's trainval.txt format).")]
     = "trainval.txt",
     val: Val = 0.15, test: Test = 0.2, seed: Seed = 0,
+    group_by: Annotated[str, typer.Option(help="none: split pair by pair; design: whole board designs (the list's "
+                                               "first folder, groupNNNNN) go to one split.")] = "none",
+    val_group: Annotated[list[str] | None, typer.Option(help="Design pinned to val (repeatable; --group-by design).")]
+    = None,
+    test_group: Annotated[list[str] | None, typer.Option(help="Design pinned to test (repeatable; --group-by "
+                                                              "design).")] = None,
 ) -> None:
     """Index DeepPCB-format board pairs in place (files are not copied): boxes and defect types per pair."""
+    from training.config import SplitConfig
     from training.snapshot import deeppcb_samples
     from training.synth import DEFECT_TYPES
 
+    split = SplitConfig(val=val, test=test, seed=seed, group_by=group_by, val_groups=list(val_group or []),
+                        test_groups=list(test_group or []))
     try:
-        samples = deeppcb_samples(root.resolve(), list_file, val=val, test=test, seed=seed,
-                                  source=f"deeppcb:{root.resolve().name}")
+        samples = deeppcb_samples(root.resolve(), list_file, split, source=f"deeppcb:{root.resolve().name}")
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), EXIT_USAGE) from None
     _write(out, samples, ["false_call", *DEFECT_TYPES], root.resolve())
@@ -96,13 +104,14 @@ def import_synth(
     seed: Seed = 0, val: Val = 0.15, test: Test = 0.2,
 ) -> None:
     """Generate seeded synthetic boards (DeepPCB format) into OUT/boards and snapshot them (self-contained)."""
+    from training.config import SplitConfig
     from training.snapshot import deeppcb_samples
     from training.synth import DEFECT_TYPES, write_deeppcb_root
 
     with progress_bars() as progress:
         tid = progress.add_task("generating boards", total=boards)
         write_deeppcb_root(out / "boards", boards, seed, size=size, progress=lambda _: progress.advance(tid, 1))
-    samples = deeppcb_samples(out / "boards", "trainval.txt", val=val, test=test, seed=seed,
+    samples = deeppcb_samples(out / "boards", "trainval.txt", SplitConfig(val=val, test=test, seed=seed),
                               source=f"synth:seed={seed}")
     for s in samples:
         for key in ("path", "template"):

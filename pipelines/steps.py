@@ -36,7 +36,15 @@ from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
 from registry.config import RegistryConfig
 from serving.config import DetectConfig, ExportConfig
 from training.config import DataConfig, ModelConfig, TrainConfig
-from training.snapshot import Snapshot, deeppcb_samples, load_snapshot, sample_group, write_snapshot
+from training.snapshot import (
+    SPLITS,
+    Snapshot,
+    check_split_config,
+    deeppcb_samples,
+    load_snapshot,
+    sample_group,
+    write_snapshot,
+)
 from training.synth import DEFECT_TYPES
 from training.trainer import resolve_device
 
@@ -73,8 +81,13 @@ def task_classes(data: DataConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------- pull_data
 def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
     """Materialise the dataset snapshot: synthetic boards, a DeepPCB-format or folder-per-class dataset read in
-    place, or a snapshot (local folder or ``s3://``, cached by fingerprint)."""
+    place, or a snapshot (local folder or ``s3://``, cached by fingerprint). The result's ``groups`` counts the
+    samples of each group (:func:`sample_group`: a board design) per split."""
     source = data.source
+    try:
+        check_split_config(data.split)
+    except ValueError as e:
+        raise StepError(str(e)) from None
     if source == "synth":
         samples, classes, files_root = _synth_samples(ctx, data)
     elif source in ("deeppcb", "folder"):
@@ -85,15 +98,27 @@ def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
             raise StepError("data.root is not set: pass data.root=<snapshot folder or s3://bucket/prefix[@fingerprint]>")
         snap = fetch_snapshot(data.root, ctx.home)
         samples, classes, files_root = list(snap.samples), list(snap.classes), snap.files_root
+        if data.split.group_by != "none":
+            ctx.reporter.log(f"data.split.group_by={data.split.group_by} is not applied to a snapshot: its manifest "
+                             "carries the splits")
     else:
         raise StepError(f"unknown data.source {source!r}: use synth, deeppcb, folder or snapshot")
     if data.good_class not in classes:
         raise StepError(f"data.good_class={data.good_class} is not a class of this dataset (classes: "
                         f"{', '.join(classes)}): set data.good_class=<the non-defect class>")
+    groups = {sp: dict(sorted(Counter(sample_group(x) for x in samples if x["split"] == sp).items())) for sp in SPLITS}
+    if data.split.group_by != "none" and source != "snapshot":
+        if not groups["test"]:
+            raise StepError(f"data.split.group_by={data.split.group_by} left no group for the test split (groups: "
+                            f"{', '.join(groups['train'])}): pin one with data.split.test_groups=[NAME] or raise "
+                            "data.split.test")
+        for sp in ("val", "test"):
+            ctx.reporter.log(f"{sp} groups ({data.split.group_by}): "
+                             + (", ".join(f"{g} ({n})" for g, n in groups[sp].items()) or "none"))
     snap = write_snapshot(ctx.path(SNAPSHOT), samples, classes, files_root=files_root)
-    counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in ("train", "val", "test")}
+    counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in SPLITS}
     return {"fingerprint": snap.fingerprint, "samples": len(samples), "splits": counts, "files_root": str(files_root),
-            "classes": classes}
+            "classes": classes, "groups": groups}
 
 
 def _data_root(data: DataConfig) -> Path:
@@ -109,6 +134,10 @@ def _synth_samples(ctx: StepContext, data: DataConfig) -> tuple[list[dict[str, A
     from training.synth import write_deeppcb_root
 
     s = data.synth
+    if data.split.group_by == "design":
+        raise StepError("data.split.group_by=design needs board designs, but every synthetic board draws its own "
+                        "layout (its folder, group90000, is a batch of 1,000 boards): use data.split.group_by=none, "
+                        "which already keeps each synthetic design in one split")
     boards = ctx.path(BOARDS)
     if not (boards / "trainval.txt").is_file():
         advance = ctx.reporter.task("generating synthetic boards", s.n_boards)
@@ -130,10 +159,13 @@ def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | N
     split = data.split
     try:
         if kind == "deeppcb":
-            samples = deeppcb_samples(root, list_file or data.list_file, val=split.val, test=split.test,
-                                      seed=split.seed, source=f"deeppcb:{root.name}")
+            samples = deeppcb_samples(root, list_file or data.list_file, split, source=f"deeppcb:{root.name}")
             return samples, task_classes(data), root
         if kind == "folder":
+            if split.group_by != "none":
+                raise StepError(f"data.split.group_by={split.group_by} keeps board designs together, but a "
+                                "folder-per-class dataset has none (its folders are classes): use "
+                                "data.split.group_by=none")
             found = import_folder(root, val=split.val, test=split.test, seed=split.seed,
                                   good_class=data.good_class if data.good_class else None)
             return found.samples, found.classes, root

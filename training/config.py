@@ -23,11 +23,23 @@ class SynthConfig:
 
 @dataclass
 class SplitConfig:
-    """Fractions of boards assigned to validation and test; the rest is training. Assignment is seeded by board id."""
+    """How samples are divided into train / val / test.
+
+    ``val`` and ``test`` are the fractions of samples assigned to validation and test; the rest is training.
+    ``seed`` seeds the assignment. ``group_by`` is the unit of assignment: ``none`` assigns each sample on its own
+    (by a hash of its board id or path); ``design`` keeps whole groups (board designs: the manifest's ``group`` or
+    the first path folder, :func:`training.snapshot.sample_group`) in one split, so val and test measure boards of
+    designs the model never trained on. ``val_groups`` / ``test_groups`` (``design`` only) pin named groups to val /
+    test before the fractions fill up with further groups (leave-design-out: ``test_groups=[group44000] test=0.0``).
+    See :func:`training.snapshot.assign_group_splits`.
+    """
 
     val: float = 0.15
     test: float = 0.2
     seed: int = 0
+    group_by: str = "none"
+    val_groups: list[str] = field(default_factory=list)
+    test_groups: list[str] = field(default_factory=list)
 
 
 @dataclass

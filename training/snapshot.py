@@ -7,24 +7,31 @@ that must stay together in one split and are reported together: a board design, 
 the SHA-256 of the canonical manifest (lines sorted, keys sorted) and the class list, so the same samples always give
 the same fingerprint wherever the files live. ``snapshot.json`` records the fingerprint and the files' root (the
 snapshot folder itself, or a dataset read in place).
+
+Splits: per sample by a seeded hash (:func:`assign_split`), or by whole groups (:func:`assign_group_splits`) so that
+val and test hold only board designs the model never trained on: a random split of boards puts boards of the training
+designs into test, and its figures flatter what the model does on a new design.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.fsutil import read_json, sha256_file, write_json, write_text
+from training.config import SplitConfig
 
 MANIFEST = "manifest.jsonl"
 CLASSES = "classes.json"
 META = "snapshot.json"
 BOARD_LABEL = "board"
 SPLITS = ("train", "val", "test")
+GROUP_BY = ("none", "design")
 
 
 @dataclass(frozen=True)
@@ -106,14 +113,106 @@ def assign_split(key: str, val: float, test: float, seed: int) -> str:
     return "train"
 
 
-def deeppcb_samples(root: Path, list_file: str, *, val: float, test: float, seed: int, source: str,
+def _names(groups: Iterable[str], limit: int = 20) -> str:
+    names = sorted(groups)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _group_rank(seed: int, group: str) -> tuple[int, str]:
+    return int.from_bytes(hashlib.sha256(f"{seed}:group:{group}".encode()).digest()[:8], "big"), group
+
+
+def assign_group_splits(sizes: Mapping[str, int], val: float, test: float, seed: int,
+                        val_groups: Iterable[str] = (), test_groups: Iterable[str] = ()) -> dict[str, str]:
+    """Split of each group (``sizes``: group -> number of samples), whole groups only; a pure function of its inputs.
+
+    Groups named in ``val_groups`` / ``test_groups`` go there first. The others, in the order of a seeded hash of
+    their name, each go to test if that brings test's share of *samples* (pinned ones included) closer to ``test``,
+    else to val if that brings val closer to ``val``, else to train; the last one goes to train if train has none
+    yet. Then, when at least 3 groups were unpinned, a split with a fraction > 0 but no group gets the group nearest
+    in size to its target (from train when train can spare one). ``ValueError`` for invalid fractions, unknown
+    pinned names, a group pinned to both splits, or every group pinned (none left for training).
+    """
+    if not (val >= 0 and test >= 0 and val + test < 1):
+        raise ValueError(f"split fractions val={val}, test={test} are invalid: use val >= 0, test >= 0, val + test < 1")
+    pinned = {"val": set(val_groups), "test": set(test_groups)}
+    for name, names in pinned.items():
+        if unknown := names - set(sizes):
+            raise ValueError(f"{name}_groups names unknown group(s) {_names(unknown)}; the groups found are "
+                             f"{_names(sizes)}: use those names")
+    if both := pinned["val"] & pinned["test"]:
+        raise ValueError(f"group(s) {_names(both)} pinned to both val_groups and test_groups: pin each to one split")
+    splits = {g: sp for sp, names in pinned.items() for g in names}
+    free = sorted((g for g in sizes if g not in splits), key=lambda g: _group_rank(seed, g))
+    if sizes and not free:
+        raise ValueError(f"every group is pinned to val or test ({_names(sizes)}): leave at least one group for "
+                         "training (remove it from val_groups / test_groups)")
+    total = sum(sizes.values())
+    target = {"test": test * total, "val": val * total}
+    count = Counter({sp: sum(sizes[g] for g in names) for sp, names in pinned.items()})
+    n_groups = Counter(splits.values())
+    for i, g in enumerate(free):
+        split = "train"
+        if i < len(free) - 1 or n_groups["train"]:
+            split = next((sp for sp in ("test", "val")
+                          if abs(count[sp] + sizes[g] - target[sp]) < abs(count[sp] - target[sp])), "train")
+        splits[g] = split
+        count[split] += sizes[g]
+        n_groups[split] += 1
+    if len(free) >= 3:
+        for sp, fraction in (("test", test), ("val", val)):
+            if fraction <= 0 or n_groups[sp]:
+                continue
+            # 3+ free groups outside ``sp`` lie in two splits, so one of them holds 2 and can spare a group
+            donor = next(d for d in ("train", "val", "test") if d != sp and n_groups[d] >= 2
+                         and any(splits[g] == d for g in free))
+            need = target[sp] - count[sp]
+            g = min((g for g in free if splits[g] == donor), key=lambda g: (abs(sizes[g] - need), _group_rank(seed, g)))
+            splits[g] = sp
+            count[donor] -= sizes[g]
+            count[sp] += sizes[g]
+            n_groups[donor] -= 1
+            n_groups[sp] += 1
+    return {g: splits[g] for g in sorted(splits)}
+
+
+def check_split_config(split: SplitConfig) -> None:
+    """``ValueError`` for an unknown ``group_by`` or groups pinned while ``group_by`` is ``none``."""
+    if split.group_by not in GROUP_BY:
+        raise ValueError(f"data.split.group_by={split.group_by!r} is unknown: use {' or '.join(GROUP_BY)}")
+    if split.group_by == "none" and (split.val_groups or split.test_groups):
+        raise ValueError(f"data.split.val_groups / test_groups ({_names([*split.val_groups, *split.test_groups])}) "
+                         "need whole groups: set data.split.group_by=design")
+
+
+def assign_splits(samples: Sequence[dict[str, Any]], split: SplitConfig,
+                  key: Callable[[dict[str, Any]], str] | None = None) -> None:
+    """Set each sample's ``split`` in place: per sample by :func:`assign_split` of ``key(sample)`` (default: its
+    path) when ``split.group_by`` is ``none``; by whole :func:`sample_group` groups (:func:`assign_group_splits`)
+    when it is ``design``."""
+    check_split_config(split)
+    if split.group_by == "none":
+        key_of = key or (lambda s: str(s["path"]))
+        for s in samples:
+            s["split"] = assign_split(key_of(s), split.val, split.test, split.seed)
+        return
+    sizes = Counter(sample_group(s) for s in samples)
+    of = assign_group_splits(sizes, split.val, split.test, split.seed, split.val_groups, split.test_groups)
+    for s in samples:
+        s["split"] = of[sample_group(s)]
+
+
+def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: str,
                     hash_files: bool = True) -> list[dict[str, Any]]:
     """Manifest entries for the pairs listed in a DeepPCB-format list file (``group/N/STEM.jpg group/N_not/STEM.txt``).
 
     Box labels are DeepPCB's type names; a missing or malformed annotation raises ``ValueError`` naming the file.
+    Splits follow ``split`` (:func:`assign_splits`): per pair by a hash of the image name, or by board design (the
+    list's first folder, ``groupNNNNN``).
     """
     from training.candidates import read_deeppcb_annotations
 
+    check_split_config(split)
     root = Path(root)
     list_path = root / list_file
     if not list_path.is_file():
@@ -133,7 +232,6 @@ def deeppcb_samples(root: Path, list_file: str, *, val: float, test: float, seed
         entry: dict[str, Any] = {
             "path": tested, "template": template, "annotation": ann, "label": BOARD_LABEL, "boxes": boxes,
             "source": source,
-            "split": assign_split(Path(stem).name, val, test, seed),
         }
         if hash_files:
             for key, rel in (("sha256", tested), ("template_sha256", template)):
@@ -144,4 +242,5 @@ def deeppcb_samples(root: Path, list_file: str, *, val: float, test: float, seed
         samples.append(entry)
     if not samples:
         raise ValueError(f"{list_path} lists no image pairs")
+    assign_splits(samples, split, key=lambda s: Path(s["path"]).name.removesuffix("_test.jpg"))
     return samples
