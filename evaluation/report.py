@@ -2,7 +2,8 @@
 
 What: :func:`render_report` writes a single HTML file with the run information, the release-gate verdicts, the
 metrics tables, three plots (confusion matrix as counts and row-normalised, one-vs-rest PR curves with AP,
-per-class recall/precision bars with the recall gates), a gallery of the worst misses and any extra sections.
+per-class recall/precision bars with the recall gates), a gallery of the worst misses, the shortcut check (can
+metadata alone predict the class?) and any extra sections.
 
 Why: reviewers approve promotions from this file, often offline or as an MLflow artifact, so it embeds
 everything (plots and thumbnails as base64 PNG, inline CSS, no scripts, no external resources) and is written
@@ -41,6 +42,7 @@ from matplotlib.image import imsave
 from evaluation.gates import GateReport, GateResult
 from evaluation.intervals import ClassificationIntervals
 from evaluation.metrics import ClassificationMetrics, PRCurve
+from evaluation.shortcut import ShortcutReport
 
 __all__ = ["Miss", "miss_png", "render_report", "write_miss_tiles"]
 
@@ -273,6 +275,7 @@ def _context(
     sections: Sequence[tuple[str, str]],
     intervals: ClassificationIntervals | None = None,
     split_note: str = "",
+    shortcut: ShortcutReport | None = None,
 ) -> dict[str, Any]:
     def bounds(iv: Any) -> str:
         return "" if iv is None else str(iv.format_bounds(4))
@@ -351,6 +354,29 @@ def _context(
         "plots": plots,
         "misses": gallery,
         "sections": [(str(t), markupsafe.Markup(body)) for t, body in sections],
+        "shortcut": _shortcut_context(shortcut),
+    }
+
+
+def _shortcut_context(s: ShortcutReport | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    rows = []
+    if s.checked:
+        rows = [
+            ("balanced accuracy from metadata", f"{_num(s.balanced_accuracy, 3)} (chance {_num(s.chance, 3)})"),
+            ("chance-corrected score", f"{_num(s.score, 3)} (warns at {_num(s.warn_at, 2)}; 0 = chance, 1 = perfect)"),
+            ("most predictive feature", f"{s.top_feature} ({_num(s.top_feature_score, 3)})"),
+        ]
+    rows += [("features checked", ", ".join(s.features) or "none"), ("samples (train + val)", str(s.n_samples))]
+    return {
+        "warn": s.warn,
+        "checked": s.checked,
+        "message": s.message,
+        "note": s.note,
+        "rows": rows,
+        "per_feature": [(k, _num(v, 3)) for k, v in sorted(s.per_feature.items(), key=lambda kv: -kv[1])],
+        "per_class_recall": [(k, _num(v, 3)) for k, v in s.per_class_recall.items()],
     }
 
 
@@ -383,6 +409,7 @@ def render_report(
     sections: Sequence[tuple[str, str]] = (),
     intervals: ClassificationIntervals | None = None,
     split_note: str = "",
+    shortcut: ShortcutReport | None = None,
 ) -> Path:
     """Render the evaluation report to ``path`` (created or replaced atomically) and return ``path``.
 
@@ -392,13 +419,15 @@ def render_report(
     blocks appended at the end, where ``html`` is trusted, pre-rendered HTML inserted verbatim (escape any
     untrusted content in it yourself). Everything else is escaped. ``intervals`` (of ``metrics``) are shown in
     brackets next to macro recall, the two rates and each class's recall; ``split_note`` is a sentence under the
-    metrics saying which split the figures come from and what the brackets are.
+    metrics saying which split the figures come from and what the brackets are. ``shortcut`` (the
+    ``validate_data`` step's :class:`evaluation.shortcut.ShortcutReport`) adds a "Shortcut check" section, and a
+    banner at the top when it warns that metadata predicts the class.
     """
     path = Path(path)
     html = _template().render(
         **_context(
             title=title, metrics=metrics, gates=gates, curves=curves, info=info, misses=misses, sections=sections,
-            intervals=intervals, split_note=split_note,
+            intervals=intervals, split_note=split_note, shortcut=shortcut,
         )
     )
     _atomic_write_text(path, html)

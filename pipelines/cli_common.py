@@ -61,7 +61,8 @@ class RichReporter(Reporter):
         self.tasks.clear()
 
     def log(self, message: str) -> None:
-        self.progress.console.print(f"  [dim]{message}[/]", highlight=False)
+        style = "bold yellow" if message.startswith("WARNING") else "dim"  # e.g. the shortcut check's warning
+        self.progress.console.print(f"  [{style}]{escape(message)}[/]", highlight=False)
 
 
 def progress_bars() -> Progress:

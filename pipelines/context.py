@@ -16,7 +16,7 @@ class Reporter:
         return lambda n: None
 
     def log(self, message: str) -> None:
-        pass
+        """A line for the user; one starting with ``WARNING`` is advice the CLI shows prominently."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from evaluation.intervals import (
 )
 from evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
 from evaluation.report import Miss, render_report, write_miss_tiles
+from evaluation.shortcut import DEFAULT_FIX, ShortcutReport, shortcut_check
 from pipelines.config import artifact_location, tracking_uri
 from pipelines.context import GateFailure, StepContext, StepError
 from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
@@ -52,6 +53,7 @@ SNAPSHOT = "data/snapshot"
 BOARDS = "data/boards"
 VALIDATION = "data/validation.json"
 CROPS = "data/crops"
+SHORTCUT = "data/shortcut.json"
 CHECKPOINTS = "train/checkpoints"
 MODEL = "train/model.pt"
 MLFLOW_RUN = "train/mlflow_run.json"
@@ -224,8 +226,51 @@ def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
                                       progress=advance, max_pixels=data.validation.max_image_pixels)
             extra = {"crops": {sp: dict(Counter(x["label"] for x in crops.samples if x["split"] == sp))
                                for sp in ("train", "val", "test")}}
-    return {"quarantined": len(report.quarantined), "accepted": len(report.accepted), **extra,
-            "crop_fingerprint": crops.fingerprint}
+    out = {"quarantined": len(report.quarantined), "accepted": len(report.accepted), **extra,
+           "crop_fingerprint": crops.fingerprint}
+    shortcut = _shortcut_check(ctx, data, snap, crops, boards)
+    if shortcut is not None:
+        out["shortcut"] = shortcut
+    return out
+
+
+BOARD_SHORTCUT_FIX = ("the classifier can learn the candidate's size (crops are scaled to their box) instead of the "
+                      "defect; check that false calls and defects come from boxes of similar sizes "
+                      "(data.candidates.pad, data.candidates.add_missed_to_train)")
+
+
+def _shortcut_check(ctx: StepContext, data: DataConfig, snap: Snapshot, crops: Snapshot, boards: bool
+                    ) -> dict[str, Any] | None:
+    """Run :func:`evaluation.shortcut.shortcut_check` on the train and val samples' metadata, write ``SHORTCUT`` and
+    log a warning when it fires; returns the step result's summary. Never fails the step: an error becomes a note."""
+    from training.crops import box_metadata
+    from training.images import image_metadata
+
+    cfg = data.shortcut
+    path = ctx.path(SHORTCUT)
+    if not cfg.enabled:
+        path.unlink(missing_ok=True)
+        return None
+    kind = "candidate boxes" if boards else "image files"
+    try:
+        used = [x for x in crops.samples if x["split"] in ("train", "val")]
+        index = {c: i for i, c in enumerate(crops.classes)}
+        y = np.array([index[x["label"]] for x in used], np.int64)
+        if boards:
+            feats, names = box_metadata([x["box"] for x in used])
+        else:
+            feats, names = image_metadata([snap.file(x["source"]) for x in used])
+        rep = shortcut_check(feats, names, y, crops.classes, folds=cfg.folds, seed=data.split.seed,
+                             warn_at=cfg.warn_at, fix=BOARD_SHORTCUT_FIX if boards else DEFAULT_FIX)
+        doc: dict[str, Any] = {"metadata": kind, "splits": ["train", "val"], **rep.to_dict()}
+    except Exception as e:  # the check is advice: a failure must not stop the run
+        doc = {"metadata": kind, "warn": False, "score": None, "note": f"not checked: {type(e).__name__}: {e}"}
+    write_json(path, doc)
+    if doc.get("warn"):
+        ctx.reporter.log(f"WARNING {doc['message']} (details: {path})")
+    elif doc.get("note") and doc.get("score") is None:
+        ctx.reporter.log(f"shortcut check: {doc['note']}")
+    return {k: doc.get(k) for k in ("warn", "score", "top_feature", "top_feature_score", "note")}
 
 
 # ------------------------------------------------------------------------------------------------------- train
@@ -623,7 +668,16 @@ def _write_report(ctx: StepContext, net: Any, metrics: ClassificationMetrics, ga
     write_miss_tiles(ctx.path(MISSES), misses)
     render_report(ctx.path(REPORT), title=f"DefectOps evaluation: {ctx.run_id}", metrics=metrics, gates=gates,
                   curves=pr_curves(y, probs, crops.classes), info=info, misses=misses, sections=sections,
-                  intervals=intervals, split_note=_split_note(len(y), intervals))
+                  intervals=intervals, split_note=_split_note(len(y), intervals), shortcut=_read_shortcut(ctx))
+
+
+def _read_shortcut(ctx: StepContext) -> ShortcutReport | None:
+    """validate_data's shortcut check (``SHORTCUT``) for the report, or None when it was not run or is unreadable."""
+    f = ctx.path(SHORTCUT)
+    try:
+        return ShortcutReport.from_dict(read_json(f)) if f.is_file() else None
+    except (ValueError, TypeError, OSError):
+        return None
 
 
 def _split_note(n_crops: int, intervals: ClassificationIntervals | None) -> str:

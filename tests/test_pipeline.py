@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import markupsafe
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -99,6 +100,9 @@ def test_report_has_plots_and_gates(tiny_run: dict) -> None:
     html = (tiny_run["root"] / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 3
     assert "escape_rate" in html and "macro_recall" in html
+    shortcut = json.loads((tiny_run["root"] / "data" / "shortcut.json").read_text())
+    assert shortcut["metadata"] == "candidate boxes" and shortcut["features"] == ["width", "height", "aspect", "area"]
+    assert 'id="shortcut"' in html and str(markupsafe.escape(shortcut["message"])) in html
 
 
 def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None:

@@ -92,8 +92,26 @@ class ValidationConfig:
 
 
 @dataclass
+class ShortcutConfig:
+    """The shortcut check of ``validate_data`` (:mod:`evaluation.shortcut`): before training, a depth-3 decision tree
+    is cross-validated (``folds``) on the train and val samples' metadata alone (folder images: width, height, aspect,
+    file bytes, format, mode; board crops: the candidate box's width, height, aspect, area). When its chance-corrected
+    balanced accuracy reaches ``warn_at`` (0 = chance, 1 = perfect; 0.5 = halfway) the step warns in the terminal
+    and in ``report.html`` that the model can learn the metadata instead of the defect. It never fails the run;
+    ``enabled: false`` skips it."""
+
+    enabled: bool = True
+    warn_at: float = 0.5
+    folds: int = 5
+
+
+@dataclass
 class DataConfig:
-    """Where the boards come from (``synth`` or a DeepPCB-format ``root``) and how candidates are made from them."""
+    """Where the boards come from (``synth`` or a DeepPCB-format ``root``) and how candidates are made from them.
+
+    ``shortcut`` configures the pre-training check that metadata (image size, file type, box size) does not predict
+    the class: see :class:`ShortcutConfig`.
+    """
 
     source: str = "synth"
     root: str | None = None
@@ -104,6 +122,7 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
 
 
 @dataclass

@@ -85,6 +85,18 @@ def _covered(gt: Box, cands: Sequence[Candidate], iou_threshold: float) -> bool:
                or (c.x1 <= cx <= c.x2 and c.y1 <= cy <= c.y2) for c in cands)
 
 
+def box_metadata(boxes: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[str]]:
+    """Geometry of candidate boxes ``(x1, y1, x2, y2)`` (inclusive pixel corners, as the crop manifest's ``box``):
+    columns ``width``, ``height``, ``aspect`` (width / height) and ``area``, for
+    :func:`evaluation.shortcut.shortcut_check`. Crops are scaled to their box, so a class told apart by box size
+    alone may be learnt from scale cues (blur, line width) rather than from the defect."""
+    out = np.zeros((len(boxes), 4), np.float64)
+    for i, b in enumerate(boxes):
+        w, h = int(b[2]) - int(b[0]) + 1, int(b[3]) - int(b[1]) + 1
+        out[i] = (w, h, w / h, w * h)
+    return out, ["width", "height", "aspect", "area"]
+
+
 def build_crops(boards: Snapshot, accepted: Sequence[int], out_dir: Path, cfg: CandidateConfig,
                 classes: Sequence[str], good_class: str, *,
                 progress: Callable[[int], None] | None = None) -> tuple[Snapshot, CropStats]:

@@ -121,6 +121,34 @@ def image_size(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int
     return w, h
 
 
+def image_metadata(paths: Sequence[Path]) -> tuple[np.ndarray, list[str]]:
+    """Per-file metadata a model could use instead of the pixels, from headers only (no pixel data is decoded).
+
+    Columns: ``width``, ``height``, ``aspect`` (width / height), ``bytes`` (file size) and one-hot ``format=<PIL
+    format>`` and ``mode=<PIL mode>`` (channels and bit depth, e.g. ``L``, ``RGB``, ``I;16``) for the values seen.
+    For :func:`evaluation.shortcut.shortcut_check`; :class:`ImageError` for a file whose header cannot be read.
+    """
+    rows: list[tuple[int, int, int, str, str]] = []
+    for p in paths:
+        p = Path(p)
+        try:
+            size = p.stat().st_size
+            with Image.open(p) as im:
+                w, h = im.size
+                rows.append((w, h, size, str(im.format), str(im.mode)))
+        except OSError as e:
+            raise ImageError(p, f"is not a readable image ({e.strerror or type(e).__name__})") from None
+    formats = sorted({r[3] for r in rows})
+    modes = sorted({r[4] for r in rows})
+    names = ["width", "height", "aspect", "bytes", *(f"format={f}" for f in formats), *(f"mode={m}" for m in modes)]
+    out = np.zeros((len(rows), len(names)), np.float64)
+    for i, (w, h, size, fmt, mode) in enumerate(rows):
+        out[i, :4] = (w, h, w / h if h else 0.0, size)
+        out[i, 4 + formats.index(fmt)] = 1.0
+        out[i, 4 + len(formats) + modes.index(mode)] = 1.0
+    return out, names
+
+
 def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.dtype == np.uint16:
         arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
