@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
+from training.config import ValidationConfig
 
 data_app = typer.Typer(help="Dataset snapshots: import, validate, push to and pull from S3.", no_args_is_help=True)
 import_app = typer.Typer(help="Import a dataset into a snapshot (manifest.jsonl + classes.json + fingerprint).",
@@ -82,18 +83,29 @@ def import_folder_cmd(
     out: Out,
     good_class: Annotated[str | None, typer.Option(help="The non-defect class (listed first).")] = None,
     val: Val = 0.15, test: Test = 0.2, seed: Seed = 0,
+    near: Annotated[bool, typer.Option("--near/--no-near", help="Also group near-identical images (perceptual "
+                                                                "hash) so that each group stays in one split.")]
+    = False,
+    max_distance: Annotated[int, typer.Option(help="Near-duplicates: most differing bits of 64 (with --near).")] = 4,
 ) -> None:
-    """Index a folder-per-class image dataset in place: any file names, PNG/JPEG/TIFF/BMP, any sizes."""
+    """Index a folder-per-class image dataset in place: any file names, PNG/JPEG/TIFF/BMP, any sizes. Identical files
+    share a split, copies within a class are kept once, the same content under two labels is reported (validation
+    quarantines it); OUT/duplicates.json lists them all."""
+    from pipelines.fsutil import write_json
+    from training.config import DedupConfig
     from training.importers import import_folder
 
     try:
-        found = import_folder(root.resolve(), val=val, test=test, seed=seed, good_class=good_class)
+        found = import_folder(root.resolve(), val=val, test=test, seed=seed, good_class=good_class,
+                              dedup=DedupConfig(near=near, max_distance=max_distance))
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), EXIT_USAGE) from None
     if found.ignored:
         console.print(f"[yellow]ignored {len(found.ignored)} files[/] (hidden, not images, or outside class folders): "
                       + ", ".join(found.ignored[:5]) + (" ..." if len(found.ignored) > 5 else ""), highlight=False)
     _write(out, found.samples, found.classes, root.resolve())
+    write_json(out / "duplicates.json", found.duplicates.to_dict())
+    console.print(f"{found.duplicates.summary()}; list in {out / 'duplicates.json'}", highlight=False)
 
 
 @import_app.command("synth")
@@ -122,12 +134,14 @@ def import_synth(
 @data_app.command("validate")
 def validate(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot folder.")],
-    max_bad_fraction: Annotated[float, typer.Option(help="Exit 1 when more than this fraction is quarantined.")]
-    = 0.0,
+    max_bad_fraction: Annotated[float, typer.Option(help="Exit 1 when more than this fraction is quarantined "
+                                                         "(label conflicts not counted).")] = 0.0,
+    max_conflict_fraction: Annotated[float, typer.Option(help="Exit 1 when more than this fraction is quarantined "
+                                                              "as label conflicts (same content, two labels).")]
+    = ValidationConfig.max_conflict_fraction,
 ) -> None:
-    """Check every sample (corrupt, truncated, oversized, duplicates/leakage, unknown labels, escaping paths) and list
-    the quarantined ones with the reason."""
-    from training.config import ValidationConfig
+    """Check every sample (corrupt, truncated, oversized, duplicates/leakage, label conflicts, unknown labels,
+    escaping paths) and list the quarantined ones with the reason."""
     from training.snapshot import load_snapshot
     from training.validation import validate_snapshot
 
@@ -143,10 +157,13 @@ def validate(
         for q in report.quarantined:
             t.add_row(q.path, q.reason)
         console.print(t)
-    console.print(f"{len(report.quarantined)} of {report.total} samples quarantined", highlight=False)
+    console.print(report.summary(), highlight=False)
     if report.bad_fraction > max_bad_fraction:
-        raise fail(f"{report.bad_fraction:.1%} of samples quarantined, over --max-bad-fraction {max_bad_fraction}",
-                   EXIT_FAILURE)
+        raise fail(f"{report.bad_fraction:.1%} of samples quarantined (label conflicts aside), over "
+                   f"--max-bad-fraction {max_bad_fraction}", EXIT_FAILURE)
+    if report.conflict_fraction > max_conflict_fraction:
+        raise fail(f"{report.conflict_fraction:.1%} of samples are label conflicts (same content under two labels), "
+                   f"over --max-conflict-fraction {max_conflict_fraction}: fix the class folders", EXIT_FAILURE)
 
 
 @data_app.command("push")

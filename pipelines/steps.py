@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -49,9 +49,13 @@ from training.snapshot import (
 from training.synth import DEFECT_TYPES
 from training.trainer import resolve_device
 
+if TYPE_CHECKING:
+    from training.importers import Duplicates
+
 SNAPSHOT = "data/snapshot"
 BOARDS = "data/boards"
 VALIDATION = "data/validation.json"
+DUPLICATES = "data/duplicates.json"
 CROPS = "data/crops"
 SHORTCUT = "data/shortcut.json"
 CHECKPOINTS = "train/checkpoints"
@@ -84,8 +88,13 @@ def task_classes(data: DataConfig) -> list[str]:
 def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
     """Materialise the dataset snapshot: synthetic boards, a DeepPCB-format or folder-per-class dataset read in
     place, or a snapshot (local folder or ``s3://``, cached by fingerprint). The result's ``groups`` counts the
-    samples of each group (:func:`sample_group`: a board design) per split."""
+    samples of each group (:func:`sample_group`: a board design) per split.
+
+    A folder dataset's duplicate handling (copies dropped, groups, label conflicts; see
+    :func:`training.importers.import_folder`) is counted in the result's ``duplicates`` and listed in full in
+    ``data/duplicates.json``."""
     source = data.source
+    duplicates = None
     try:
         check_split_config(data.split)
     except ValueError as e:
@@ -94,7 +103,7 @@ def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
         samples, classes, files_root = _synth_samples(ctx, data)
     elif source in ("deeppcb", "folder"):
         root = _data_root(data)
-        samples, classes, files_root = import_source(source, root, data)
+        samples, classes, files_root, duplicates = import_source(source, root, data)
     elif source == "snapshot":
         if not data.root:
             raise StepError("data.root is not set: pass data.root=<snapshot folder or s3://bucket/prefix[@fingerprint]>")
@@ -119,8 +128,13 @@ def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
                              + (", ".join(f"{g} ({n})" for g, n in groups[sp].items()) or "none"))
     snap = write_snapshot(ctx.path(SNAPSHOT), samples, classes, files_root=files_root)
     counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in SPLITS}
-    return {"fingerprint": snap.fingerprint, "samples": len(samples), "splits": counts, "files_root": str(files_root),
-            "classes": classes, "groups": groups}
+    result = {"fingerprint": snap.fingerprint, "samples": len(samples), "splits": counts,
+              "files_root": str(files_root), "classes": classes, "groups": groups}
+    if duplicates is not None:
+        write_json(ctx.path(DUPLICATES), duplicates.to_dict())
+        ctx.reporter.log(f"{duplicates.summary()}; list in {ctx.path(DUPLICATES)}")
+        result["duplicates"] = duplicates.counts()
+    return result
 
 
 def _data_root(data: DataConfig) -> Path:
@@ -147,30 +161,37 @@ def _synth_samples(ctx: StepContext, data: DataConfig) -> tuple[list[dict[str, A
             write_deeppcb_root(tmp, s.n_boards, s.seed, size=s.size, defects=(s.defects[0], s.defects[1]),
                                defect_rate=s.defect_rate, nuisance=(s.nuisance[0], s.nuisance[1]),
                                progress=lambda _done: advance(1))
-    samples, classes, root = import_source("deeppcb", boards, data, list_file="trainval.txt")
+    samples, classes, root, _ = import_source("deeppcb", boards, data, list_file="trainval.txt")
     for x in samples:
         x["source"] = f"synth:seed={s.seed}"
     return samples, classes, root
 
 
-def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | None = None
-                  ) -> tuple[list[dict[str, Any]], list[str], Path]:
-    """Manifest samples, classes and files root for a dataset read in place (``deeppcb`` or ``folder``)."""
+class Imported(NamedTuple):
+    samples: list[dict[str, Any]]
+    classes: list[str]
+    files_root: Path
+    duplicates: Duplicates | None  # what a folder import did with repeated content; None for other kinds
+
+
+def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | None = None) -> Imported:
+    """Manifest samples, classes, files root (and, for ``folder``, the duplicate report) for a dataset read in place
+    (``deeppcb`` or ``folder``)."""
     from training.importers import import_folder
 
     split = data.split
     try:
         if kind == "deeppcb":
             samples = deeppcb_samples(root, list_file or data.list_file, split, source=f"deeppcb:{root.name}")
-            return samples, task_classes(data), root
+            return Imported(samples, task_classes(data), root, None)
         if kind == "folder":
             if split.group_by != "none":
                 raise StepError(f"data.split.group_by={split.group_by} keeps board designs together, but a "
                                 "folder-per-class dataset has none (its folders are classes): use "
                                 "data.split.group_by=none")
             found = import_folder(root, val=split.val, test=split.test, seed=split.seed,
-                                  good_class=data.good_class if data.good_class else None)
-            return found.samples, found.classes, root
+                                  good_class=data.good_class if data.good_class else None, dedup=data.dedup)
+            return Imported(found.samples, found.classes, root, found.duplicates)
     except (FileNotFoundError, ValueError) as e:
         raise StepError(str(e)) from None
     raise StepError(f"unknown dataset kind {kind!r}: use deeppcb or folder")
@@ -200,20 +221,32 @@ def fetch_snapshot(ref: str, home: Path) -> Snapshot:
 
 # ------------------------------------------------------------------------------------------------ validate_data
 def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
-    """Validate the board snapshot (quarantine with reasons) and cut candidate crops from the accepted boards."""
+    """Validate the snapshot (quarantine with reasons) and cut candidate crops from the accepted boards, or fit the
+    accepted images. Fails over ``data.validation.max_bad_fraction`` (unusable or leaking samples) or
+    ``data.validation.max_conflict_fraction`` (label conflicts); the result counts ``label_conflicts``."""
     from training.crops import build_crops
     from training.images import build_image_crops
-    from training.validation import validate_snapshot
+    from training.validation import CONFLICT, validate_snapshot
 
     snap = load_snapshot(ctx.path(SNAPSHOT))
     advance = ctx.reporter.task("validating boards", len(snap.samples))
     report = validate_snapshot(snap, data.validation, progress=advance)
     write_json(ctx.path(VALIDATION), report.to_dict())
-    if report.bad_fraction > data.validation.max_bad_fraction:
-        first = "; ".join(f"{q.path}: {q.reason}" for q in report.quarantined[:3])
-        raise StepError(f"{len(report.quarantined)} of {report.total} boards quarantined (over "
-                        f"data.validation.max_bad_fraction={data.validation.max_bad_fraction}): {first}; "
+    v = data.validation
+    bad = [q for q in report.quarantined if q.kind != CONFLICT]
+    conflicts = [q for q in report.quarantined if q.kind == CONFLICT]
+    if report.bad_fraction > v.max_bad_fraction:
+        first = "; ".join(f"{q.path}: {q.reason}" for q in bad[:3])
+        raise StepError(f"{len(bad)} of {report.total} samples quarantined (over "
+                        f"data.validation.max_bad_fraction={v.max_bad_fraction}): {first}; "
                         f"full list in {ctx.path(VALIDATION)}")
+    if report.conflict_fraction > v.max_conflict_fraction:
+        first = "; ".join(f"{q.path}: {q.reason}" for q in conflicts[:3])
+        raise StepError(f"{len(conflicts)} of {report.total} samples are label conflicts, the same content "
+                        f"under two labels (over data.validation.max_conflict_fraction={v.max_conflict_fraction}): "
+                        f"{first}; fix the class folders; full list in {ctx.path(VALIDATION)}")
+    if report.quarantined:
+        ctx.reporter.log(f"{report.summary()}; list in {ctx.path(VALIDATION)}")
     boards = any("template" in x for x in snap.samples)
     advance = ctx.reporter.task("cutting candidate crops" if boards else "fitting images", len(report.accepted))
     with atomic_dir(ctx.path(CROPS)) as tmp:
@@ -226,8 +259,8 @@ def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
                                       progress=advance, max_pixels=data.validation.max_image_pixels)
             extra = {"crops": {sp: dict(Counter(x["label"] for x in crops.samples if x["split"] == sp))
                                for sp in ("train", "val", "test")}}
-    out = {"quarantined": len(report.quarantined), "accepted": len(report.accepted), **extra,
-           "crop_fingerprint": crops.fingerprint}
+    out = {"quarantined": len(report.quarantined), "accepted": len(report.accepted),
+           "label_conflicts": len(conflicts), **extra, "crop_fingerprint": crops.fingerprint}
     shortcut = _shortcut_check(ctx, data, snap, crops, boards)
     if shortcut is not None:
         out["shortcut"] = shortcut

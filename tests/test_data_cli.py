@@ -78,6 +78,11 @@ def test_import_folder_and_errors(tmp_path: Path) -> None:
                             "--good-class", "normal"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "s" / "classes.json").read_text()) == ["normal", "solder bridge (short)"]
+    assert "3 label conflicts" in r.output  # the same three images in both class folders
+    assert len(json.loads((tmp_path / "s" / "duplicates.json").read_text())["conflicts"]) == 3
+    r = runner.invoke(app, ["data", "validate", str(tmp_path / "s")])
+    assert r.exit_code == EXIT_FAILURE
+    assert "6 of 6 samples quarantined (6 label conflicts" in r.output and "--max-conflict-fraction" in r.output
     r = runner.invoke(app, ["data", "import", "folder", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert r.exit_code == EXIT_USAGE
     r = runner.invoke(app, ["data", "import", "deeppcb", str(tmp_path / "ds"), "--out", str(tmp_path / "y")])

@@ -110,7 +110,8 @@ def test_hostile_names_are_indexed_with_their_real_names_and_open(tmp_path: Path
         assert s["source"] == "folder:solder joints"
         assert s["label"] == unicodedata.normalize("NFC", s["path"].split("/")[0])
         assert s["split"] in ("train", "val", "test")
-        assert s["split"] == assign_split(unicodedata.normalize("NFC", s["path"]), VAL, TEST, SEED)
+        assert s["split"] == assign_split(s["sha256"], VAL, TEST, SEED)  # split by content: copies share it
+        assert "group" not in s
         assert load_image(root / s["path"]).shape == (24, 32, 3)
     snap = write_snapshot(tmp_path / "snap", samples, classes, files_root=root)
     report = validate_snapshot(load_snapshot(tmp_path / "snap"), ValidationConfig())
@@ -337,12 +338,15 @@ def test_validation_quarantines_each_broken_file_with_a_reason(tmp_path: Path) -
     for rel, (data, _) in broken.items():
         _write(root / rel, data)
     _write(root / "normal" / "copy of 0.png", good_png)
-    samples, classes, _ = _import(root)
+    found = _import(root)
+    samples, classes = found.samples, found.classes
+    assert [d["path"] for d in found.duplicates.dropped] == ["normal/copy of 0.png"]  # kept once by the importer
     by_path = {s["path"]: s for s in samples}
     by_path["normal/1.png"]["label"] = "tombstone"
     by_path["normal/2.png"]["split"] = "holdout"
     original = by_path["normal/0.png"]
-    by_path["normal/copy of 0.png"]["split"] = "test" if original["split"] != "test" else "train"
+    samples.append({**original, "path": "normal/copy of 0.png",  # as a snapshot built elsewhere could have it
+                    "split": "test" if original["split"] != "test" else "train"})
     samples.append({**original, "path": "../outside.png"})
     snap = write_snapshot(tmp_path / "snap", samples, classes, files_root=root)
     snap = load_snapshot(tmp_path / "snap")

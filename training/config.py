@@ -84,11 +84,35 @@ class CandidateConfig:
 
 @dataclass
 class ValidationConfig:
-    """Snapshot validation limits."""
+    """Snapshot validation limits.
+
+    ``max_bad_fraction`` bounds the samples quarantined as unusable or leaking (corrupt, oversized, unknown label,
+    the same content in two splits ...); ``max_conflict_fraction`` bounds, separately, the samples quarantined as
+    label conflicts (the same content under two labels; every copy is quarantined). Conflicts are counted apart
+    because they are a question about labels, not broken data: quarantining every copy already keeps the ambiguity
+    out of training and evaluation, and a few are usual in hand-sorted crop exports, so the first run on such a
+    folder should go through and report them; a dataset that is mostly conflicts (class folders copied into each
+    other) still stops.
+    """
 
     max_image_pixels: int = 4096 * 4096
     max_file_bytes: int = 50 * 1024 * 1024
     max_bad_fraction: float = 0.0
+    max_conflict_fraction: float = 0.02
+
+
+@dataclass
+class DedupConfig:
+    """Duplicate handling of the folder importer (:func:`training.importers.import_folder`).
+
+    Identical files always form a group (by SHA-256) that never straddles two splits; copies within one class are
+    kept once. ``near`` also groups near-identical images (re-encoded, resized, brightened copies): a 64-bit DCT
+    perceptual hash per image, joined when their Hamming distance is at most ``max_distance`` (of 64 bits), so that
+    such a group stays in one split too. Near-duplicates are kept, only grouped.
+    """
+
+    near: bool = False
+    max_distance: int = 4
 
 
 @dataclass
@@ -107,7 +131,8 @@ class ShortcutConfig:
 
 @dataclass
 class DataConfig:
-    """Where the boards come from (``synth`` or a DeepPCB-format ``root``) and how candidates are made from them.
+    """Where the data comes from (``synth``, ``deeppcb``, ``folder`` or ``snapshot`` with ``root``), how candidates
+    are made from boards, how snapshots are validated and how a folder dataset's duplicates are grouped (``dedup``).
 
     ``shortcut`` configures the pre-training check that metadata (image size, file type, box size) does not predict
     the class: see :class:`ShortcutConfig`.
@@ -122,6 +147,7 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
 
 

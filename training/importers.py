@@ -6,6 +6,12 @@
 file's path relative to ``root`` and its SHA-256, and ``write_snapshot(..., files_root=root)`` makes the snapshot.
 Validation (:func:`training.validation.validate_snapshot`) then decides which files are usable; the importer only
 refuses layouts that cannot be a dataset (no class folder, an empty class, a missing ``good_class``).
+
+Duplicates are handled here, not left to fail validation: identical files form a group (by SHA-256) whose split is
+drawn from the group's key, so a group never straddles two splits; copies within one class are kept once (the first
+path in sorted order) and the others listed in :class:`Duplicates`; the same content under two labels is kept and
+reported (validation quarantines every copy as a label conflict). Optionally near-identical images are grouped too
+(:mod:`training.dedup`), kept, and kept in one split.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipelines.fsutil import sha256_file
+from training.config import DedupConfig
 from training.snapshot import SPLITS, assign_split
 
 log = logging.getLogger(__name__)
@@ -28,12 +36,69 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "
 JUNK_FOLDERS = frozenset({"__MACOSX", "@eaDir"})  # archive and NAS metadata, full of image-named thumbnails
 
 
-class FolderImport(NamedTuple):
-    """What :func:`import_folder` found; unpacks as ``samples, classes, ignored``."""
+@dataclass(frozen=True)
+class Duplicates:
+    """What :func:`import_folder` did with repeated content (written to ``data/duplicates.json`` by ``pull_data``).
+
+    * ``dropped``: copies left out of the manifest, each ``{"path", "kept", "label", "sha256"}`` (``kept`` is the
+      path that stays: the first in sorted order of that content in that class and split folder).
+    * ``exact_groups``: contents found in more than one file.
+    * ``groups``: the groups that still have several files in the manifest, each ``{"group", "kind", "paths",
+      "labels", "splits"}``; ``kind`` is ``exact`` (one content) or ``near`` (several near-identical contents).
+    * ``conflicts``: contents under more than one label, each ``{"sha256", "paths", "labels"}``; they stay in the
+      manifest and validation quarantines every copy.
+    * ``leaks``: contents in more than one split folder of a pre-split layout, each ``{"sha256", "paths",
+      "splits"}``; validation quarantines all but the first as leakage.
+    """
+
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    exact_groups: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"dropped": len(self.dropped), "groups": self.exact_groups,
+                "near_groups": sum(1 for g in self.groups if g["kind"] == "near"),
+                "label_conflicts": len(self.conflicts), "leaks": len(self.leaks)}
+
+    def summary(self) -> str:
+        """One line for a terminal: ``duplicates: 5 copies dropped ...``."""
+        c = self.counts()
+        return (f"duplicates: {c['dropped']} copies dropped (kept once), {c['groups']} groups of identical files, "
+                f"{c['near_groups']} near-duplicate groups, {c['label_conflicts']} label conflicts (same content "
+                f"under two labels: quarantined by validation), {c['leaks']} contents in two split folders (leakage)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.counts(), "dropped_files": self.dropped, "multi_file_groups": self.groups,
+                "conflicts": self.conflicts, "leaks": self.leaks}
+
+
+@dataclass(frozen=True)
+class FolderImport:
+    """What :func:`import_folder` found. Unpacks as ``samples, classes, ignored`` (and indexes like that tuple), as
+    it did before ``duplicates`` was added."""
 
     samples: list[dict[str, Any]]
     classes: list[str]
     ignored: list[str]
+    duplicates: Duplicates = field(default_factory=Duplicates)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.samples, self.classes, self.ignored))
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return (self.samples, self.classes, self.ignored)[index]
+
+    def __len__(self) -> int:
+        return 3
+
+
+class _File(NamedTuple):
+    rel: str
+    label: str
+    split: str | None  # the split folder's split, None when assigned by hash
+    sha256: str
 
 
 def _hidden(name: str) -> bool:
@@ -105,31 +170,42 @@ def _class_name(folder: str, root: Path) -> str:
 
 
 def import_folder(root: Path, *, val: float, test: float, seed: int,
-                  extensions: Sequence[str] = IMAGE_EXTENSIONS, good_class: str | None = None) -> FolderImport:
-    """Index a folder-per-class dataset: ``(samples, classes, ignored)``.
+                  extensions: Sequence[str] = IMAGE_EXTENSIONS, good_class: str | None = None,
+                  dedup: DedupConfig | None = None) -> FolderImport:
+    """Index a folder-per-class dataset: ``(samples, classes, ignored)`` and ``duplicates``.
 
     * ``samples``: one manifest entry per image, ``path`` relative to ``root`` (POSIX separators, the real on-disk
-      name so that it always opens), ``sha256``, ``label`` (the class folder's name, NFC-normalised), ``split`` and
-      ``source`` = ``"folder:<root name>"``. Images in nested sub-folders of a class folder belong to that class.
+      name so that it always opens), ``sha256``, ``label`` (the class folder's name, NFC-normalised), ``split``,
+      ``source`` = ``"folder:<root name>"`` and, for a sample of a group that keeps several files in the manifest,
+      ``group`` = ``"dup-<16 hex digits of the group key>"``. Images in nested sub-folders of a class folder belong
+      to that class. Copies of one content within one class (and split folder) are kept once: the first path in
+      sorted order.
     * ``classes``: sorted class names, ``good_class`` first when given (``ValueError`` naming the folders found if it
       is not one of them).
     * ``ignored``: relative paths skipped (sorted): hidden files and folders (``.name``, ``__MACOSX``, ``@eaDir``),
       files without an image extension (case-insensitive), files outside any class folder, broken symlinks and
       repeated symlinked folders. Folders end with ``/``. Also logged.
+    * ``duplicates``: :class:`Duplicates`, what was dropped, grouped and found conflicting. Also logged.
 
     Splits: if ``root`` holds split folders (``train``, ``val``/``valid``/``validation``, ``test``, any case) each
-    holding class folders, their split is used; otherwise ``assign_split(key, val, test, seed)`` with the key the
-    NFC-normalised relative path, so a file keeps its split whatever else is added and wherever the folder is copied.
+    holding class folders, their split is used (identical content in two split folders is reported in
+    ``duplicates.leaks``; validation quarantines it as leakage). Otherwise ``assign_split(key, val, test, seed)`` with
+    the key the group's: the file's SHA-256, or with ``dedup.near`` the smallest SHA-256 of its near-duplicate group.
+    So identical (and near-identical) files share a split, and a file keeps its split whatever else is added (with
+    ``dedup.near``: unless a new file joins its group to another) and wherever the folder is copied.
 
     ``ValueError`` for a root with no class folder, a class without images (in the pre-split layout: without
     training images), split folders mixed with class folders, two class folders whose names differ only by Unicode
     normalisation, and names that are not UTF-8; ``FileNotFoundError`` if ``root`` is not a folder.
     """
     root = Path(root)
+    dedup = dedup or DedupConfig()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist: pass a folder holding one sub-folder per class")
     if not (val >= 0 and test >= 0 and val + test < 1):
         raise ValueError(f"split fractions val={val}, test={test} are invalid: use val >= 0, test >= 0, val + test < 1")
+    if not 0 <= dedup.max_distance <= 64:
+        raise ValueError(f"dedup.max_distance={dedup.max_distance} is not a number of bits: use 0 to 64 (4 is usual)")
     if isinstance(extensions, str):
         extensions = (extensions,)
     exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
@@ -158,8 +234,7 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,
         raise ValueError(f"{root} has no class folders: expected {root}/<class>/<images> or "
                          f"{root}/train|val|test/<class>/<images> ({len(walker.ignored)} other entries found)")
 
-    source = f"folder:{root.resolve().name}"
-    samples: list[dict[str, Any]] = []
+    found: list[_File] = []
     folder_of: dict[tuple[str | None, str], str] = {}
     total: Counter[str] = Counter()
     train: Counter[str] = Counter()
@@ -170,12 +245,9 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,
             raise ValueError(f"class folders {first!r} and {folder!r} of {root} have the same name up to Unicode "
                              "normalisation: merge them")
         for rel in walker.images(folder):
-            key = unicodedata.normalize("NFC", rel)
-            split_of = split or assign_split(key, val, test, seed)
-            samples.append({"path": rel, "sha256": sha256_file(root / rel), "label": label, "split": split_of,
-                            "source": source})
+            found.append(_File(rel, label, split, sha256_file(root / rel)))
             total[label] += 1
-            train[label] += split_of == "train"
+            train[label] += split in (None, "train")
     for (_, label), folder in folder_of.items():
         if not total[label]:
             raise ValueError(f"class folder {root / folder} holds no images: add {'/'.join(sorted(exts))} files or "
@@ -196,7 +268,65 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,
         (log.warning if stray else log.info)(
             "import_folder %s: ignored %d entries (hidden, not an image, or outside a class folder)%s: %s",
             root, len(ignored), f", {len(stray)} of them images" if stray else "", ", ".join(ignored[:5]))
-    samples.sort(key=lambda s: s["path"])
+    samples, duplicates = _deduplicate(found, root, val=val, test=test, seed=seed, dedup=dedup,
+                                       source=f"folder:{root.resolve().name}")
     split_names = ", ".join(f"{s}={sum(1 for x in samples if x['split'] == s)}" for s in SPLITS)
     log.info("import_folder %s: %d images, %d classes (%s)", root, len(samples), len(classes), split_names)
-    return FolderImport(samples, classes, ignored)
+    c = duplicates.counts()
+    if any(c.values()):
+        (log.warning if c["label_conflicts"] or c["leaks"] else log.info)("import_folder %s: %s", root,
+                                                                          duplicates.summary())
+    return FolderImport(samples, classes, ignored, duplicates)
+
+
+def _deduplicate(found: list[_File], root: Path, *, val: float, test: float, seed: int, dedup: DedupConfig,
+                 source: str) -> tuple[list[dict[str, Any]], Duplicates]:
+    """Manifest samples (sorted by path) of ``found`` with copies within a class dropped and splits drawn per group."""
+    found = sorted(found, key=lambda f: f.rel)
+    kept: list[_File] = []
+    dropped: list[dict[str, str]] = []
+    first_of: dict[tuple[str | None, str, str], str] = {}
+    for f in found:
+        first = first_of.setdefault((f.split, f.label, f.sha256), f.rel)
+        if first == f.rel:
+            kept.append(f)
+        else:
+            dropped.append({"path": f.rel, "kept": first, "label": f.label, "sha256": f.sha256})
+    copies = Counter(f.sha256 for f in found)
+
+    by_content: dict[str, list[_File]] = defaultdict(list)
+    for f in kept:
+        by_content[f.sha256].append(f)
+    key_of = {sha: sha for sha in by_content}
+    if dedup.near:
+        from training.dedup import image_phash, near_components
+
+        hashed = [(sha, h) for sha, files in sorted(by_content.items())
+                  if (h := image_phash(root / files[0].rel)) is not None]
+        components: dict[int, list[str]] = defaultdict(list)
+        for (sha, _), c in zip(hashed, near_components([h for _, h in hashed], dedup.max_distance), strict=True):
+            components[c].append(sha)
+        for shas in components.values():
+            for sha in shas:
+                key_of[sha] = min(shas)
+    members: dict[str, list[_File]] = defaultdict(list)
+    for f in kept:
+        members[key_of[f.sha256]].append(f)
+
+    split_of = {f.rel: f.split or assign_split(key_of[f.sha256], val, test, seed) for f in kept}
+    samples: list[dict[str, Any]] = []
+    for f in kept:
+        sample: dict[str, Any] = {"path": f.rel, "sha256": f.sha256, "label": f.label, "split": split_of[f.rel],
+                                  "source": source}
+        if len(members[key_of[f.sha256]]) > 1:
+            sample["group"] = f"dup-{key_of[f.sha256][:16]}"
+        samples.append(sample)
+    multi = [{"group": f"dup-{key[:16]}", "kind": "near" if len({f.sha256 for f in fs}) > 1 else "exact",
+              "paths": [f.rel for f in fs], "labels": sorted({f.label for f in fs}),
+              "splits": sorted({split_of[f.rel] for f in fs})}
+             for key, fs in sorted(members.items()) if len(fs) > 1]
+    conflicts = [{"sha256": sha, "paths": [f.rel for f in fs], "labels": sorted({f.label for f in fs})}
+                 for sha, fs in sorted(by_content.items()) if len({f.label for f in fs}) > 1]
+    leaks = [{"sha256": sha, "paths": [f.rel for f in fs], "splits": sorted({str(f.split) for f in fs})}
+             for sha, fs in sorted(by_content.items()) if len({f.split for f in fs}) > 1]
+    return samples, Duplicates(dropped, sum(1 for n in copies.values() if n > 1), multi, conflicts, leaks)
