@@ -80,8 +80,10 @@ def build_elpv(out: Path, levels: int) -> tuple[Path, str]:
     return root, "good"
 
 
-def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 6) -> tuple[Path, str]:
-    """Candidate crops of DeepPCB at their own box size, split by design, with duplicates and label conflicts."""
+def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 6,
+                        pairs_per_design: int = 0) -> tuple[Path, str]:
+    """Candidate crops of DeepPCB at their own box size, split by design, with duplicates and label conflicts;
+    ``pairs_per_design`` > 0 keeps only the first that many pairs of each design's list (a smaller, faster set)."""
     import cv2
     import numpy as np
 
@@ -90,7 +92,7 @@ def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 
     from training.crops import aligned_candidates, candidate_params
     from training.synth import Box
 
-    root = out / "deeppcb-crops"
+    root = out / (f"deeppcb-crops-{pairs_per_design}" if pairs_per_design else "deeppcb-crops")
     if (root / ".complete").is_file():
         return root, "false_call"
     data = deeppcb_root()
@@ -101,9 +103,13 @@ def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 
     written: list[tuple[str, str, Path]] = []
     from training.candidates import label_candidates
 
+    taken: dict[str, int] = {}
     for line in (data / "trainval.txt").read_text().splitlines():
         image, ann = line.split()
         design = image.split("/", 1)[0]
+        taken[design] = taken.get(design, 0) + 1
+        if pairs_per_design and taken[design] > pairs_per_design:
+            continue
         split = "test" if design in TEST_DESIGNS else "val" if design in VAL_DESIGNS else "train"
         stem = image.removesuffix(".jpg")
         template, tested = read_pair(data / f"{stem}_temp.jpg", data / f"{stem}_test.jpg")
@@ -191,6 +197,8 @@ def main() -> int:
     ap.add_argument("--dataset", choices=("elpv", "deeppcb-crops"), default="elpv")
     ap.add_argument("--levels", type=int, choices=(2, 4), default=2, help="elpv: good/defect or four levels")
     ap.add_argument("--recipes", default="old,new", help="comma-separated: old, new")
+    ap.add_argument("--pairs-per-design", type=int, default=0,
+                    help="deeppcb-crops: keep the first N pairs of each design (0: all 1,000 pairs, ~12k crops)")
     ap.add_argument("--data-dir", type=Path, help="where the folder datasets are built (kept, reused)")
     ap.add_argument("--home", type=Path, help="DefectOps home for the runs (kept, resumable)")
     ap.add_argument("--json", type=Path)
@@ -200,7 +208,7 @@ def main() -> int:
     if args.dataset == "elpv":
         root, good = build_elpv(data_dir, args.levels)
     else:
-        root, good = build_deeppcb_crops(data_dir)
+        root, good = build_deeppcb_crops(data_dir, pairs_per_design=args.pairs_per_design)
     reference = reference_seconds()
     results = []
     for name in args.recipes.split(","):
