@@ -613,6 +613,8 @@ def _crop_units(crops: Snapshot, paths: list[str]) -> list[str]:
 
 def _interval_unit(units: list[str]) -> str:
     kinds = {u.split(":", 1)[0] for u in units}
+    if kinds == {"group", "crop"}:
+        return "images (a duplicate group as one)"
     return {"board": "boards", "group": "groups", "crop": "crops"}.get(kinds.pop(), "units") if len(kinds) == 1 \
         else "boards or crops"
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from pipelines.context import Reporter, StepContext, StepError
-from pipelines.steps import DUPLICATES, pull_data, validate_data
+from pipelines.steps import CROPS, DUPLICATES, pull_data, validate_data
 from training.config import DataConfig, DedupConfig, ValidationConfig
 from training.dedup import hamming, near_components, phash
 from training.importers import FolderImport, import_folder
@@ -199,6 +199,22 @@ def test_near_duplicates_are_grouped_into_one_split(tmp_path: Path) -> None:
         assert all(len({s["split"] for s in g}) == 1 for g in groups.values())
         assert found.duplicates.counts()["near_groups"] == 2 and len(found.samples) == 42
         assert [g["kind"] for g in found.duplicates.groups] == ["near", "near"]
+
+
+def test_crops_keep_the_group_for_the_bootstrap(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    for k in range(12):
+        _save(root / "normal" / f"{k}.png", _texture(k))
+        _save(root / "short" / f"{k}.png", _texture(50 + k))
+    _near_copy(_texture(3), root / "normal" / "3 brighter.jpg")
+    data = DataConfig(source="folder", root=str(root), good_class="normal", dedup=DedupConfig(near=True))
+    ctx, _ = _ctx(tmp_path, "run")
+    pull_data(ctx, data)
+    validate_data(ctx, data)
+    by_source = {c["source"]: c for c in load_snapshot(ctx.path(CROPS)).samples}
+    group = by_source["normal/3.png"]["group"]
+    assert by_source["normal/3 brighter.jpg"]["group"] == group
+    assert sum(1 for c in by_source.values() if "group" in c) == 2
 
 
 def test_hashes_groups_and_fingerprints_are_deterministic(tmp_path: Path) -> None:

@@ -256,8 +256,11 @@ def build_image_crops(snap: Snapshot, accepted: Sequence[int], out_dir: Path, si
         dest = out_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
-        samples.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "label": s["label"], "split": split,
-                        "source": s["path"], "origin": "image"})
+        entry = {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "label": s["label"], "split": split,
+                 "source": s["path"], "origin": "image"}
+        if s.get("group"):  # a duplicate group: resampled as one unit by the evaluation's bootstrap
+            entry["group"] = s["group"]
+        samples.append(entry)
         if progress:
             progress(1)
     return write_snapshot(out_dir, samples, snap.classes,
