@@ -115,7 +115,7 @@ def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 
         template, tested = read_pair(data / f"{stem}_temp.jpg", data / f"{stem}_test.jpg")
         _aligned, cands = aligned_candidates(template, tested, params)
         gts = [Box(b.x1, b.y1, b.x2, b.y2, b.label) for b in read_deeppcb_annotations(data / ann)]
-        labels = label_candidates(cands, gts, cfg.iou_threshold)
+        labels = label_candidates(cands, gts, iou_threshold=cfg.iou_threshold)
         for i, (c, label) in enumerate(zip(cands, labels, strict=True)):
             name = label or "false_call"
             x1, y1, x2, y2 = (max(0, c.x1 - 4), max(0, c.y1 - 4), c.x2 + 5, c.y2 + 5)
