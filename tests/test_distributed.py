@@ -173,8 +173,10 @@ def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
 TRAIN_COUNTS = (300, 90, 60, 40)
 VAL_COUNTS = (120, 40, 40, 40)
 PIPELINE = ["+experiment=folder", "data.good_class=false_call", "data.candidates.crop_size=32", "train.nproc=2",
-            "train.epochs=3", "train.batch_size=32", "train.threads=1", "train.device=cpu"]
-"""The run's configuration: the default CNN (aoi_resnet10t, BatchNorm), loss, sampler and augmentation."""
+            "train.epochs=3", "train.batch_size=32", "train.threads=1", "train.device=cpu", "model.name=aoi_resnet10t",
+            "train.lr=0.003"]
+"""The run's configuration: the default CNN (aoi_resnet10t, BatchNorm, from scratch: the folder experiment's
+pretrained EfficientNet needs more than 3 epochs at 32 px), loss, sampler and augmentation."""
 EXACT_MODEL: dict[str, Any] = {"name": "aoi_vit_tiny", "kwargs": {"depth": 2}}
 EXACT_TRAIN: dict[str, Any] = {"epochs": 2, "batch_size": 32, "lr": 1e-3, "threads": 1, "device": "cpu",
                                "augment": {"flips": False, "rotate90": False, "shift_px": 0}}

@@ -6,7 +6,6 @@ import base64
 import os
 import re
 import struct
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -71,11 +70,10 @@ def _png_size(uri: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, float]:
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One full 7-class report; returns its HTML and the render time in seconds."""
     metrics, gates, curves = _inputs(CLASSES)
     path = tmp_path_factory.mktemp("report") / "report.html"
-    start = time.perf_counter()
     out = render_report(
         path,
         title="Candidate v7",
@@ -86,19 +84,13 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, float]:
         misses=_misses(),
         sections=[("Notes", "<p><b>trusted</b> section body</p>")],
     )
-    elapsed = time.perf_counter() - start
     assert out == path
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp file left behind
-    return path.read_text(encoding="utf-8"), elapsed
+    return path.read_text(encoding="utf-8")
 
 
-def test_renders_fast_enough(rendered: tuple[str, float]) -> None:
-    _, elapsed = rendered
-    assert elapsed < 2.0
-
-
-def test_contains_sections_gates_and_classes(rendered: tuple[str, float]) -> None:
-    html, _ = rendered
+def test_contains_sections_gates_and_classes(rendered: str) -> None:
+    html = rendered
     for name in CLASSES:
         assert name in html
     for gate in (
@@ -123,8 +115,8 @@ def test_contains_sections_gates_and_classes(rendered: tuple[str, float]) -> Non
     assert "<b>trusted</b> section body" in html  # sections are inserted verbatim
 
 
-def test_images_are_embedded_png(rendered: tuple[str, float]) -> None:
-    html, _ = rendered
+def test_images_are_embedded_png(rendered: str) -> None:
+    html = rendered
     refs = _Refs()
     refs.feed(html)
     assert len(refs.srcs) == 3 + 2  # three plots + two misses
@@ -136,8 +128,8 @@ def test_images_are_embedded_png(rendered: tuple[str, float]) -> None:
     assert _png_size(refs.srcs[-1]) == (40, 32)  # grey miss kept at native size
 
 
-def test_no_external_resources_or_scripts(rendered: tuple[str, float]) -> None:
-    html, _ = rendered
+def test_no_external_resources_or_scripts(rendered: str) -> None:
+    html = rendered
     refs = _Refs()
     refs.feed(html)
     assert all(h.startswith("#") for h in refs.hrefs)
