@@ -135,15 +135,16 @@ def designs_of(root: Path) -> list[str]:
 
 
 def leave_design_out(root: Path, home: Path, which: str, overrides: list[str]) -> dict[str, Any]:
-    """One pipeline run per held-out design (its boards are the test split, never trained or tuned on); the board
-    figures are the evaluate step's (PyTorch model, score threshold chosen on the val designs)."""
+    """One run per held-out design (its boards are the test split, never trained or tuned on), up to the evaluate
+    step: the board figures are the evaluate step's (PyTorch model, score threshold chosen on the val designs)."""
     from bench_run import reference_seconds
     from rich.console import Console
     from rich.table import Table
 
     from pipelines.config import load_config
+    from pipelines.dag import DAG
     from pipelines.fsutil import read_json
-    from pipelines.runner import RunError, run_pipeline
+    from pipelines.runner import RunError, prepare_run_root, run_step
 
     designs = designs_of(root) if which == "all" else which.split(",")
     reference = reference_seconds()
@@ -153,13 +154,14 @@ def leave_design_out(root: Path, home: Path, which: str, overrides: list[str]) -
                            f"data.split.test_groups=[{design}]", "data.split.test=0.0", "gates.min_board_map=0.0",
                            "gates.min_board_fscore=0.0", *overrides])
         t0 = time.perf_counter()
-        try:
-            ctx, _ = run_pipeline(cfg, home=home)
-            run_root = ctx.root
-        except RunError as e:  # a failed gate still leaves the evaluation behind
-            if e.root is None or not (e.root / "board_metrics.json").is_file():
-                raise
-            run_root = e.root
+        ctx = prepare_run_root(cfg, home)
+        run_root = ctx.root
+        for step in DAG[: [s.name for s in DAG].index("evaluate") + 1]:
+            try:
+                run_step(step, ctx, cfg)
+            except RunError as e:  # a failed gate still leaves the evaluation behind
+                if not (e.gate_failure and (run_root / "board_metrics.json").is_file()):
+                    raise
         board = read_json(run_root / "board_metrics.json")
         train_seconds = read_json(run_root / "steps" / "train.json")["seconds"]
         splits = read_json(run_root / "steps" / "pull_data.json")["result"].get("groups", {})
