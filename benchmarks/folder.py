@@ -9,8 +9,9 @@ Two real folder datasets, built outside the repository (under ``--data-dir``, de
   ``../shared/datasets/deeppcb``), cut from the tested image at the candidate box's own size (so crop size depends on
   the class, as in a real crop export), one folder per type plus ``false_call``, with exact duplicates (3 % of the
   crops copied again under another name) and a few label conflicts (the same crop in two class folders). The split
-  is by board design: ``train/`` holds the crops of four designs, ``val/`` of group92000, ``test/`` of group44000,
-  group50600 and group77000, designs the model never saw.
+  is by board design: ``train/`` holds the crops of three designs (group00041, group13000, group20085), ``val/``
+  of group92000, ``test/`` of group44000, group50600 and group77000, designs the model never saw.
+  ``--pairs-per-design N`` keeps the first N pairs of each design (a smaller, faster set).
 
 Each recipe runs the steps `defectops run` runs up to `evaluate` (pull_data, validate_data, train, evaluate) in its
 own home, and the held-out `test` figures are reported with Wilson 95 % intervals; nothing is selected on `test`.
