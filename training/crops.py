@@ -90,11 +90,9 @@ def box_metadata(boxes: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[str]]
     columns ``width``, ``height``, ``aspect`` (width / height) and ``area``, for
     :func:`evaluation.shortcut.shortcut_check`. Crops are scaled to their box, so a class told apart by box size
     alone may be learnt from scale cues (blur, line width) rather than from the defect."""
-    out = np.zeros((len(boxes), 4), np.float64)
-    for i, b in enumerate(boxes):
-        w, h = int(b[2]) - int(b[0]) + 1, int(b[3]) - int(b[1]) + 1
-        out[i] = (w, h, w / h, w * h)
-    return out, ["width", "height", "aspect", "area"]
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    w, h = b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1
+    return np.stack([w, h, w / h, w * h], axis=1), ["width", "height", "aspect", "area"]
 
 
 def build_crops(boards: Snapshot, accepted: Sequence[int], out_dir: Path, cfg: CandidateConfig,
