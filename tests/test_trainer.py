@@ -152,3 +152,21 @@ def test_select_last_keeps_the_last_epoch(tmp_path: Path) -> None:
     cfg.select = "best"
     with pytest.raises(ValueError, match="train.select"):
         fit(x, y, CLASSES, MODEL, cfg, tmp_path / "bad", seed=0)
+
+
+def test_bf16_channels_last_training_learns_and_saves_a_plain_float32_model(tmp_path: Path) -> None:
+    """``train.precision=bf16`` with ``channels_last``: the loss stays finite, the model learns the signal, and what is
+    saved (and exported from) is an ordinary float32 state dict."""
+    x, y = _data(96, 32)
+    cfg = TrainConfig(epochs=5, batch_size=16, lr=1e-3, threads=1, precision="bf16", channels_last=True)
+    res = fit(x, y, CLASSES, ModelConfig(name="aoi_resnet10t"), cfg, tmp_path / "bf16", seed=0)
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    assert res.history[-1]["loss"] < res.history[0]["loss"] / 2 and res.history[-1]["accuracy"] > 0.7
+    saved = torch.load(checkpoints(tmp_path / "bf16")[-1], weights_only=False)["model"]
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_unknown_precision_is_a_clear_error(tmp_path: Path) -> None:
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"train.precision=fp8 is unknown: use one of fp32, bf16"):
+        fit(x, y, CLASSES, MODEL, TrainConfig(epochs=1, precision="fp8"), tmp_path / "x", seed=0)

@@ -19,9 +19,13 @@ class NonFiniteLossError(RuntimeError):
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int, *,
-                    max_grad_norm: float | None = None,
+                    max_grad_norm: float | None = None, autocast_dtype: torch.dtype | None = None,
+                    channels_last: bool = False,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train for one pass over ``loader``; returns mean loss, accuracy and the last learning rate.
+
+    ``autocast_dtype`` (``torch.bfloat16``) runs the forward pass and the loss under autocast in that dtype (weights,
+    gradients and the optimizer stay float32); ``channels_last`` feeds the batch in that memory format.
 
     Under DDP (a process group is initialised) the loss is checked for finiteness across all ranks at every step, so
     a NaN on any rank stops every rank before the gradient all-reduce, and the returned statistics are over the
@@ -32,8 +36,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
     total_loss, correct, seen = 0.0, 0, 0
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = criterion(logits, y)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
         value = loss.item() if world == 1 else distributed.all_reduce_sum([loss.item()])[0] / world
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step}: lower train.lr or check "

@@ -46,6 +46,7 @@ CKPT_RE = re.compile(r"^epoch-(\d{3})\.pt$")
 KEEP_CHECKPOINTS = 2
 BEST = "best.pt"
 SELECT_MODES = ("val_macro_recall", "last")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype of the forward pass
 
 
 class CheckpointError(RuntimeError):
@@ -124,6 +125,8 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
         raise ValueError("the training split has no samples: add boards or lower data.split.val/test")
     if cfg.select not in SELECT_MODES:
         raise ValueError(f"train.select={cfg.select} is unknown: use one of {', '.join(SELECT_MODES)}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"train.precision={cfg.precision} is unknown: use one of {', '.join(PRECISIONS)}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     world, rank = distributed.world_size(), distributed.rank()
@@ -141,7 +144,7 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
     state = _resume_state(ckpt_dir, classes) if world == 1 else _broadcast_resume_state(ckpt_dir, classes)
     model = build_model(model_cfg, num_classes, img_size, int(train_images.shape[3]), pretrained=state is None)
     weights_info = dict(model.weights_info) if state is None else dict(state.get("weights_info", {}))
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if world > 1 and device.type == "cuda":
         model = sync_batchnorm(model)
     counts = np.bincount(train_labels, minlength=num_classes)
@@ -182,7 +185,8 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch_seed)
         stats = train_one_epoch(net, loader, criterion, optimizer, scheduler, device, epoch,
-                                max_grad_norm=cfg.max_grad_norm, on_batch=on_batch)
+                                max_grad_norm=cfg.max_grad_norm, autocast_dtype=PRECISIONS[cfg.precision],
+                                channels_last=cfg.channels_last, on_batch=on_batch)
         stats["epoch"] = epoch + 1
         distributed.average_buffers(model)  # DDP: BatchNorm statistics averaged, every rank holds the same model
         if val_x is not None and val is not None:
