@@ -144,7 +144,9 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
     state = _resume_state(ckpt_dir, classes) if world == 1 else _broadcast_resume_state(ckpt_dir, classes)
     model = build_model(model_cfg, num_classes, img_size, int(train_images.shape[3]), pretrained=state is None)
     weights_info = dict(model.weights_info) if state is None else dict(state.get("weights_info", {}))
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":
         model = sync_batchnorm(model)
     counts = np.bincount(train_labels, minlength=num_classes)
