@@ -160,6 +160,11 @@ def _headline(value: float | None, interval: Any) -> str:
     return text
 
 
+def _per_type(board: dict[str, Any]) -> str:
+    per = board.get("type_thresholds") or {}
+    return f" (per type: {', '.join(f'{k} {v}' for k, v in per.items())})" if per else ""
+
+
 def _print_board_results(root: Path) -> None:
     """The board-level DeepPCB scores per split with their bootstrap intervals, and per board design."""
     from evaluation.intervals import Interval
@@ -169,8 +174,8 @@ def _print_board_results(root: Path) -> None:
         return
     board = read_json(root / "board_metrics.json")
     t = Table(title="Board-level detection (DeepPCB metric)", title_justify="left", caption_justify="left",
-              caption=escape(f"score threshold {board.get('score_threshold')} chosen on val; [brackets]: "
-                             f"bootstrap over boards; * worst design (lowest F-score)"))
+              caption=escape(f"score threshold {board.get('score_threshold')}{_per_type(board)} chosen on val; "
+                             f"[brackets]: bootstrap over boards; * worst design (lowest F-score)"))
     for col in ("split", "design", "boards", "mAP", "F-score"):  # precision and recall: board_metrics.json, report
         t.add_column(col, justify="left" if col in ("split", "design") else "right", no_wrap=True)
     for split in ("val", "test"):

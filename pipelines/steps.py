@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -538,12 +539,13 @@ def _board_split(ctx: StepContext, split: str
 
 
 def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
-                     logits_fn: Any, threshold: float | None, confidence: float = 0.95) -> dict[str, Any]:
-    """Detect on the val and test boards; choose the score threshold on val (unless given); score test. Each split
-    also gets bootstrap intervals over boards (``intervals``) and its scores per board design (``per_group``,
-    ``worst_group``)."""
+                     logits_fn: Any, threshold: float | None, confidence: float = 0.95,
+                     type_thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Detect on the val and test boards; choose the score threshold (and with ``detect.threshold_per_type`` one per
+    defect type) on val, unless given; score test. Each split also gets bootstrap intervals over boards
+    (``intervals``) and its scores per board design (``per_group``, ``worst_group``)."""
     from evaluation.deeppcb import boxes_found, score
-    from serving.detector import CONFIDENCES, BoardDetector, detections_from_probs
+    from serving.detector import CONFIDENCES, BoardDetector, detections_from_probs, select_thresholds
     from training.candidates import detection_box
 
     settings = _detector_settings(classes, data, detect)
@@ -564,35 +566,40 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
             advance(1)
         runs[split] = (results, gts, len(pairs) / max(time.perf_counter() - t0, 1e-9))
 
-    def images_at(split: str, t: float) -> dict[str, Any]:
+    def images_at(split: str, t: float, per_type: Mapping[str, float]) -> dict[str, Any]:
         results, gts, _ = runs[split]
-        return {r.key: (gts[r.key], detections_from_probs(r.candidates, r.probs, settings, r.shape, t))
+        return {r.key: (gts[r.key], detections_from_probs(r.candidates, r.probs, settings, r.shape, t, per_type))
                 for r in results}
 
-    def score_at(split: str, t: float) -> Any:
-        return score(images_at(split, t), iou_threshold=detect.iou_threshold)
+    def score_at(split: str, t: float, per_type: Mapping[str, float]) -> Any:
+        return score(images_at(split, t, per_type), iou_threshold=detect.iou_threshold)
 
     objectives = {"fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
     if detect.select not in objectives:
         raise StepError(f"detect.select={detect.select} is unknown: use {', '.join(objectives)}")
     if detect.confidence not in CONFIDENCES:
         raise StepError(f"detect.confidence={detect.confidence} is unknown: use {', '.join(CONFIDENCES)}")
-    if threshold is None:  # best val objective on a grid; ties go to the threshold nearest 0.5
-        grid = [round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)]
+    type_thresholds = dict(type_thresholds or {})
+    if threshold is None and not runs["val"][0]:
+        threshold = 0.5
+    elif threshold is None:  # best val objective on a grid (serving.detector.select_thresholds)
         objective = objectives[detect.select]
-        threshold = max(grid, key=lambda t: (objective(score_at("val", t)), -abs(t - 0.5))) if runs["val"][0] else 0.5
+        threshold, type_thresholds = select_thresholds(
+            lambda t, per: objective(score_at("val", t, per)), [c for c in classes if c != data.good_class],
+            grid=[round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)], per_type=detect.threshold_per_type)
     for split in ("val", "test"):
         results, gts, ips = runs[split]
         if results:
             found = [f for r in results for f in boxes_found(
                 gts[r.key], [detection_box(c, settings.box_margin, r.shape) for c in r.candidates],
                 detect.iou_threshold)]
-            images = images_at(split, threshold)
+            images = images_at(split, threshold, type_thresholds)
             out[split] = {**score(images, iou_threshold=detect.iou_threshold).to_dict(), "images_per_s": ips,
                           "boards": len(results), "ceiling_recall": float(np.mean(found)) if found else None,
                           **board_breakdown(images, groups, iou_threshold=detect.iou_threshold,
                                             confidence=confidence)}
     out["score_threshold"] = threshold
+    out["type_thresholds"] = type_thresholds
     return out
 
 
@@ -660,7 +667,8 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
         board = board_evaluation(ctx, data, detect, crops.classes, torch_logits, detect.score_threshold,
                                  gates.confidence)
         write_json(ctx.path(BOARD_METRICS), board)
-        write_json(ctx.path(DETECTOR), {"score_threshold": board["score_threshold"], **board["settings"]})
+        write_json(ctx.path(DETECTOR), {"score_threshold": board["score_threshold"],
+                                        "type_thresholds": board["type_thresholds"], **board["settings"]})
     report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     with atomic_path(ctx.path(PREDICTIONS)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, logits=logits, labels=y, paths=np.asarray(paths))
@@ -673,6 +681,8 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
     if board and "test" in board:
         result["board"] = {k: board["test"][k] for k in ("map", "fscore", "precision", "recall", "images_per_s")}
         result["board"]["score_threshold"] = board["score_threshold"]
+        if board["type_thresholds"]:
+            result["board"]["type_thresholds"] = board["type_thresholds"]
     return result
 
 
@@ -762,8 +772,10 @@ def _board_html(board: dict[str, Any]) -> str:
     level = next((f"{100 * b['intervals']['map']['confidence']:g} %" for b in (board.get("test"), board.get("val"))
                   if b and b.get("intervals")), None)
     bootstrap = f" Brackets: {level} percentile bootstrap over boards ({DEFAULT_RESAMPLES} resamples, seed 0)."
-    note = (f"<p>IoU &gt; {escape(str(0.33))}; score threshold {board['score_threshold']} chosen on the val split, "
-            f"applied unchanged to test.{bootstrap if level else ''}</p>")
+    per_type = ", ".join(f"{k} {v}" for k, v in (board.get("type_thresholds") or {}).items())
+    per_type = f" (per type: {escape(per_type)}; other types {board['score_threshold']})" if per_type else ""
+    note = (f"<p>IoU &gt; {escape(str(0.33))}; score threshold {board['score_threshold']}{per_type} chosen on the val "
+            f"split, applied unchanged to test.{bootstrap if level else ''}</p>")
     per_design = ("<h3>Per board design</h3><table><thead><tr><th>split</th><th>design</th><th>boards</th>"
                   "<th>mAP</th><th>F-score</th><th>precision</th><th>recall</th></tr></thead><tbody>"
                   + "".join(designs) + "</tbody></table>") if designs else ""
@@ -939,9 +951,9 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     champion = ClassificationMetrics.from_dict(read_json(baseline)) if baseline.is_file() else None
     board = None
     if ctx.path(DETECTOR).is_file():
-        threshold = read_json(ctx.path(DETECTOR))["score_threshold"]
-        board = board_evaluation(ctx, data, detect, crops.classes, lambda b: onnx_logits(session, b), threshold,
-                                 gates.confidence)
+        chosen = read_json(ctx.path(DETECTOR))
+        board = board_evaluation(ctx, data, detect, crops.classes, lambda b: onnx_logits(session, b),
+                                 chosen["score_threshold"], gates.confidence, chosen.get("type_thresholds"))
         write_json(ctx.path(ONNX_BOARD_METRICS), board)
     report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     write_json(ctx.path(PARITY), par.to_dict())
@@ -1021,9 +1033,9 @@ def _verify_int8(ctx: StepContext, data: DataConfig, export: ExportConfig, gates
     metrics = classification_metrics(y, softmax(logits), classes, data.good_class)
     board = None
     if ctx.path(DETECTOR).is_file():
-        threshold = read_json(ctx.path(DETECTOR))["score_threshold"]
-        board = board_evaluation(ctx, data, detect, classes, lambda b: onnx_logits(session, b), threshold,
-                                 gates.confidence)
+        chosen = read_json(ctx.path(DETECTOR))
+        board = board_evaluation(ctx, data, detect, classes, lambda b: onnx_logits(session, b),
+                                 chosen["score_threshold"], gates.confidence, chosen.get("type_thresholds"))
     report = evaluate_gates(metrics, gates, champion=champion, board=board.get("test") if board else None)
     intervals = metrics_intervals(metrics, y, logits.argmax(1), units or [f"crop:{i}" for i in range(len(y))],
                                   gates.confidence)

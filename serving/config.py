@@ -51,7 +51,8 @@ class DetectConfig:
     """Board-level detection on DeepPCB-format data: candidates + classifier -> boxes scored with the DeepPCB metric.
 
     ``score_threshold`` null: chosen on the validation split to maximise ``select`` (the DeepPCB F-score, mAP or
-    their mean), then applied unchanged to the test split (and embedded in the exported model). A candidate becomes a
+    their mean), then applied unchanged to the test split (and embedded in the exported model); with
+    ``threshold_per_type`` each defect type then gets its own threshold, chosen the same way. A candidate becomes a
     detection when its defect probability ``1 - p(good)`` reaches the threshold; ``confidence`` is what its result
     line reports and the mAP ranks by: ``label`` (the reported type's probability) or ``defect`` (``1 - p(good)``).
     """
@@ -59,6 +60,7 @@ class DetectConfig:
     enabled: bool = True
     score_threshold: float | None = None
     select: str = "mean"
+    threshold_per_type: bool = False
     merge: bool = True
     confidence: str = "label"
     iou_threshold: float = 0.33

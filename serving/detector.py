@@ -13,7 +13,7 @@ checkpoint (evaluation) and the ONNX model (verification, ``defectops predict bo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ class DetectorSettings:
     context: float
     candidates: dict[str, Any] = field(default_factory=dict)
     score_threshold: float = 0.5
+    type_thresholds: dict[str, float] = field(default_factory=dict)  # per reported type; others: score_threshold
     box_margin: int = 6
     merge: bool = True
     confidence: str = "label"
@@ -48,10 +49,12 @@ CONFIDENCES = ("label", "defect")
 
 
 def detections_from_probs(cands: Sequence[Candidate], probs: np.ndarray, s: DetectorSettings,
-                          shape: tuple[int, int], threshold: float | None = None) -> list[Detection]:
-    """Pure: candidates + class probabilities -> detections at ``threshold`` (default: the settings'), sorted by
-    descending confidence. A candidate is a detection when ``1 - p(good)`` reaches the threshold; its confidence is
-    that of ``s.confidence`` (``label``: the reported type's probability; ``defect``: ``1 - p(good)``)."""
+                          shape: tuple[int, int], threshold: float | None = None,
+                          type_thresholds: Mapping[str, float] | None = None) -> list[Detection]:
+    """Pure: candidates + class probabilities -> detections, sorted by descending confidence. A candidate is a
+    detection when ``1 - p(good)`` reaches the threshold of its most likely defect type (``type_thresholds``, else
+    ``threshold``; each defaults to the settings'); its confidence is that of ``s.confidence`` (``label``: the
+    reported type's probability; ``defect``: ``1 - p(good)``)."""
     if s.confidence not in CONFIDENCES:
         raise ValueError(f"unknown detection confidence {s.confidence!r}: use one of {', '.join(CONFIDENCES)} "
                          f"(detect.confidence=...)")
@@ -63,15 +66,39 @@ def detections_from_probs(cands: Sequence[Candidate], probs: np.ndarray, s: Dete
     label_idx = np.asarray(defect_cols)[probs[:, defect_cols].argmax(axis=1)]
     confidence = probs[np.arange(len(probs)), label_idx] if s.confidence == "label" else score
     t = s.score_threshold if threshold is None else threshold
+    per_type = s.type_thresholds if type_thresholds is None else type_thresholds
     dets = []
     for c, sc, conf, li in zip(cands, score, confidence, label_idx, strict=True):
-        if sc >= t:
+        if sc >= per_type.get(s.classes[int(li)], t):
             x1, y1, x2, y2 = detection_box(c, s.box_margin, shape)
             dets.append(Detection(x1, y1, x2, y2, float(conf), s.classes[int(li)]))
     if s.merge:
         dets = merge_fragments(dets)
     dets.sort(key=lambda d: -d.confidence)
     return dets
+
+
+def select_thresholds(objective: Callable[[float, Mapping[str, float]], float], types: Sequence[str], *,
+                      grid: Sequence[float], per_type: bool, passes: int = 2) -> tuple[float, dict[str, float]]:
+    """Pure: the score threshold, and with ``per_type`` one per defect type, that maximise ``objective(threshold,
+    type_thresholds)`` (a validation score).
+
+    The common threshold is the best on ``grid`` (ties go to the one nearest 0.5). Per type, coordinate ascent from
+    it: ``passes`` rounds over ``types``, each moving one type's threshold along ``grid`` to its best value with the
+    others fixed (ties keep the current value). Returned per-type thresholds are those that differ from the common one.
+    On unseen board designs the best threshold differs by type (false shorts on one design, missed opens on another):
+    ``docs/deeppcb.md``.
+    """
+    base = max(grid, key=lambda t: (objective(t, {}), -abs(t - 0.5)))
+    per: dict[str, float] = {}
+    if per_type:
+        per = dict.fromkeys(types, base)
+        for _ in range(passes):
+            for ty in types:
+                def key(t: float, ty: str = ty, current: float = per[ty]) -> tuple[float, float]:
+                    return objective(base, {**per, ty: t}), -abs(t - current)
+                per[ty] = max(grid, key=key)
+    return base, {k: v for k, v in per.items() if v != base}
 
 
 def merge_fragments(dets: Sequence[Detection]) -> list[Detection]:

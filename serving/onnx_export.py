@@ -52,10 +52,15 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+def onnx_session(path: Path, threads: int = 0, *, spinning: bool = True) -> ort.InferenceSession:
+    """A CPU session; ``spinning=False`` lets idle intra-op threads sleep instead of busy-waiting, which frees the
+    cores for work beside the model (the board detector's decoding and candidate threads: +10-15 % boards/s on two
+    cores, ``docs/deeppcb.md``)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 

@@ -61,9 +61,10 @@ def detector_for(model: ResolvedModel, threads: int = 2) -> BoardDetector:
     settings = DetectorSettings(classes=model.classes, good_class=model.good_class, crop_size=model.input_size,
                                 context=float(d.get("context", 2.0)), candidates=dict(d.get("candidates", {})),
                                 score_threshold=float(d.get("score_threshold", 0.5)),
+                                type_thresholds={k: float(v) for k, v in d.get("type_thresholds", {}).items()},
                                 box_margin=int(d.get("box_margin", 6)), merge=bool(d.get("merge", True)),
                                 confidence=str(d.get("confidence", "label")))
-    session = onnx_session(model.onnx_path, threads=threads)
+    session = onnx_session(model.onnx_path, threads=threads, spinning=False)  # the candidate threads need the cores
     return BoardDetector(lambda x: onnx_logits(session, x), settings, threads=threads)
 
 

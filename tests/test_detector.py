@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evaluation.deeppcb import Detection
-from serving.detector import DetectorSettings, detections_from_probs, merge_fragments
+from serving.detector import DetectorSettings, detections_from_probs, merge_fragments, select_thresholds
 from training.candidates import Candidate
 
 CLASSES = ("false_call", "open", "short")
@@ -50,3 +50,32 @@ def test_merge_fragments_of_one_defect_only() -> None:
     assert c in merged
     assert d in merged
     assert len(merged) == 3
+
+
+def test_type_thresholds_apply_to_the_reported_type() -> None:
+    cands = [Candidate(10, 10, 20, 20, 30), Candidate(100, 100, 110, 110, 30)]
+    probs = np.array([[0.4, 0.5, 0.1], [0.4, 0.1, 0.5]])  # both 0.6 defect probability: an open, a short
+    both = detections_from_probs(cands, probs, _settings(), (640, 640), threshold=0.5)
+    assert sorted(d.label for d in both) == ["open", "short"]
+    strict_short = detections_from_probs(cands, probs, _settings(), (640, 640), 0.5, {"short": 0.7})
+    assert [d.label for d in strict_short] == ["open"]
+    from_settings = detections_from_probs(cands, probs, _settings(type_thresholds={"open": 0.65}), (640, 640), 0.5)
+    assert [d.label for d in from_settings] == ["short"]
+
+
+def test_select_thresholds_common_then_per_type() -> None:
+    grid = [round(0.1 * i, 1) for i in range(1, 10)]
+    best = {"open": 0.3, "short": 0.7}  # a separable objective whose best per-type thresholds are known
+
+    def objective(t: float, per: dict[str, float]) -> float:
+        return -sum(abs(per.get(ty, t) - b) for ty, b in best.items())
+
+    common, none = select_thresholds(objective, ["open", "short"], grid=grid, per_type=False)
+    assert none == {} and common in (0.3, 0.4, 0.5, 0.6, 0.7) and common == 0.5  # a tie, broken towards 0.5
+    common, per = select_thresholds(objective, ["open", "short"], grid=grid, per_type=True)
+    assert common == 0.5 and per == {"open": 0.3, "short": 0.7}
+
+
+def test_select_thresholds_keeps_the_common_threshold_on_ties() -> None:
+    grid = [0.2, 0.4, 0.6]
+    assert select_thresholds(lambda t, per: 1.0, ["open", "short"], grid=grid, per_type=True) == (0.4, {})
