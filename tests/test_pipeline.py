@@ -270,3 +270,25 @@ def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, 
     assert iv.false_call_rate.format_bounds() in out and "Wilson" in out
     assert "Board-level detection" in out and BoardIntervals.from_dict(board["test"]["intervals"]).map.format_bounds() \
         in out
+
+
+def test_per_type_thresholds_travel_from_val_to_the_exported_model(tiny_run: dict) -> None:
+    """The thresholds chosen on val (``detect.threshold_per_type`` in the tiny experiment) are the ones the ONNX
+    verification applied, the ones in the exported model's metadata, and the ones `predict boards` uses."""
+    from serving.model_ref import from_onnx
+    from serving.predict import detector_for
+
+    root = tiny_run["root"]
+    board = json.loads((root / "board_metrics.json").read_text())
+    detector = json.loads((root / "eval" / "detector.json").read_text())
+    assert isinstance(board["type_thresholds"], dict)
+    classes = json.loads((root / "data" / "crops" / "classes.json").read_text())
+    assert set(board["type_thresholds"]) <= set(classes) - {tiny_run["cfg"].data.good_class}
+    assert detector["type_thresholds"] == board["type_thresholds"]
+    assert detector["score_threshold"] == board["score_threshold"]
+    onnx_board = json.loads((root / "export" / "board_metrics.json").read_text())
+    assert onnx_board["type_thresholds"] == board["type_thresholds"]
+    assert onnx_board["score_threshold"] == board["score_threshold"]
+    settings = detector_for(from_onnx(root / "export" / "model.onnx")).s
+    assert settings.type_thresholds == board["type_thresholds"]
+    assert settings.score_threshold == board["score_threshold"]
