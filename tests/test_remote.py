@@ -297,7 +297,11 @@ def test_server_dies_mid_push_then_push_resumes(crashable: SeaweedS3, tmp_path: 
     assert present >= 40
 
     res = push_snapshot(snap.dir, base, client=c)
-    assert (res.uploaded, res.skipped) == (200 - present, present)
+    # Nothing already there is sent again. An object the killed server was finishing can become listable only after
+    # the restart (seen once in CI: 42 skipped where 41 were listed), so the count is a lower bound, not an equality.
+    assert res.uploaded + res.skipped == 200 and res.skipped >= present
+    stored = keys(c, prefix)
+    assert all(stored.get(k) == size for k, size in sizes.items())
     assert remote_fingerprint(base, client=c) == snap.fingerprint
 
 
