@@ -169,23 +169,29 @@ def leave_design_out(root: Path, home: Path, which: str, overrides: list[str]) -
         folds.append({"design": design, "boards": test["boards"], "map": test["map"], "fscore": test["fscore"],
                       "intervals": test.get("intervals", {}), "val": {k: board["val"][k] for k in ("map", "fscore")},
                       "val_designs": sorted(splits.get("val", {})), "train_designs": sorted(splits.get("train", {})),
-                      "score_threshold": board["score_threshold"], "train_seconds": train_seconds,
+                      "score_threshold": board["score_threshold"],
+                      "type_thresholds": board.get("type_thresholds", {}), "images_per_s": test.get("images_per_s"),
+                      "train_seconds": train_seconds,
                       "train_x_reference": train_seconds / reference, "run_seconds": time.perf_counter() - t0})
     t = Table(title="DeepPCB leave-design-out: each design held out in turn (bootstrap 95 % over its boards)")
-    for col in ("held-out design", "boards", "mAP", "F-score", "val designs", "val mAP / F", "train s"):
+    for col in ("held-out design", "boards", "mAP", "F-score", "val designs", "val mAP / F", "thresholds",
+                "boards/s (evaluate)", "train s (x reference)"):
         t.add_column(col, justify="right")
     for f in folds:
         iv = f["intervals"]
+        per = "".join(f", {k} {v}" for k, v in f["type_thresholds"].items())
         t.add_row(f["design"], str(f["boards"]), _with_interval(f["map"], iv.get("map")),
                   _with_interval(f["fscore"], iv.get("fscore")), ",".join(f["val_designs"]),
-                  f"{f['val']['map']:.4f} / {f['val']['fscore']:.4f}", f"{f['train_seconds']:.0f}")
+                  f"{f['val']['map']:.4f} / {f['val']['fscore']:.4f}", f"{f['score_threshold']}{per}",
+                  f"{f['images_per_s']:.1f}" if f["images_per_s"] else "-",
+                  f"{f['train_seconds']:.0f} ({f['train_x_reference']:.0f}x)")
     maps, fs = [f["map"] for f in folds], [f["fscore"] for f in folds]
     worst = min(folds, key=lambda f: f["fscore"])
     t.add_row("mean", str(sum(f["boards"] for f in folds)), f"{sum(maps) / len(maps):.4f}", f"{sum(fs) / len(fs):.4f}",
-              "", "", "")
+              "", "", "", "", "")
     t.add_row(f"worst ({worst['design']})", str(worst["boards"]), f"{worst['map']:.4f}", f"{worst['fscore']:.4f}",
-              "", "", "")
-    Console().print(t)
+              "", "", "", "", "")
+    Console(width=max(Console().width, 160)).print(t)
     return {"folds": folds, "mean_map": sum(maps) / len(maps), "mean_fscore": sum(fs) / len(fs),
             "worst_design": worst["design"], "worst_map": min(maps), "worst_fscore": min(fs),
             "reference_s": reference}
