@@ -32,13 +32,10 @@ from evaluation.deeppcb import score
 from pipelines.context import StepContext
 from pipelines.steps import _board_split, _detector_settings
 from serving.config import DetectConfig
-from serving.detector import BoardDetector, detections_from_probs, select_thresholds
+from serving.detector import SELECT_OBJECTIVES, THRESHOLD_GRID, BoardDetector, detections_from_probs, select_thresholds
 from training.config import DataConfig
 from training.models.classifier import _view
 from training.trainer import load_trained_model
-
-GRID = [round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)]
-OBJECTIVES = {"fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
 
 
 def view_probs(run: Path) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def view_probs(run: Path) -> dict[str, Any]:
 
 def compare(cache: dict[str, Any]) -> list[dict[str, Any]]:
     s, detect = cache["settings"], cache["detect"]
-    objective = OBJECTIVES[detect.select]
+    objective = SELECT_OBJECTIVES[detect.select]
     types = [c for c in s.classes if c != s.good_class]
     rows = []
     for views in ("one", "rot4"):
@@ -86,7 +83,7 @@ def compare(cache: dict[str, Any]) -> list[dict[str, Any]]:
             return score(images, iou_threshold=detect.iou_threshold)
 
         for per_type in (False, True):
-            t, per = select_thresholds(lambda t, p: objective(score_at("val", t, p)), types, grid=GRID,
+            t, per = select_thresholds(lambda t, p: objective(score_at("val", t, p)), types, grid=THRESHOLD_GRID,
                                        per_type=per_type)
             sc = score_at("test", t, per)
             rows.append({"views": views, "thresholds": "per-type" if per_type else "common", "threshold": t,

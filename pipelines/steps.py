@@ -545,7 +545,14 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
     defect type) on val, unless given; score test. Each split also gets bootstrap intervals over boards
     (``intervals``) and its scores per board design (``per_group``, ``worst_group``)."""
     from evaluation.deeppcb import boxes_found, score
-    from serving.detector import CONFIDENCES, BoardDetector, detections_from_probs, select_thresholds
+    from serving.detector import (
+        CONFIDENCES,
+        SELECT_OBJECTIVES,
+        THRESHOLD_GRID,
+        BoardDetector,
+        detections_from_probs,
+        select_thresholds,
+    )
     from training.candidates import detection_box
 
     settings = _detector_settings(classes, data, detect)
@@ -574,19 +581,18 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
     def score_at(split: str, t: float, per_type: Mapping[str, float]) -> Any:
         return score(images_at(split, t, per_type), iou_threshold=detect.iou_threshold)
 
-    objectives = {"fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
-    if detect.select not in objectives:
-        raise StepError(f"detect.select={detect.select} is unknown: use {', '.join(objectives)}")
+    if detect.select not in SELECT_OBJECTIVES:
+        raise StepError(f"detect.select={detect.select} is unknown: use {', '.join(SELECT_OBJECTIVES)}")
     if detect.confidence not in CONFIDENCES:
         raise StepError(f"detect.confidence={detect.confidence} is unknown: use {', '.join(CONFIDENCES)}")
     type_thresholds = dict(type_thresholds or {})
     if threshold is None and not runs["val"][0]:
         threshold = 0.5
     elif threshold is None:  # best val objective on a grid (serving.detector.select_thresholds)
-        objective = objectives[detect.select]
+        objective = SELECT_OBJECTIVES[detect.select]
         threshold, type_thresholds = select_thresholds(
             lambda t, per: objective(score_at("val", t, per)), [c for c in classes if c != data.good_class],
-            grid=[round(float(x), 3) for x in np.linspace(0.05, 0.95, 19)], per_type=detect.threshold_per_type)
+            grid=THRESHOLD_GRID, per_type=detect.threshold_per_type)
     for split in ("val", "test"):
         results, gts, ips = runs[split]
         if results:

@@ -78,6 +78,11 @@ def detections_from_probs(cands: Sequence[Candidate], probs: np.ndarray, s: Dete
     return dets
 
 
+THRESHOLD_GRID = tuple(round(0.05 * i, 3) for i in range(1, 20))  # 0.05 ... 0.95, the thresholds val chooses among
+SELECT_OBJECTIVES: dict[str, Callable[[Any], float]] = {  # detect.select -> the val score a threshold maximises
+    "fscore": lambda sc: sc.fscore, "map": lambda sc: sc.map, "mean": lambda sc: (sc.fscore + sc.map) / 2}
+
+
 def select_thresholds(objective: Callable[[float, Mapping[str, float]], float], types: Sequence[str], *,
                       grid: Sequence[float], per_type: bool, passes: int = 2) -> tuple[float, dict[str, float]]:
     """Pure: the score threshold, and with ``per_type`` one per defect type, that maximise ``objective(threshold,

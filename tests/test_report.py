@@ -71,7 +71,7 @@ def _png_size(uri: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One full 7-class report; returns its HTML and the render time in seconds."""
+    """One full 7-class report; returns its HTML."""
     metrics, gates, curves = _inputs(CLASSES)
     path = tmp_path_factory.mktemp("report") / "report.html"
     out = render_report(

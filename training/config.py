@@ -198,7 +198,7 @@ class TrainConfig:
     split, ties to the later epoch; the last epoch when there is no val split) or ``last``.
     ``precision`` ``bf16`` runs the forward pass under bfloat16 autocast (weights, gradients and optimizer state stay
     float32), ``channels_last`` stores activations NHWC: on CPUs with AVX-512 BF16 (and on GPUs) together they speed
-    a training step up by about 1.5x (``benchmarks/train_step.py``); neither changes the exported model.
+    a training step up by about 2x (``benchmarks/train_step.py``); neither changes the exported model.
     """
 
     epochs: int = 10
