@@ -31,8 +31,8 @@ def main() -> int:
     import torch
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
-    from pipelines.config import load_config
+    from defectops.pipelines.cli import app
+    from defectops.pipelines.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-root", type=Path, help="an existing run root with drift/ (default: a tiny run)")
@@ -45,13 +45,13 @@ def main() -> int:
         work = Path(tmp)
         root = args.run_root
         if root is None:
-            from pipelines.runner import run_pipeline
+            from defectops.pipelines.runner import run_pipeline
 
             ctx, _ = run_pipeline(load_config(["+experiment=tiny"]), home=work / "home")
             root = ctx.root
         cfg = load_config(["+experiment=tiny"])
-        from training.crops import candidate_params, propose
-        from training.synth import generate_boards
+        from defectops.training.crops import candidate_params, propose
+        from defectops.training.synth import generate_boards
 
         s, c = cfg.data.synth, cfg.data.candidates
         crops: list[np.ndarray] = []
@@ -66,9 +66,9 @@ def main() -> int:
         for i, x in enumerate(batch):
             cv2.imwrite(str(folder / f"{i:05d}.png"), np.ascontiguousarray(x[:, :, ::-1]))
 
-        from training.data import to_tensor
-        from training.engine import predict_logits
-        from training.trainer import load_trained_model
+        from defectops.training.data import to_tensor
+        from defectops.training.engine import predict_logits
+        from defectops.training.trainer import load_trained_model
 
         net, _ = load_trained_model(Path(root) / "train" / "model.pt")
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 def main() -> int:
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from defectops.pipelines.cli import app
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-root", type=Path, help="an existing run root (default: train the default model)")
@@ -37,8 +37,8 @@ def main() -> int:
     args = ap.parse_args()
     root = args.run_root
     if root is None:
-        from pipelines.config import load_config
-        from pipelines.runner import run_pipeline
+        from defectops.pipelines.config import load_config
+        from defectops.pipelines.runner import run_pipeline
 
         ctx, _ = run_pipeline(load_config([]), home=Path(tempfile.mkdtemp(prefix="defectops-latency-")))
         root = ctx.root

@@ -28,7 +28,7 @@ def reference_seconds(repeats: int = 3) -> float:
     """Median time of one training pass of ResNet-10-T over 512 random 64x64 crops (batch 64)."""
     import torch
 
-    from training.models import create_model
+    from defectops.training.models import create_model
 
     torch.manual_seed(0)
     model = create_model("aoi_resnet10t", num_classes=7, img_size=64)
@@ -50,8 +50,8 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.config import load_config
-    from pipelines.runner import run_pipeline
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.runner import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `defectops run`")

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from evaluation.metrics import classification_metrics
-from serving.onnx_export import export_onnx, onnx_logits, onnx_session, parity
-from training.config import CandidateConfig, ModelConfig, SplitConfig, TrainConfig
-from training.crops import build_crops
-from training.data import load_split, to_tensor
-from training.engine import predict_logits, softmax
-from training.snapshot import deeppcb_samples, write_snapshot
-from training.synth import DEFECT_TYPES, write_deeppcb_root
-from training.trainer import fit
+from defectops.core.taxonomy import DEFECT_TYPES
+from defectops.evaluation.metrics import classification_metrics
+from defectops.serving.onnx_export import export_onnx, onnx_logits, onnx_session, parity
+from defectops.training.config import CandidateConfig, ModelConfig, SplitConfig, TrainConfig
+from defectops.training.crops import build_crops
+from defectops.training.data import load_split, to_tensor
+from defectops.training.engine import predict_logits, softmax
+from defectops.training.snapshot import deeppcb_samples, write_snapshot
+from defectops.training.synth import write_deeppcb_root
+from defectops.training.trainer import fit
 
 CLASSES = ["false_call", *DEFECT_TYPES]
 

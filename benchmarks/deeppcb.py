@@ -52,7 +52,7 @@ def data_root() -> Path:
 def decode_baseline(pairs: list[tuple[str, Path, Path]]) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
-    from training.candidates import read_pair
+    from defectops.training.candidates import read_pair
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
@@ -64,12 +64,12 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.config import load_config
-    from pipelines.fsutil import read_json
-    from pipelines.runner import run_pipeline
-    from serving.model_ref import resolve
-    from serving.predict import predict_boards, read_board_list
-    from training.snapshot import load_snapshot
+    from defectops.core.fsutil import read_json
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.runner import run_pipeline
+    from defectops.serving.model_ref import resolve
+    from defectops.serving.predict import predict_boards, read_board_list
+    from defectops.training.snapshot import load_snapshot
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*")
@@ -141,10 +141,10 @@ def leave_design_out(root: Path, home: Path, which: str, overrides: list[str]) -
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.config import load_config
-    from pipelines.dag import DAG
-    from pipelines.fsutil import read_json
-    from pipelines.runner import RunError, prepare_run_root, run_step
+    from defectops.core.fsutil import read_json
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.dag import DAG
+    from defectops.pipelines.runner import RunError, prepare_run_root, run_step
 
     designs = designs_of(root) if which == "all" else which.split(",")
     reference = reference_seconds()

@@ -38,9 +38,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import training.candidates as C  # noqa: E402
-from evaluation.deeppcb import Detection, GroundTruth, boxes_found, oracle_detections, score  # noqa: E402
-from training.candidates import (  # noqa: E402
+import defectops.training.candidates as C  # noqa: E402
+from defectops.core.taxonomy import Box  # noqa: E402
+from defectops.evaluation.deeppcb import Detection, GroundTruth, boxes_found, oracle_detections, score  # noqa: E402
+from defectops.training.candidates import (  # noqa: E402
     Candidate,
     detection_box,
     find_candidates,
@@ -49,8 +50,7 @@ from training.candidates import (  # noqa: E402
     read_deeppcb_annotations,
     read_pair,
 )
-from training.snapshot import assign_split  # noqa: E402
-from training.synth import Box  # noqa: E402
+from defectops.training.snapshot import assign_split  # noqa: E402
 
 SPLIT_VAL, SPLIT_TEST, SPLIT_SEED = 0.15, 0.2, 0  # benchmarks/deeppcb.py's split: tune on train, report on test
 
@@ -78,8 +78,8 @@ PREVIOUS_GROWN = Config("previous defaults + detection_box", PREVIOUS.kwargs, C.
 
 def experiment_config(root: Path) -> Config:
     """The candidate settings of ``+experiment=deeppcb`` (what training and detection use)."""
-    from pipelines.config import load_config
-    from training.crops import candidate_params
+    from defectops.pipelines.config import load_config
+    from defectops.training.crops import candidate_params
 
     cand = load_config(["+experiment=deeppcb", f"data.root={root}"]).data.candidates
     params = candidate_params(cand)

@@ -28,14 +28,20 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from evaluation.deeppcb import score
-from pipelines.context import StepContext
-from pipelines.steps import _board_split, _detector_settings
-from serving.config import DetectConfig
-from serving.detector import SELECT_OBJECTIVES, THRESHOLD_GRID, BoardDetector, detections_from_probs, select_thresholds
-from training.config import DataConfig
-from training.models.classifier import _view
-from training.trainer import load_trained_model
+from defectops.evaluation.deeppcb import score
+from defectops.pipelines.context import StepContext
+from defectops.pipelines.steps import _board_split, _detector_settings
+from defectops.serving.config import DetectConfig
+from defectops.serving.detector import (
+    SELECT_OBJECTIVES,
+    THRESHOLD_GRID,
+    BoardDetector,
+    detections_from_probs,
+    select_thresholds,
+)
+from defectops.training.config import DataConfig
+from defectops.training.models.classifier import _view
+from defectops.training.trainer import load_trained_model
 
 
 def view_probs(run: Path) -> dict[str, Any]:

@@ -88,10 +88,10 @@ def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 
     import cv2
     import numpy as np
 
-    from training.candidates import read_deeppcb_annotations, read_pair
-    from training.config import CandidateConfig
-    from training.crops import aligned_candidates, candidate_params
-    from training.synth import Box
+    from defectops.core.taxonomy import Box
+    from defectops.training.candidates import read_deeppcb_annotations, read_pair
+    from defectops.training.config import CandidateConfig
+    from defectops.training.crops import aligned_candidates, candidate_params
 
     root = out / (f"deeppcb-crops-{pairs_per_design}" if pairs_per_design else "deeppcb-crops")
     if (root / ".complete").is_file():
@@ -102,7 +102,7 @@ def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     written: list[tuple[str, str, Path]] = []
-    from training.candidates import label_candidates
+    from defectops.training.candidates import label_candidates
 
     taken: dict[str, int] = {}
     for line in (data / "trainval.txt").read_text().splitlines():
@@ -143,10 +143,10 @@ def build_deeppcb_crops(out: Path, dup_fraction: float = 0.03, conflicts: int = 
 
 
 def run_recipe(root: Path, good: str, name: str, overrides: list[str], home: Path) -> dict[str, Any]:
-    from pipelines.config import load_config
-    from pipelines.dag import DAG
-    from pipelines.fsutil import read_json
-    from pipelines.runner import prepare_run_root, run_step
+    from defectops.core.fsutil import read_json
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.dag import DAG
+    from defectops.pipelines.runner import prepare_run_root, run_step
 
     cfg = load_config(["+experiment=folder", f"data.root={root}", f"data.good_class={good}",
                        *RECIPES.get(name, []), *overrides])
@@ -168,8 +168,8 @@ def run_recipe(root: Path, good: str, name: str, overrides: list[str], home: Pat
 
 
 def summarise(r: dict[str, Any], reference: float) -> dict[str, Any]:
-    from evaluation.intervals import wilson_interval
-    from evaluation.metrics import ClassificationMetrics
+    from defectops.evaluation.intervals import wilson_interval
+    from defectops.evaluation.metrics import ClassificationMetrics
 
     m = ClassificationMetrics.from_dict(r["metrics"])
     g = m.classes.index(m.good_class)

@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
-from training.engine import train_one_epoch
-from training.losses import create_loss
-from training.models import create_model
-from training.trainer import PRECISIONS
+from defectops.training.engine import train_one_epoch
+from defectops.training.losses import create_loss
+from defectops.training.models import create_model
+from defectops.training.trainer import PRECISIONS
 
 SETTINGS = [(p, cl) for p in PRECISIONS for cl in (False, True)]
 

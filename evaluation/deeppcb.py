@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evaluation.metrics import nan_to_none
+from defectops.evaluation.metrics import nan_to_none
 
 IOU_THRESHOLD = 0.33
 

@@ -1,6 +1,6 @@
 """Drift between a reference profile (what a model was validated on) and a batch of production images.
 
-Pure functions: arrays in, dataclasses out, no I/O (``evaluation.drift_profile`` reads and writes profiles,
+Pure functions: arrays in, dataclasses out, no I/O (``defectops.evaluation.drift_profile`` reads and writes profiles,
 ``evaluation.drift_report`` renders the HTML report, ``pipelines.cli_drift`` is ``defectops drift check``).
 
 A :class:`Profile` summarises a set of images seen through one model:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.drift import Profile, channel_names, subsample
+from defectops.evaluation.drift import Profile, channel_names, subsample
 
 REFERENCE_NPZ = "reference.npz"
 REFERENCE_JSON = "reference.json"
@@ -35,10 +35,10 @@ def profile_from_images(net: Any, images: np.ndarray, classes: Sequence[str], ta
                         labels: np.ndarray | None = None, max_embedding_rows: int | None = None,
                         seed: int = 0, batch_size: int = 256) -> Profile:
     """The profile of ``images`` (N, H, W, 3) uint8 seen through ``net`` (a DefectOps classifier, on CPU)."""
-    from evaluation.drift import image_stats
-    from training.data import to_tensor
-    from training.engine import softmax
-    from training.models.embeddings import embed
+    from defectops.evaluation.drift import image_stats
+    from defectops.training.data import to_tensor
+    from defectops.training.engine import softmax
+    from defectops.training.models.embeddings import embed
 
     feats, hist = image_stats(images)
     emb, logits = embed(net, to_tensor(images), batch_size=batch_size)

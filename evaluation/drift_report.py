@@ -14,8 +14,8 @@ import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
-from evaluation.drift import HIST_BINS, DriftReport, Profile, pca_2d
-from evaluation.report import _atomic_write_text, _mpl_text, _png_data_uri
+from defectops.evaluation.drift import HIST_BINS, DriftReport, Profile, pca_2d
+from defectops.evaluation.report import _atomic_write_text, _mpl_text, _png_data_uri
 
 __all__ = ["render_drift_report"]
 

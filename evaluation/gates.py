@@ -33,8 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.intervals import Interval, error_counts, wilson_interval
-from evaluation.metrics import ClassificationMetrics
+from defectops.evaluation.intervals import Interval, error_counts, wilson_interval
+from defectops.evaluation.metrics import ClassificationMetrics
 
 __all__ = ["GateConfig", "GateReport", "GateResult", "evaluate_gates"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models import DefectClassifier
+from defectops.training.models import DefectClassifier
 
 
 def target_layer(model: DefectClassifier, family: str) -> nn.Module:

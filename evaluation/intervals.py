@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.deeppcb import IOU_THRESHOLD, Detection, GroundTruth, match_image, score
-from evaluation.metrics import ClassificationMetrics, nan_to_none
+from defectops.evaluation.deeppcb import IOU_THRESHOLD, Detection, GroundTruth, match_image, score
+from defectops.evaluation.metrics import ClassificationMetrics, nan_to_none
 
 __all__ = [
     "BoardIntervals",

@@ -39,10 +39,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
-from evaluation.gates import GateReport, GateResult
-from evaluation.intervals import ClassificationIntervals
-from evaluation.metrics import ClassificationMetrics, PRCurve
-from evaluation.shortcut import ShortcutReport
+from defectops.evaluation.gates import GateReport, GateResult
+from defectops.evaluation.intervals import ClassificationIntervals
+from defectops.evaluation.metrics import ClassificationMetrics, PRCurve
+from defectops.evaluation.shortcut import ShortcutReport
 
 __all__ = ["Miss", "miss_png", "render_report", "write_miss_tiles"]
 

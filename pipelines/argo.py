@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:  # importing the DAG imports every step's libraries (torch ...): only `compile` needs it
-    from pipelines.dag import Step
+    from defectops.pipelines.dag import Step
 
 # --- conventions shared with terraform/ and deploy/helm/ -------------------------------------------------------------
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -131,7 +131,7 @@ class ArgoSettings:
     def dag(self) -> tuple[Step, ...]:
         if self.steps is not None:
             return self.steps
-        from pipelines.dag import DAG
+        from defectops.pipelines.dag import DAG
 
         return DAG
 

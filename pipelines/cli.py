@@ -17,9 +17,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.cli_argo import register as register_argo_commands
-from pipelines.cli_bench import bench_app
-from pipelines.cli_common import (
+from defectops.pipelines.cli_argo import register as register_argo_commands
+from defectops.pipelines.cli_bench import bench_app
+from defectops.pipelines.cli_common import (
     EXIT_FAILURE,
     EXIT_GATES,
     EXIT_USAGE,
@@ -31,12 +31,12 @@ from pipelines.cli_common import (
     load,
     progress_bars,
 )
-from pipelines.cli_data import data_app
-from pipelines.cli_drift import drift_app
-from pipelines.cli_predict import predict_app
-from pipelines.cli_registry import registry_app
-from pipelines.cli_review import review_app
-from pipelines.cli_serve import infer, serve_app
+from defectops.pipelines.cli_data import data_app
+from defectops.pipelines.cli_drift import drift_app
+from defectops.pipelines.cli_predict import predict_app
+from defectops.pipelines.cli_registry import registry_app
+from defectops.pipelines.cli_review import review_app
+from defectops.pipelines.cli_serve import infer, serve_app
 
 app = typer.Typer(
     name="defectops", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
@@ -63,9 +63,9 @@ def run(overrides: Overrides = None) -> None:
     artifacts. The run id is derived from the configuration, so rerunning the same command resumes an interrupted run
     (completed steps are skipped, training continues from its last checkpoint).
     """
-    from pipelines.config import home_dir
-    from pipelines.context import StepError
-    from pipelines.runner import RunError, run_pipeline
+    from defectops.pipelines.config import home_dir
+    from defectops.pipelines.context import StepError
+    from defectops.pipelines.runner import RunError, run_pipeline
 
     cfg = load(overrides)
     home = home_dir()
@@ -101,8 +101,8 @@ def _with_interval(value: float | None, interval: Any) -> str:
 
 
 def _print_results(root: Path) -> None:
-    from evaluation.intervals import ClassificationIntervals
-    from pipelines.fsutil import read_json
+    from defectops.core.fsutil import read_json
+    from defectops.evaluation.intervals import ClassificationIntervals
 
     s = read_json(root / "summary.json")
     gates = read_json(root / "gates.json") if (root / "gates.json").is_file() else {"results": []}
@@ -167,8 +167,8 @@ def _per_type(board: dict[str, Any]) -> str:
 
 def _print_board_results(root: Path) -> None:
     """The board-level DeepPCB scores per split with their bootstrap intervals, and per board design."""
-    from evaluation.intervals import Interval
-    from pipelines.fsutil import read_json
+    from defectops.core.fsutil import read_json
+    from defectops.evaluation.intervals import Interval
 
     if not (root / "board_metrics.json").is_file():
         return
@@ -209,12 +209,12 @@ def step(
     the run root is new. With an s3:// run root the step works on a local mirror: objects that are missing or differ
     are downloaded first, and what changed is uploaded afterwards (step markers last), also when the step fails.
     """
-    from pipelines.config import from_yaml, home_dir
-    from pipelines.context import StepError
-    from pipelines.dag import STEP_NAMES
-    from pipelines.remote_root import is_remote, local_mirror, pull_root, push_root
-    from pipelines.runner import RunError, run_single
-    from training.remote import RemoteError
+    from defectops.pipelines.config import from_yaml, home_dir
+    from defectops.pipelines.context import StepError
+    from defectops.pipelines.dag import STEP_NAMES
+    from defectops.pipelines.remote_root import is_remote, local_mirror, pull_root, push_root
+    from defectops.pipelines.runner import RunError, run_single
+    from defectops.training.remote import RemoteError
 
     if name not in STEP_NAMES:
         raise fail(f"unknown step {name!r}: choose one of {', '.join(STEP_NAMES)}", EXIT_USAGE)
@@ -259,7 +259,7 @@ def step(
 @app.command("steps")
 def list_steps() -> None:
     """List the DAG's steps in order with the config groups each one reads."""
-    from pipelines.dag import DAG
+    from defectops.pipelines.dag import DAG
 
     t = Table("step", "reads", "what it does")
     for s in DAG:
@@ -270,7 +270,7 @@ def list_steps() -> None:
 @config_app.command("show")
 def config_show(overrides: Overrides = None) -> None:
     """Print the resolved configuration (after overrides) as YAML, and the run id it maps to."""
-    from pipelines.config import run_id, to_yaml
+    from defectops.pipelines.config import run_id, to_yaml
 
     cfg = load(overrides)
     console.print(to_yaml(cfg), highlight=False, markup=False)
@@ -283,7 +283,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on this home's registry (runs, metrics, model versions, aliases)."""
-    from pipelines.config import home_dir
+    from defectops.pipelines.config import home_dir
 
     home = home_dir()
     db = home / "mlflow.db"

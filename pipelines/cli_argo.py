@@ -27,7 +27,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, Overrides, console, err, fail, load
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, Overrides, console, err, fail, load
 
 DEFAULT_NAMESPACE = "defectops"
 DEFAULT_TEMPLATE = "defectops-pipeline"
@@ -224,8 +224,8 @@ def compile_cmd(
     """
     from importlib.metadata import PackageNotFoundError, version
 
-    from pipelines.argo import ArgoSettings, CompileError, check_overrides, render
-    from pipelines.fsutil import write_text
+    from defectops.core.fsutil import write_text
+    from defectops.pipelines.argo import ArgoSettings, CompileError, check_overrides, render
 
     ov = list(overrides or [])
     try:
@@ -281,7 +281,7 @@ def submit(
     The template must be compiled and applied (`defectops compile`). Overrides apply after the template's own
     (`base-overrides`). `defectops status <name>` follows the workflow.
     """
-    from pipelines.argo import CompileError, template_nproc, template_parameter, workflow_from_template
+    from defectops.pipelines.argo import CompileError, template_nproc, template_parameter, workflow_from_template
 
     ov = list(overrides or [])
     params = {k: v for k, v in (("image", image), ("tag", tag), ("bucket", bucket),
@@ -292,7 +292,7 @@ def submit(
     except CompileError as e:
         raise fail(str(e), EXIT_USAGE) from None
     if dry_run:
-        from pipelines.argo import dump_yaml
+        from defectops.pipelines.argo import dump_yaml
 
         load(ov)  # overrides must compose
         console.print(dump_yaml(manifest), highlight=False, markup=False, end="")
@@ -357,7 +357,7 @@ def status(
     """Show a workflow's phase and each step's phase, attempts, duration and error line.
 
     Exit code: 0 succeeded or still running, 3 a gate failed, 1 any other failure (or the server failed)."""
-    from pipelines.argo import error_line, step_nodes
+    from defectops.pipelines.argo import error_line, step_nodes
 
     client = _client(insecure)
     while True:
@@ -409,7 +409,7 @@ def argo_report(
     run_root: Annotated[str, typer.Option(help="The run root.")] = "",
 ) -> None:
     """Print one clear line per failed step of a finished workflow (Argo exit handler)."""
-    from pipelines.argo import failure_report
+    from defectops.pipelines.argo import failure_report
 
     text, _ = failure_report(workflow, status_, failures, run_root)
     console.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -12,7 +12,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
 
 bench_app = typer.Typer(help="Measure what a model costs to run.", no_args_is_help=True)
 
@@ -51,8 +51,8 @@ def _int8_facts(report: dict[str, Any] | None) -> tuple[float | None, str]:
 
 
 def _from_run_root(root: Path) -> BenchModels:
-    from pipelines.fsutil import read_json
-    from training.trainer import load_trained_model
+    from defectops.core.fsutil import read_json
+    from defectops.training.trainer import load_trained_model
 
     model_pt, fp32 = root / "train" / "model.pt", root / "export" / "model.onnx"
     for p, step in ((model_pt, "train"), (fp32, "export")):
@@ -71,7 +71,7 @@ def _from_run_root(root: Path) -> BenchModels:
 def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
     import mlflow.pytorch
 
-    from serving.model_ref import ModelRefError, cache_folder, parse_registry_ref, registry_version, resolve
+    from defectops.serving.model_ref import ModelRefError, cache_folder, parse_registry_ref, registry_version, resolve
 
     try:
         parsed = parse_registry_ref(ref)
@@ -110,7 +110,7 @@ def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
 def _runners(m: BenchModels, threads: int, triton: tuple[str, str, str] | None) -> dict[str, Any]:
     import torch
 
-    from serving.onnx_export import OUTPUT_NAME, onnx_session
+    from defectops.serving.onnx_export import OUTPUT_NAME, onnx_session
 
     torch.set_num_threads(threads)
     out: dict[str, Any] = {}
@@ -126,7 +126,7 @@ def _runners(m: BenchModels, threads: int, triton: tuple[str, str, str] | None) 
         session = onnx_session(path, threads=threads)
         out[key] = (lambda s: lambda x: s.run([OUTPUT_NAME], {"images": x}))(session)
     if triton:
-        from serving.client import TritonClient, TritonClientError
+        from defectops.serving.client import TritonClient, TritonClientError
 
         url, model, protocol = triton
         try:
@@ -169,8 +169,8 @@ def latency(
     macro-recall drop is the one its verify_export step measured. Exit codes: 0 ok, 1 failure (e.g. Triton
     unreachable), 2 usage error.
     """
-    from pipelines.config import home_dir
-    from serving.latency import line_budget, measure
+    from defectops.pipelines.config import home_dir
+    from defectops.serving.latency import line_budget, measure
 
     try:
         sizes = sorted({int(b) for b in batches.split(",") if b.strip()})

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from pipelines.context import Reporter
+from defectops.pipelines.context import Reporter
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATES = 0, 1, 2, 3
 
@@ -35,7 +35,7 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def load(overrides: list[str] | None) -> Any:
-    from pipelines.config import ConfigError, load_config
+    from defectops.pipelines.config import ConfigError, load_config
 
     try:
         return load_config(list(overrides or []))
@@ -74,7 +74,7 @@ def progress_bars() -> Progress:
 
 def image_paths(inputs: list[Path], option: str = "") -> list[Path]:
     """Image files named directly or found (recursively, hidden folders skipped) in folders; usage error if none."""
-    from training.importers import IMAGE_EXTENSIONS
+    from defectops.training.importers import IMAGE_EXTENSIONS
 
     paths: list[Path] = []
     for p in inputs:

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
-from training.config import ValidationConfig
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
+from defectops.training.config import ValidationConfig
 
 data_app = typer.Typer(help="Dataset snapshots: import, validate, push to and pull from S3.", no_args_is_help=True)
 import_app = typer.Typer(help="Import a dataset into a snapshot (manifest.jsonl + classes.json + fingerprint).",
@@ -24,7 +24,7 @@ Seed = Annotated[int, typer.Option(help="Seed of the split assignment.")]
 
 
 def _report(snapshot_dir: Path) -> None:
-    from training.snapshot import load_snapshot
+    from defectops.training.snapshot import load_snapshot
 
     snap = load_snapshot(snapshot_dir)
     t = Table(title=f"snapshot {snapshot_dir}", title_justify="left")
@@ -42,7 +42,7 @@ def _report(snapshot_dir: Path) -> None:
 
 
 def _write(out: Path, samples: list[dict], classes: list[str], files_root: Path) -> None:
-    from training.snapshot import write_snapshot
+    from defectops.training.snapshot import write_snapshot
 
     write_snapshot(out, samples, classes, files_root=files_root)
     _report(out)
@@ -63,9 +63,9 @@ def import_deeppcb(
                                                               "design).")] = None,
 ) -> None:
     """Index DeepPCB-format board pairs in place (files are not copied): boxes and defect types per pair."""
-    from training.config import SplitConfig
-    from training.snapshot import deeppcb_samples
-    from training.synth import DEFECT_TYPES
+    from defectops.core.taxonomy import DEFECT_TYPES
+    from defectops.training.config import SplitConfig
+    from defectops.training.snapshot import deeppcb_samples
 
     split = SplitConfig(val=val, test=test, seed=seed, group_by=group_by, val_groups=list(val_group or []),
                         test_groups=list(test_group or []))
@@ -91,9 +91,9 @@ def import_folder_cmd(
     """Index a folder-per-class image dataset in place: any file names, PNG/JPEG/TIFF/BMP, any sizes. Identical files
     share a split, copies within a class are kept once, the same content under two labels is reported (validation
     quarantines it); OUT/duplicates.json lists them all."""
-    from pipelines.fsutil import write_json
-    from training.config import DedupConfig
-    from training.importers import import_folder
+    from defectops.core.fsutil import write_json
+    from defectops.training.config import DedupConfig
+    from defectops.training.importers import import_folder
 
     try:
         found = import_folder(root.resolve(), val=val, test=test, seed=seed, good_class=good_class,
@@ -116,9 +116,10 @@ def import_synth(
     seed: Seed = 0, val: Val = 0.15, test: Test = 0.2,
 ) -> None:
     """Generate seeded synthetic boards (DeepPCB format) into OUT/boards and snapshot them (self-contained)."""
-    from training.config import SplitConfig
-    from training.snapshot import deeppcb_samples
-    from training.synth import DEFECT_TYPES, write_deeppcb_root
+    from defectops.core.taxonomy import DEFECT_TYPES
+    from defectops.training.config import SplitConfig
+    from defectops.training.snapshot import deeppcb_samples
+    from defectops.training.synth import write_deeppcb_root
 
     with progress_bars() as progress:
         tid = progress.add_task("generating boards", total=boards)
@@ -142,8 +143,8 @@ def validate(
 ) -> None:
     """Check every sample (corrupt, truncated, oversized, duplicates/leakage, label conflicts, unknown labels,
     escaping paths) and list the quarantined ones with the reason."""
-    from training.snapshot import load_snapshot
-    from training.validation import validate_snapshot
+    from defectops.training.snapshot import load_snapshot
+    from defectops.training.validation import validate_snapshot
 
     try:
         snap = load_snapshot(snapshot)
@@ -174,8 +175,8 @@ def push(
 ) -> None:
     """Upload a snapshot: files by content hash (skipping those already there), then its manifest; the snapshot
     becomes visible as complete only at the end. Rerun to resume an interrupted push. Endpoint: $AWS_ENDPOINT_URL."""
-    from training.remote import RemoteError, push_snapshot
-    from training.snapshot import load_snapshot
+    from defectops.training.remote import RemoteError, push_snapshot
+    from defectops.training.snapshot import load_snapshot
 
     try:
         total = len(load_snapshot(snapshot).samples)
@@ -199,7 +200,7 @@ def pull(
 ) -> None:
     """Download a snapshot, verifying every file's sha256 and the fingerprint; resumable; nothing appears at DEST
     unless complete and verified."""
-    from training.remote import RemoteError, pull_snapshot
+    from defectops.training.remote import RemoteError, pull_snapshot
 
     with progress_bars() as progress:
         tid = progress.add_task("downloading (bytes)", total=None)

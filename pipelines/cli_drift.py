@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, console, err, fail
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, console, err, fail
 
 EXIT_DRIFT = EXIT_GATES  # 3: drift detected
 
@@ -62,8 +62,8 @@ def check_cmd(
     2 usage error (bad option, unknown model, no reference profile, no images), 1 failure (the check or the
     submission could not be carried out).
     """
-    from pipelines.config import home_dir
-    from pipelines.drift_steps import DriftFailure, DriftUsageError, check, load_batch, load_checked_model
+    from defectops.pipelines.config import home_dir
+    from defectops.pipelines.drift_steps import DriftFailure, DriftUsageError, check, load_batch, load_checked_model
 
     if not 0.0 < alpha < 1.0:
         raise fail(f"--alpha must be in (0, 1), got {alpha}", EXIT_USAGE)
@@ -84,7 +84,7 @@ def check_cmd(
     doc: dict[str, Any] = {"model": m.source, "version": m.version, "images": images, "images_found": found,
                            **drift.to_dict()}
     if report is not None:
-        from evaluation.drift_report import render_drift_report, report_info
+        from defectops.evaluation.drift_report import render_drift_report, report_info
 
         try:
             render_drift_report(report, drift, m.reference, batch,
@@ -124,10 +124,16 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
     """Submit the retrain through `defectops submit`'s code path (its manifest, client and checks), with the drift
     report as an annotation of the Workflow and, once it has a name, uploaded into the new run root
     (``trigger/drift-report.json``; the register step keeps it under ``drift/`` of the new version's run)."""
-    from pipelines.argo import CompileError, dump_yaml, label_value, template_parameter, workflow_from_template
-    from pipelines.cli_argo import ArgoError, _client, _local_registry_warning, _q, _user
-    from pipelines.cli_common import load
-    from pipelines.drift_steps import DriftFailure, DriftUsageError, report_annotation, retrain_overrides
+    from defectops.pipelines.argo import (
+        CompileError,
+        dump_yaml,
+        label_value,
+        template_parameter,
+        workflow_from_template,
+    )
+    from defectops.pipelines.cli_argo import ArgoError, _client, _local_registry_warning, _q, _user
+    from defectops.pipelines.cli_common import load
+    from defectops.pipelines.drift_steps import DriftFailure, DriftUsageError, report_annotation, retrain_overrides
 
     dry_run = not os.environ.get("ARGO_SERVER", "").strip()
     try:
@@ -172,7 +178,7 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
     if name and bucket:
         key = "/".join(x for x in ((prefix or "").strip("/"), name, "trigger", "drift-report.json") if x)
         try:
-            from training.remote import s3_client
+            from defectops.training.remote import s3_client
 
             s3_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(doc, sort_keys=True).encode(),
                                    ContentType="application/json")

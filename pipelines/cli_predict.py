@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths, progress_bars
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths, progress_bars
 
 if TYPE_CHECKING:
-    from serving.model_ref import ResolvedModel
+    from defectops.serving.model_ref import ResolvedModel
 
 predict_app = typer.Typer(help="Predict with a registered, run-root or ONNX model.", no_args_is_help=True)
 
@@ -28,8 +28,8 @@ Precision = Annotated[str, typer.Option(help="For models:/ and run roots: served
 def _resolve(ref: str, tracking_uri: str | None, precision: str = "served") -> ResolvedModel:
     import os
 
-    from pipelines.config import home_dir
-    from serving.model_ref import ModelRefError, resolve
+    from defectops.pipelines.config import home_dir
+    from defectops.serving.model_ref import ModelRefError, resolve
 
     home = home_dir()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
@@ -55,7 +55,7 @@ def boards(
     Writes one DeepPCB result file per image (x1,y1,x2,y2,confidence,name by descending confidence), prints
     images/s, and, when every listed annotation file exists, the DeepPCB mAP and F-score.
     """
-    from serving.predict import predict_boards
+    from defectops.serving.predict import predict_boards
 
     m = _resolve(model, tracking_uri, precision)
     try:
@@ -90,8 +90,8 @@ def images(
     precision: Precision = "served",
 ) -> None:
     """Classify images with a folder-per-class model, preprocessed exactly as in training (same fit to square)."""
-    from serving.predict import predict_images
-    from training.images import ImageError
+    from defectops.serving.predict import predict_images
+    from defectops.training.images import ImageError
 
     m = _resolve(model, tracking_uri, precision)
     paths = image_paths(list(input), "--input")

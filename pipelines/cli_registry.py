@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
 
 registry_app = typer.Typer(help="Review, approve, reject and roll back model versions (audited).",
                            no_args_is_help=True)
@@ -32,19 +32,19 @@ Role = Annotated[str, typer.Option("--role", help="Role of the actor; quality-le
 
 
 def _home() -> Path:
-    from pipelines.config import home_dir
+    from defectops.pipelines.config import home_dir
 
     return home_dir()
 
 
 def _model(model: str | None) -> str:
-    from registry.config import RegistryConfig
+    from defectops.registry.config import RegistryConfig
 
     return model or RegistryConfig().model_name
 
 
 def _client(tracking_uri: str | None) -> Any:
-    from registry.mlflow_registry import client
+    from defectops.registry.mlflow_registry import client
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_home() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -57,7 +57,7 @@ def _actor(actor: str | None) -> str:
 
 
 def _decide(action: str, **kwargs: Any) -> None:
-    from registry import governance
+    from defectops.registry import governance
 
     try:
         rec = getattr(governance, action)(**kwargs)
@@ -71,7 +71,7 @@ def _decide(action: str, **kwargs: Any) -> None:
 @registry_app.command("list")
 def list_cmd(model: Model = None, tracking_uri: Uri = None) -> None:
     """List the versions: aliases, gates, review status, macro recall."""
-    from registry.governance import GovernanceError, list_versions
+    from defectops.registry.governance import GovernanceError, list_versions
 
     name = _model(model)
     try:
@@ -110,8 +110,8 @@ def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote 
                 = None,
                 model: Model = None, tracking_uri: Uri = None) -> None:
     """Promote the challenger VERSION to champion (re-checks gates and no-regression against the champion)."""
-    from evaluation.gates import GateConfig
-    from registry.config import RegistryConfig
+    from defectops.evaluation.gates import GateConfig
+    from defectops.registry.config import RegistryConfig
 
     _decide("approve", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
             role=role, reason=reason, cfg=RegistryConfig(),
@@ -123,7 +123,7 @@ def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote 
 def reject_cmd(version: Annotated[str, typer.Argument(help="Version to reject.")], reason: Reason,
                actor: Actor = None, role: Role = "ml-engineer", model: Model = None, tracking_uri: Uri = None) -> None:
     """Reject VERSION: mark it rejected and remove its challenger alias."""
-    from registry.config import RegistryConfig
+    from defectops.registry.config import RegistryConfig
 
     _decide("reject", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
             role=role, reason=reason, cfg=RegistryConfig(), lock_dir=_home())
@@ -133,7 +133,7 @@ def reject_cmd(version: Annotated[str, typer.Argument(help="Version to reject.")
 def rollback_cmd(reason: Reason, actor: Actor = None, role: Role = "ml-engineer", model: Model = None,
                  tracking_uri: Uri = None) -> None:
     """Move champion back to the version it replaced (from the audit trail)."""
-    from registry.config import RegistryConfig
+    from defectops.registry.config import RegistryConfig
 
     _decide("rollback", client=_client(tracking_uri), model=_model(model), actor=_actor(actor), role=role,
             reason=reason, cfg=RegistryConfig(), lock_dir=_home())
@@ -145,7 +145,7 @@ def audit_cmd(verify: Annotated[bool, typer.Option(
                                    "tags agree with it; exit 1 if not.")] = False,
               model: Model = None, tracking_uri: Uri = None) -> None:
     """Print the model's audit trail, as stored in the registry (and verify it)."""
-    from registry.audit_store import RegistryTrail
+    from defectops.registry.audit_store import RegistryTrail
 
     name = _model(model)
     result = RegistryTrail(_client(tracking_uri), name, _home()).check()

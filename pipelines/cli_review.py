@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.cli_common import EXIT_USAGE, console, fail
+from defectops.pipelines.cli_common import EXIT_USAGE, console, fail
 
 review_app = typer.Typer(
     help="Serve the review web app: candidates beside the champion, approve/reject with a reason, the audit trail.\n\n"
@@ -29,7 +29,7 @@ UsersFile = Annotated[Path | None, typer.Option(
 
 
 def _home() -> Path:
-    from pipelines.config import home_dir
+    from defectops.pipelines.config import home_dir
 
     return home_dir()
 
@@ -76,9 +76,9 @@ def serve(
         return
     import uvicorn
 
-    from evaluation.gates import GateConfig
-    from registry.review.app import ReviewSettings, create_app
-    from registry.review.auth import AuthError, ProxyAuth, load_or_create_secret
+    from defectops.evaluation.gates import GateConfig
+    from defectops.registry.review.app import ReviewSettings, create_app
+    from defectops.registry.review.auth import AuthError, ProxyAuth, load_or_create_secret
 
     home = _home()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
@@ -113,7 +113,7 @@ def add_user_cmd(
     = False,
 ) -> None:
     """Add a user to the users file, or replace their role and password (written atomically, mode 0600)."""
-    from registry.review.auth import AuthError, add_user
+    from defectops.registry.review.auth import AuthError, add_user
 
     path = _users_file(users_file)
     if password_stdin:

@@ -12,8 +12,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths
-from pipelines.cli_predict import ModelRef, TrackingUri, _resolve
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths
+from defectops.pipelines.cli_predict import ModelRef, TrackingUri, _resolve
 
 serve_app = typer.Typer(help="Publish models for Triton Inference Server.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ _REGISTRY_VERSION = re.compile(r"\(version (\d+)(?:, int8)?\)$")
 
 def _name_and_version(ref: str, source: str) -> tuple[str | None, int | None]:
     """The registered model name and version a reference points at, when it says (registry URI or run root)."""
-    from pipelines.fsutil import read_json
+    from defectops.core.fsutil import read_json
 
     m = re.match(r"^models:/([^/@]+)", ref)
     if m:
@@ -59,8 +59,14 @@ def publish(
     Publishing writes each version folder first and config.pbtxt last, so a Triton polling the destination never
     loads a half-published model; versions already there are kept (the config's version policy picks those served).
     """
-    from serving.config import TritonConfig
-    from serving.triton import PublishError, check_model_name, onnx_input_shape, publish_repository, write_repository
+    from defectops.serving.config import TritonConfig
+    from defectops.serving.triton import (
+        PublishError,
+        check_model_name,
+        onnx_input_shape,
+        publish_repository,
+        write_repository,
+    )
 
     if kind is not None and kind.lower() not in ("cpu", "gpu"):
         raise fail(f"--kind {kind!r}: use cpu or gpu", EXIT_USAGE)
@@ -120,9 +126,9 @@ def infer(
 
     import numpy as np
 
-    from pipelines.fsutil import write_text
-    from serving.client import PROTOCOLS, TritonClient, TritonClientError
-    from training.images import ImageError
+    from defectops.core.fsutil import write_text
+    from defectops.serving.client import PROTOCOLS, TritonClient, TritonClientError
+    from defectops.training.images import ImageError
 
     if protocol not in PROTOCOLS:
         raise fail(f"--protocol {protocol!r}: use http or grpc", EXIT_USAGE)

@@ -21,10 +21,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from evaluation.gates import GateConfig
-from registry.config import RegistryConfig
-from serving.config import DetectConfig, ExportConfig
-from training.config import DataConfig, ModelConfig, TrainConfig
+from defectops.evaluation.gates import GateConfig
+from defectops.registry.config import RegistryConfig
+from defectops.serving.config import DetectConfig, ExportConfig
+from defectops.training.config import DataConfig, ModelConfig, TrainConfig
 
 HOME_ENV = "DEFECTOPS_HOME"
 DEFAULT_HOME = "defectops-home"
@@ -67,7 +67,7 @@ def load_config(overrides: list[str] | None = None) -> DefectOpsConfig:
     _register()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="pipelines.conf", version_base="1.3"):
+        with initialize_config_module(config_module="defectops.pipelines.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides or []))
         obj = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:

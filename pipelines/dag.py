@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import steps
-from pipelines.config import DefectOpsConfig
-from pipelines.context import StepContext
+from defectops.pipelines import steps
+from defectops.pipelines.config import DefectOpsConfig
+from defectops.pipelines.context import StepContext
 
 
 @dataclass(frozen=True)

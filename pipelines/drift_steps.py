@@ -21,8 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.drift import Profile
-from evaluation.drift_profile import REFERENCE_JSON, load_profile, profile_from_images, reduce_reference, save_profile
+from defectops.evaluation.drift import Profile
+from defectops.evaluation.drift_profile import (
+    REFERENCE_JSON,
+    load_profile,
+    profile_from_images,
+    reduce_reference,
+    save_profile,
+)
 
 DRIFT = "drift"
 TRIGGER_REPORT = "trigger/drift-report.json"  # a drift report that started this run (uploaded by --submit-retrain)
@@ -40,12 +46,12 @@ class DriftFailure(RuntimeError):
 # --------------------------------------------------------------------------------------------------- register step
 def write_reference_profile(ctx: Any) -> Path:
     """``drift/`` of the run root with the reference profile (computed once; a rerun reuses it)."""
-    from pipelines.config import from_yaml
-    from pipelines.fsutil import read_json
-    from pipelines.steps import CROPS, MODEL, SNAPSHOT, _has_boards
-    from training.data import load_split
-    from training.snapshot import load_snapshot
-    from training.trainer import load_trained_model
+    from defectops.core.fsutil import read_json
+    from defectops.pipelines.config import from_yaml
+    from defectops.pipelines.steps import CROPS, MODEL, SNAPSHOT, _has_boards
+    from defectops.training.data import load_split
+    from defectops.training.snapshot import load_snapshot
+    from defectops.training.trainer import load_trained_model
 
     out = ctx.path(DRIFT)
     if not (out / REFERENCE_JSON).is_file():
@@ -87,7 +93,7 @@ class CheckedModel:
 
 def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> CheckedModel:
     """The model and reference profile behind ``ref`` (``models:/...`` or a run root)."""
-    from serving.model_ref import ModelRefError, parse_registry_ref
+    from defectops.serving.model_ref import ModelRefError, parse_registry_ref
 
     try:
         parsed = parse_registry_ref(ref)
@@ -98,7 +104,7 @@ def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> Check
     root = Path(ref).expanduser()
     if not root.is_dir():
         raise DriftUsageError(f"--model {ref!r} is neither models:/name@alias nor a run root")
-    from training.trainer import load_trained_model
+    from defectops.training.trainer import load_trained_model
 
     try:
         reference, meta = load_profile(root / DRIFT)
@@ -116,7 +122,7 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    from serving.model_ref import ModelRefError, cache_folder, registry_version
+    from defectops.serving.model_ref import ModelRefError, cache_folder, registry_version
 
     try:
         c, mv = registry_version(name, alias, version, tracking_uri, ref)
@@ -125,7 +131,7 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
     dest = cache_folder(cache_dir, "drift", tracking_uri, name, str(mv.version))
     try:
         if not (dest / "reference" / REFERENCE_JSON).is_file():
-            from pipelines.fsutil import atomic_dir
+            from defectops.core.fsutil import atomic_dir
 
             with atomic_dir(dest) as tmp:
                 try:
@@ -152,8 +158,8 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
 
 # --------------------------------------------------------------------------------------------------- batch
 def _download_s3(uri: str, dest: Path, max_images: int) -> list[Path]:
-    from training.importers import IMAGE_EXTENSIONS
-    from training.remote import parse_s3_uri, s3_client
+    from defectops.training.importers import IMAGE_EXTENSIONS
+    from defectops.training.remote import parse_s3_uri, s3_client
 
     try:
         bucket, prefix = parse_s3_uri(uri)
@@ -188,8 +194,8 @@ def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH
     AOI models take crops as the candidate step writes them (RGB = tested, template, difference); other sizes are
     resized. Folder-per-class models take any image, fitted to the square like in training.
     """
-    from training.images import ImageError, square_image
-    from training.importers import IMAGE_EXTENSIONS
+    from defectops.training.images import ImageError, square_image
+    from defectops.training.importers import IMAGE_EXTENSIONS
 
     size = int(meta["input_size"])
     mode = "resize" if meta.get("task") == "aoi" else str(meta.get("fit_mode", "letterbox"))
@@ -222,7 +228,7 @@ def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH
 def check(model: CheckedModel, images: np.ndarray, *, alpha: float, n_perm: int, seed: int,
           min_psi: float) -> tuple[Any, Profile]:
     """The drift report of ``images`` against the model's reference, and the batch profile."""
-    from evaluation.drift import compare
+    from defectops.evaluation.drift import compare
 
     task = str(model.meta.get("task", "aoi"))
     batch = profile_from_images(model.net, images, model.reference.classes, task)
@@ -240,7 +246,7 @@ def retrain_overrides(meta: dict[str, Any], data: str | None, *, resolve_latest:
     if not src:
         return []
     if src.startswith("s3://") and "@" not in src and resolve_latest:
-        from training.remote import RemoteError, remote_fingerprint
+        from defectops.training.remote import RemoteError, remote_fingerprint
 
         try:
             fp = remote_fingerprint(src)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.remote import RemoteError, _digests, _put, _s3_errors, parse_s3_uri, s3_client
+from defectops.training.remote import RemoteError, _digests, _put, _s3_errors, parse_s3_uri, s3_client
 
 __all__ = ["LAST", "SyncResult", "is_remote", "local_mirror", "pull_root", "push_root"]
 

@@ -4,7 +4,7 @@ A step that completes writes ``steps/<name>.json`` (its result) atomically; a re
 killed run continues where it stopped (training resumes from its newest checkpoint). The first failure stops the run
 with the step's name and cause. ``summary.json`` is written at the end of every run that reaches ``register``.
 
-Under torchrun (a distributed train step) only rank 0 writes step markers. ``python -m pipelines.runner <step>
+Under torchrun (a distributed train step) only rank 0 writes step markers. ``python -m defectops.pipelines.runner <step>
 --run-root R --home H`` is the per-process entry point the train step starts under torchrun when ``train.nproc`` > 1.
 """
 
@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import steps as S
-from pipelines.config import DefectOpsConfig, config_hash, home_dir, run_id, to_yaml, tracking_uri
-from pipelines.context import GateFailure, Reporter, StepContext, StepError
-from pipelines.dag import DAG, Step, get_step
-from pipelines.fsutil import read_json, write_json, write_text
-from training.distributed import env_info
+from defectops.core.fsutil import read_json, write_json, write_text
+from defectops.pipelines import steps as S
+from defectops.pipelines.config import DefectOpsConfig, config_hash, home_dir, run_id, to_yaml, tracking_uri
+from defectops.pipelines.context import GateFailure, Reporter, StepContext, StepError
+from defectops.pipelines.dag import DAG, Step, get_step
+from defectops.training.distributed import env_info
 
 SUMMARY = "summary.json"
 
@@ -158,7 +158,7 @@ def _current_aliases(ctx: StepContext, cfg: DefectOpsConfig, reg: dict[str, Any]
     if not reg.get("version"):
         return []
     try:
-        from registry import mlflow_registry as R
+        from defectops.registry import mlflow_registry as R
 
         return R.aliases_of(R.client(reg["tracking_uri"]), reg["registered_model"], reg["version"])
     except Exception:
@@ -216,9 +216,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     import argparse
     import traceback
 
-    from pipelines.config import from_yaml
+    from defectops.pipelines.config import from_yaml
 
-    p = argparse.ArgumentParser(prog="python -m pipelines.runner", description=worker_main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m defectops.pipelines.runner", description=worker_main.__doc__)
     p.add_argument("step")
     p.add_argument("--run-root", type=Path, required=True)
     p.add_argument("--home", type=Path, required=True)

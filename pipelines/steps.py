@@ -21,24 +21,25 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from evaluation.gates import GateConfig, GateReport, evaluate_gates
-from evaluation.intervals import (
+from defectops.core.fsutil import atomic_dir, atomic_path, read_json, write_json
+from defectops.core.taxonomy import DEFECT_TYPES
+from defectops.evaluation.gates import GateConfig, GateReport, evaluate_gates
+from defectops.evaluation.intervals import (
     DEFAULT_RESAMPLES,
     ClassificationIntervals,
     board_breakdown,
     bootstrap_macro_recall,
     classification_intervals,
 )
-from evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
-from evaluation.report import Miss, render_report, write_miss_tiles
-from evaluation.shortcut import DEFAULT_FIX, ShortcutReport, shortcut_check
-from pipelines.config import artifact_location, tracking_uri
-from pipelines.context import GateFailure, StepContext, StepError
-from pipelines.fsutil import atomic_dir, atomic_path, read_json, write_json
-from registry.config import RegistryConfig
-from serving.config import DetectConfig, ExportConfig
-from training.config import DataConfig, ModelConfig, TrainConfig
-from training.snapshot import (
+from defectops.evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
+from defectops.evaluation.report import Miss, render_report, write_miss_tiles
+from defectops.evaluation.shortcut import DEFAULT_FIX, ShortcutReport, shortcut_check
+from defectops.pipelines.config import artifact_location, tracking_uri
+from defectops.pipelines.context import GateFailure, StepContext, StepError
+from defectops.registry.config import RegistryConfig
+from defectops.serving.config import DetectConfig, ExportConfig
+from defectops.training.config import DataConfig, ModelConfig, TrainConfig
+from defectops.training.snapshot import (
     SPLITS,
     Snapshot,
     check_split_config,
@@ -47,11 +48,10 @@ from training.snapshot import (
     sample_group,
     write_snapshot,
 )
-from training.synth import DEFECT_TYPES
-from training.trainer import resolve_device
+from defectops.training.trainer import resolve_device
 
 if TYPE_CHECKING:
-    from training.importers import Duplicates
+    from defectops.training.importers import Duplicates
 
 SNAPSHOT = "data/snapshot"
 BOARDS = "data/boards"
@@ -148,7 +148,7 @@ def _data_root(data: DataConfig) -> Path:
 
 
 def _synth_samples(ctx: StepContext, data: DataConfig) -> tuple[list[dict[str, Any]], list[str], Path]:
-    from training.synth import write_deeppcb_root
+    from defectops.training.synth import write_deeppcb_root
 
     s = data.synth
     if data.split.group_by == "design":
@@ -178,7 +178,7 @@ class Imported(NamedTuple):
 def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | None = None) -> Imported:
     """Manifest samples, classes, files root (and, for ``folder``, the duplicate report) for a dataset read in place
     (``deeppcb`` or ``folder``)."""
-    from training.importers import import_folder
+    from defectops.training.importers import import_folder
 
     split = data.split
     try:
@@ -203,7 +203,7 @@ def fetch_snapshot(ref: str, home: Path) -> Snapshot:
     (``s3://bucket/prefix`` means its ``latest`` snapshot; ``...@<fingerprint>`` pins one, served from the cache
     without any request once pulled)."""
     if ref.startswith("s3://"):
-        from training.remote import RemoteError, pull_snapshot, remote_fingerprint
+        from defectops.training.remote import RemoteError, pull_snapshot, remote_fingerprint
 
         cache = home / "cache" / "snapshots"
         try:
@@ -225,9 +225,9 @@ def validate_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
     """Validate the snapshot (quarantine with reasons) and cut candidate crops from the accepted boards, or fit the
     accepted images. Fails over ``data.validation.max_bad_fraction`` (unusable or leaking samples) or
     ``data.validation.max_conflict_fraction`` (label conflicts); the result counts ``label_conflicts``."""
-    from training.crops import build_crops
-    from training.images import build_image_crops
-    from training.validation import CONFLICT, validate_snapshot
+    from defectops.training.crops import build_crops
+    from defectops.training.images import build_image_crops
+    from defectops.training.validation import CONFLICT, validate_snapshot
 
     snap = load_snapshot(ctx.path(SNAPSHOT))
     advance = ctx.reporter.task("validating boards", len(snap.samples))
@@ -277,8 +277,8 @@ def _shortcut_check(ctx: StepContext, data: DataConfig, snap: Snapshot, crops: S
                     ) -> dict[str, Any] | None:
     """Run :func:`evaluation.shortcut.shortcut_check` on the train and val samples' metadata, write ``SHORTCUT`` and
     log a warning when it fires; returns the step result's summary. Never fails the step: an error becomes a note."""
-    from training.crops import box_metadata
-    from training.images import image_metadata
+    from defectops.training.crops import box_metadata
+    from defectops.training.images import image_metadata
 
     cfg = data.shortcut
     path = ctx.path(SHORTCUT)
@@ -309,7 +309,7 @@ def _shortcut_check(ctx: StepContext, data: DataConfig, snap: Snapshot, crops: S
 
 # ------------------------------------------------------------------------------------------------------- train
 def _registry_client(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, str]:
-    from registry import mlflow_registry as reg
+    from defectops.registry import mlflow_registry as reg
 
     uri = tracking_uri(registry, ctx.home)
     c = reg.client(uri)
@@ -318,7 +318,7 @@ def _registry_client(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, s
 
 
 def _mlflow_run(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, str]:
-    from registry import mlflow_registry as reg
+    from defectops.registry import mlflow_registry as reg
 
     c, exp = _registry_client(ctx, registry)
     f = ctx.path(MLFLOW_RUN)
@@ -335,11 +335,12 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
     """Train the crop classifier with checkpoints every epoch; a rerun resumes from the newest checkpoint.
 
     ``train.nproc`` > 1 trains with DistributedDataParallel. Outside torchrun this step starts
-    ``torchrun --standalone --nproc_per_node=<nproc>`` of its own worker (``python -m pipelines.runner train``) and
+    ``torchrun --standalone --nproc_per_node=<nproc>``
+    of its own worker (``python -m defectops.pipelines.runner train``) and
     returns rank 0's result; under torchrun (``RANK``/``WORLD_SIZE`` set, e.g. ``torchrun ... defectops step train``)
     each process joins the group. Only rank 0 writes checkpoints, ``model.pt``, the MLflow run and the step marker.
     """
-    from training import distributed
+    from defectops.training import distributed
 
     if train.nproc > 1 and not distributed.launched_by_torchrun():
         return _train_with_torchrun(ctx, model, train)
@@ -356,10 +357,10 @@ def _train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainC
            seed: int) -> dict[str, Any]:
     import torch
 
-    from registry import mlflow_registry as reg
-    from training import distributed
-    from training.data import class_counts, load_split
-    from training.trainer import CheckpointError, fit
+    from defectops.registry import mlflow_registry as reg
+    from defectops.training import distributed
+    from defectops.training.data import class_counts, load_split
+    from defectops.training.trainer import CheckpointError, fit
 
     main, world = distributed.rank() == 0, distributed.world_size()
     crops = load_snapshot(ctx.path(CROPS))
@@ -440,7 +441,7 @@ def _train_with_torchrun(ctx: StepContext, model: ModelConfig, train: TrainConfi
     marker = ctx.root / "steps" / "train.json"  # rank 0 records its result there (pipelines.runner.run_step)
     before = marker.stat().st_mtime_ns if marker.is_file() else None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "pipelines.runner", "train", "--run-root", str(ctx.root), "--home", str(ctx.home)]
+           "-m", "defectops.pipelines.runner", "train", "--run-root", str(ctx.root), "--home", str(ctx.home)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     n_train = sum(1 for x in load_snapshot(ctx.path(CROPS)).samples if x["split"] == "train")
@@ -487,9 +488,9 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
     import mlflow.artifacts
     import mlflow.pytorch
 
-    from registry import mlflow_registry as reg
-    from training.data import to_tensor
-    from training.engine import predict_logits, softmax
+    from defectops.registry import mlflow_registry as reg
+    from defectops.training.data import to_tensor
+    from defectops.training.engine import predict_logits, softmax
 
     c, _ = _registry_client(ctx, registry)
     mv = reg.alias_version(c, registry.model_name, registry.champion_alias)
@@ -511,8 +512,8 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
 
 def _detector_settings(classes: tuple[str, ...], data: DataConfig, detect: DetectConfig,
                        threshold: float = 0.5) -> Any:
-    from serving.detector import DetectorSettings
-    from training.crops import candidate_params
+    from defectops.serving.detector import DetectorSettings
+    from defectops.training.crops import candidate_params
 
     c = data.candidates
     return DetectorSettings(classes=classes, good_class=data.good_class, crop_size=c.crop_size, context=c.context,
@@ -523,7 +524,7 @@ def _detector_settings(classes: tuple[str, ...], data: DataConfig, detect: Detec
 def _board_split(ctx: StepContext, split: str
                  ) -> tuple[list[tuple[str, Path, Path]], dict[str, list[Any]], dict[str, str]]:
     """Accepted board pairs of ``split``, their ground truth and their group (board design), keyed by image stem."""
-    from evaluation.deeppcb import GroundTruth
+    from defectops.evaluation.deeppcb import GroundTruth
 
     snap = load_snapshot(ctx.path(SNAPSHOT))
     quarantined = {q["index"] for q in read_json(ctx.path(VALIDATION))["quarantined"]}
@@ -544,8 +545,8 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
     """Detect on the val and test boards; choose the score threshold (and with ``detect.threshold_per_type`` one per
     defect type) on val, unless given; score test. Each split also gets bootstrap intervals over boards
     (``intervals``) and its scores per board design (``per_group``, ``worst_group``)."""
-    from evaluation.deeppcb import boxes_found, score
-    from serving.detector import (
+    from defectops.evaluation.deeppcb import boxes_found, score
+    from defectops.serving.detector import (
         CONFIDENCES,
         SELECT_OBJECTIVES,
         THRESHOLD_GRID,
@@ -553,7 +554,7 @@ def board_evaluation(ctx: StepContext, data: DataConfig, detect: DetectConfig, c
         detections_from_probs,
         select_thresholds,
     )
-    from training.candidates import detection_box
+    from defectops.training.candidates import detection_box
 
     settings = _detector_settings(classes, data, detect)
     detector = BoardDetector(logits_fn, settings, threads=detect.threads, batch_boards=detect.batch_boards)
@@ -643,9 +644,9 @@ def metrics_intervals(metrics: ClassificationMetrics, y: np.ndarray, pred: np.nd
 def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
              detect: DetectConfig) -> dict[str, Any]:
     """Score the trained model on the test crops (and boards), apply the gates, write metrics and the HTML report."""
-    from training.data import load_split, to_tensor
-    from training.engine import predict_logits, softmax
-    from training.trainer import CheckpointError, load_trained_model
+    from defectops.training.data import load_split, to_tensor
+    from defectops.training.engine import predict_logits, softmax
+    from defectops.training.trainer import CheckpointError, load_trained_model
 
     if not 0.0 < gates.confidence < 1.0:
         raise StepError(f"gates.confidence={gates.confidence} must lie strictly between 0 and 1: use e.g. 0.95")
@@ -700,9 +701,9 @@ def _write_report(ctx: StepContext, net: Any, metrics: ClassificationMetrics, ga
                   y: np.ndarray, x: np.ndarray, crops: Snapshot, state: dict[str, Any],
                   champion_version: str, board: dict[str, Any] | None,
                   intervals: ClassificationIntervals | None = None) -> None:
-    from evaluation.gradcam import grad_cam, overlay
-    from training.data import to_tensor
-    from training.models import model_family
+    from defectops.evaluation.gradcam import grad_cam, overlay
+    from defectops.training.data import to_tensor
+    from defectops.training.models import model_family
 
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
@@ -747,7 +748,7 @@ def _split_note(n_crops: int, intervals: ClassificationIntervals | None) -> str:
 def _iv(d: dict[str, Any] | None, key: str) -> str:
     from html import escape
 
-    from evaluation.intervals import Interval
+    from defectops.evaluation.intervals import Interval
 
     if not d or not d.get(key):
         return ""
@@ -836,8 +837,8 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     import mlflow.pytorch
 
-    from registry import mlflow_registry as reg
-    from training.trainer import load_trained_model
+    from defectops.registry import mlflow_registry as reg
+    from defectops.training.trainer import load_trained_model
 
     gates = GateReport.from_dict(read_json(ctx.path(GATES)))
     c, rid = _mlflow_run(ctx, registry)
@@ -857,7 +858,7 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
         c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
     c.log_artifacts(rid, str(_review_evidence(ctx)), "evidence")
     c.log_artifacts(rid, str(model_dir), "model")
-    from pipelines.drift_steps import write_reference_profile  # the drift reference profile (docs/drift.md)
+    from defectops.pipelines.drift_steps import write_reference_profile  # the drift reference profile (docs/drift.md)
     c.log_artifacts(rid, str(write_reference_profile(ctx)), "drift")
     metrics = read_json(ctx.path(METRICS))
     for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
@@ -880,7 +881,7 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
     except Exception as e:
         raise StepError(f"could not register in MLflow at {c.tracking_uri}: {str(e)[:200]}") from None
     if "defectops.registered_by" not in mv.tags:  # the submitter may not approve it later (separation of duties)
-        from registry.governance import record_register
+        from defectops.registry.governance import record_register
 
         record_register(c, registry.model_name, str(mv.version), actor=current_user(), role="ml-engineer",
                         lock_dir=ctx.home)
@@ -900,9 +901,9 @@ def register(ctx: StepContext, registry: RegistryConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ export
 def export(ctx: StepContext, export: ExportConfig, data: DataConfig) -> dict[str, Any]:
     """Export the trained model to ONNX (dynamic batch) carrying its classes, input size and detector settings."""
-    from serving.model_ref import model_metadata
-    from serving.onnx_export import export_onnx
-    from training.trainer import load_trained_model
+    from defectops.serving.model_ref import model_metadata
+    from defectops.serving.onnx_export import export_onnx
+    from defectops.training.trainer import load_trained_model
 
     net, state = load_trained_model(ctx.path(MODEL))
     size = int(state["img_size"])
@@ -922,8 +923,8 @@ def export(ctx: StepContext, export: ExportConfig, data: DataConfig) -> dict[str
 
 def _export_int8(ctx: StepContext, export: ExportConfig) -> dict[str, Any]:
     """Quantize the FP32 export to INT8, calibrated on a class-stratified sample of the training crops."""
-    from serving.quantize import calibration_sample, quantize_int8
-    from training.data import load_split, to_tensor
+    from defectops.serving.quantize import calibration_sample, quantize_int8
+    from defectops.training.data import load_split, to_tensor
 
     q = export.int8
     x, y, _ = load_split(load_snapshot(ctx.path(CROPS)), "train")
@@ -939,12 +940,12 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
                   registry: RegistryConfig, detect: DetectConfig) -> dict[str, Any]:
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
-    from registry import mlflow_registry as reg
-    from serving.model_ref import SERVED_TAG
-    from serving.onnx_export import onnx_logits, onnx_session, parity
-    from serving.triton import write_repository
-    from training.data import load_split, to_tensor
-    from training.engine import softmax
+    from defectops.registry import mlflow_registry as reg
+    from defectops.serving.model_ref import SERVED_TAG
+    from defectops.serving.onnx_export import onnx_logits, onnx_session, parity
+    from defectops.serving.triton import write_repository
+    from defectops.training.data import load_split, to_tensor
+    from defectops.training.engine import softmax
 
     crops = load_snapshot(ctx.path(CROPS))
     x, y, paths = load_split(crops, "test")
@@ -1028,10 +1029,10 @@ def _verify_int8(ctx: StepContext, data: DataConfig, export: ExportConfig, gates
                  champion: ClassificationMetrics | None, units: list[str] | None = None) -> dict[str, Any]:
     """Evaluate the INT8 model like the checkpoint (same crops, same gates, board-level too) and decide whether it may
     be published (:func:`serving.quantize.int8_verdict`); writes ``export/int8.json``."""
-    from serving.onnx_export import onnx_logits, onnx_session, parity
-    from serving.quantize import int8_verdict
-    from training.data import to_tensor
-    from training.engine import softmax
+    from defectops.serving.onnx_export import onnx_logits, onnx_session, parity
+    from defectops.serving.quantize import int8_verdict
+    from defectops.training.data import to_tensor
+    from defectops.training.engine import softmax
 
     session = onnx_session(ctx.path(ONNX_INT8))
     logits = onnx_logits(session, to_tensor(x).numpy())

@@ -38,8 +38,8 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from registry import audit
-from registry.audit import AuditError, AuditRecord
+from defectops.registry import audit
+from defectops.registry.audit import AuditError, AuditRecord
 
 __all__ = ["EXPERIMENT_PREFIX", "HEAD_TAG", "LATEST", "MIRROR_PREFIX", "RUN_TAG", "TRAIL_DIR", "RegistryTrail",
            "TrailCheck"]

@@ -31,12 +31,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from evaluation.gates import GateConfig, evaluate_gates
-from evaluation.metrics import ClassificationMetrics
-from registry import audit
-from registry.audit import AuditError, AuditRecord
-from registry.audit_store import RegistryTrail
-from registry.config import RegistryConfig
+from defectops.evaluation.gates import GateConfig, evaluate_gates
+from defectops.evaluation.metrics import ClassificationMetrics
+from defectops.registry import audit
+from defectops.registry.audit import AuditError, AuditRecord
+from defectops.registry.audit_store import RegistryTrail
+from defectops.registry.config import RegistryConfig
 
 __all__ = ["DECIDER_ROLES", "GovernanceError", "InvalidDecision", "NotFound", "NotPermitted", "approve",
            "champion_history", "list_versions", "read_artifact", "record_register", "reject", "rollback", "trail"]

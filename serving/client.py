@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from serving.triton import PARAM_PREFIX, classes_from_parameters, read_config_parameters
+from defectops.serving.triton import PARAM_PREFIX, classes_from_parameters, read_config_parameters
 
 Protocol = Literal["http", "grpc"]
 PROTOCOLS: tuple[str, ...] = ("http", "grpc")
@@ -236,7 +236,7 @@ class TritonClient:
         :func:`training.images.preprocess_for_model` returns); uint8 RGB ``(N, H, W, 3)`` (or one ``(H, W, 3)``) is
         fitted to the model's square with its fit mode and scaled, exactly as preprocess_for_model does for files.
         """
-        from training.images import fit_to_square
+        from defectops.training.images import fit_to_square
 
         x = np.asarray(images)
         if x.dtype == np.uint8:
@@ -285,7 +285,7 @@ class TritonClient:
 
     def classify(self, images: np.ndarray) -> Classification:
         """Probabilities (softmax of the logits) and labels for ``images`` (see :meth:`prepare`)."""
-        from training.engine import softmax
+        from defectops.training.engine import softmax
 
         logits = self.logits(images)
         if logits.ndim != 2 or logits.shape[1] != len(self.labels):
@@ -295,7 +295,7 @@ class TritonClient:
 
     def classify_files(self, paths: Sequence[Path]) -> Classification:
         """Read, fit and scale image files exactly as ``defectops predict images`` does, then :meth:`classify`."""
-        from training.images import preprocess_for_model
+        from defectops.training.images import preprocess_for_model
 
         return self.classify(preprocess_for_model(list(paths), self.image_size, self.fit_mode))
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.deeppcb import Detection
-from training.candidates import Candidate, detection_box, read_pair
-from training.crops import propose
-from training.engine import softmax
+from defectops.evaluation.deeppcb import Detection
+from defectops.training.candidates import Candidate, detection_box, read_pair
+from defectops.training.crops import propose
+from defectops.training.engine import softmax
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.fsutil import atomic_dir
-from serving.onnx_export import read_metadata
+from defectops.core.fsutil import atomic_dir
+from defectops.serving.onnx_export import read_metadata
 
 META_PREFIX = "defectops."
 PRECISIONS = ("served", "fp32", "int8")
@@ -117,7 +117,7 @@ def registry_version(name: str, alias: str | None, version: str | None, tracking
     """The MLflow client and the model version a registry reference names (with a run to fetch artifacts from)."""
     from mlflow.exceptions import MlflowException
 
-    from registry.mlflow_registry import client
+    from defectops.registry.mlflow_registry import client
 
     c = client(tracking_uri)
     try:

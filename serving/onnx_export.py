@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipelines.fsutil import atomic_path
+from defectops.core.fsutil import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

@@ -2,7 +2,7 @@
 
 ``predict_boards`` writes one DeepPCB result file per image (``x1,y1,x2,y2,confidence,name`` by descending
 confidence); ``predict_images`` writes one CSV row per image. Both take a :class:`ResolvedModel` (see
-``serving.model_ref``) so preprocessing is exactly what the model was trained and verified with.
+``defectops.serving.model_ref``) so preprocessing is exactly what the model was trained and verified with.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.deeppcb import DeepPCBScore, GroundTruth, format_result_lines, score
-from pipelines.fsutil import write_text
-from serving.detector import BoardDetector, DetectorSettings, detections_from_probs
-from serving.model_ref import ResolvedModel
-from serving.onnx_export import onnx_logits, onnx_session
-from training.engine import softmax
+from defectops.core.fsutil import write_text
+from defectops.evaluation.deeppcb import DeepPCBScore, GroundTruth, format_result_lines, score
+from defectops.serving.detector import BoardDetector, DetectorSettings, detections_from_probs
+from defectops.serving.model_ref import ResolvedModel
+from defectops.serving.onnx_export import onnx_logits, onnx_session
+from defectops.training.engine import softmax
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def predict_boards(model: ResolvedModel, root: Path, list_file: Path, out: Path,
         write_text(out / f"{key}.txt", format_result_lines(dets))
     sc = None
     if all(a is not None for a in anns):
-        from training.candidates import read_deeppcb_annotations
+        from defectops.training.candidates import read_deeppcb_annotations
 
         gts = {key: [GroundTruth(b.x1, b.y1, b.x2, b.y2, b.label) for b in read_deeppcb_annotations(a)]
                for (key, _, _), a in zip(pairs, anns, strict=True) if a is not None}
@@ -98,7 +98,7 @@ def predict_boards(model: ResolvedModel, root: Path, list_file: Path, out: Path,
 def predict_images(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *, batch_size: int = 64,
                    threads: int = 2, progress: Callable[[int], None] | None = None) -> tuple[int, float]:
     """Classify images with the same preprocessing as training; one CSV row per image. Returns (rows, images/s)."""
-    from training.images import preprocess_for_model
+    from defectops.training.images import preprocess_for_model
 
     session = onnx_session(model.onnx_path, threads=threads)
     buf = io.StringIO()

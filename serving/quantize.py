@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipelines.fsutil import atomic_path
-from serving.onnx_export import INPUT_NAME
+from defectops.core.fsutil import atomic_path
+from defectops.serving.onnx_export import INPUT_NAME
 
 __all__ = ["CALIBRATION_METHODS", "Int8Verdict", "calibration_sample", "int8_verdict", "quantize_int8"]
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.fsutil import atomic_dir, atomic_path
-from serving.config import TritonConfig
-from serving.onnx_export import INPUT_NAME, OUTPUT_NAME, read_metadata
+from defectops.core.fsutil import atomic_dir, atomic_path
+from defectops.serving.config import TritonConfig
+from defectops.serving.onnx_export import INPUT_NAME, OUTPUT_NAME, read_metadata
 
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
@@ -212,7 +212,7 @@ def publish_repository(local_repo: Path, dest: str, *, client: Any = None,
 def _same_file(a: Path, b: Path) -> bool:
     if not b.is_file() or a.stat().st_size != b.stat().st_size:
         return False
-    from pipelines.fsutil import sha256_file
+    from defectops.core.fsutil import sha256_file
 
     return sha256_file(a) == sha256_file(b)
 
@@ -263,7 +263,7 @@ def _publish_local(models: list[Path], dest: Path, progress: Callable[[str], Non
 
 
 def _publish_s3(models: list[Path], dest: str, client: Any, progress: Callable[[str], None] | None) -> PublishResult:
-    from training.remote import (
+    from defectops.training.remote import (
         MAX_PUT_BYTES,
         RemoteError,
         _check_bucket,

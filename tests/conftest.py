@@ -32,8 +32,8 @@ def deeppcb_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Run the whole pipeline once on the tiny config in a fresh home; tests read what it left behind."""
-    from pipelines.config import load_config
-    from pipelines.runner import run_pipeline
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.runner import run_pipeline
 
     home = tmp_path_factory.mktemp("home")
     cfg = load_config(TINY)
@@ -138,7 +138,7 @@ def triton_repository(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) 
     <folder>``."""
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from defectops.pipelines.cli import app
 
     repo = tmp_path_factory.mktemp("triton-repo")
     with pytest.MonkeyPatch.context() as mp:

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def _improved(metrics: dict[str, Any]) -> dict[str, Any]:
     """The same test set with a better classifier: half of each class's misses become correct."""
-    from evaluation.metrics import classification_metrics
+    from defectops.evaluation.metrics import classification_metrics
 
     cm = np.asarray(metrics["confusion"], dtype=int)
     for i in range(len(cm)):
@@ -57,11 +57,11 @@ def _improved(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def make_review_registry(tiny_run: dict, home: Path) -> dict:
     """Champion v1 (the tiny run's version, approved) and challenger v2 (a new run with better metrics)."""
-    from evaluation.gates import evaluate_gates
-    from evaluation.metrics import ClassificationMetrics
-    from registry.config import RegistryConfig
-    from registry.governance import approve, record_register
-    from registry.mlflow_registry import client as make_client
+    from defectops.evaluation.gates import evaluate_gates
+    from defectops.evaluation.metrics import ClassificationMetrics
+    from defectops.registry.config import RegistryConfig
+    from defectops.registry.governance import approve, record_register
+    from defectops.registry.mlflow_registry import client as make_client
 
     shutil.copy2(Path(tiny_run["home"]) / "mlflow.db", home / "mlflow.db")
     uri = f"sqlite:///{home / 'mlflow.db'}"
@@ -105,7 +105,7 @@ class ReviewServer:
 
 
 def add_users(users_file: Path) -> None:
-    from registry.review.auth import add_user
+    from defectops.registry.review.auth import add_user
 
     for name, password in PASSWORDS.items():
         add_user(users_file, name, ROLES[name], password)

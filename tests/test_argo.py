@@ -42,9 +42,9 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from pipelines import argo as A
-from pipelines.cli import app
-from pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE
+from defectops.pipelines import argo as A
+from defectops.pipelines.cli import app
+from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "argo"
@@ -150,7 +150,7 @@ def _templates(wt: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _steps() -> list[str]:
-    from pipelines.dag import STEP_NAMES
+    from defectops.pipelines.dag import STEP_NAMES
 
     return list(STEP_NAMES)
 
@@ -272,7 +272,7 @@ def test_one_template_per_dag_step_in_dag_order(compiled: dict[str, dict[str, st
 
 
 def test_edges_follow_the_dag_definition() -> None:
-    from pipelines.dag import DAG
+    from defectops.pipelines.dag import DAG
 
     e = A.edges(DAG)
     assert e[DAG[0].name] == [] and all(e[s.name] == [DAG[i].name] for i, s in enumerate(DAG[1:]))

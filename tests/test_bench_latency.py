@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from serving.latency import line_budget, measure, summarize
+from defectops.pipelines.cli import app
+from defectops.serving.latency import line_budget, measure, summarize
 
 
 def test_summarize_and_line_budget() -> None:

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from training.candidates import (
+from defectops.core.taxonomy import Box
+from defectops.training.candidates import (
     Candidate,
     align_template,
     crop,
@@ -22,7 +23,7 @@ from training.candidates import (
     read_deeppcb_annotations,
     read_pair,
 )
-from training.synth import Box, generate_boards
+from defectops.training.synth import generate_boards
 
 SYNTH_RECALL_FLOOR = 0.97
 REAL_RECALL_FLOOR = 0.95  # measured 0.996 on all 1,000 trainval pairs, 1.0 on the 5 pairs used here

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import EXIT_FAILURE, EXIT_USAGE, app
+from defectops.pipelines.cli import EXIT_FAILURE, EXIT_USAGE, app
 
 BUCKET = "defectops-cli"
 

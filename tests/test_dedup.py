@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from pipelines.context import Reporter, StepContext, StepError
-from pipelines.steps import CROPS, DUPLICATES, pull_data, validate_data
-from training.config import DataConfig, DedupConfig, ValidationConfig
-from training.dedup import hamming, near_components, phash
-from training.importers import FolderImport, import_folder
-from training.snapshot import fingerprint, load_snapshot, write_snapshot
-from training.validation import validate_snapshot
+from defectops.pipelines.context import Reporter, StepContext, StepError
+from defectops.pipelines.steps import CROPS, DUPLICATES, pull_data, validate_data
+from defectops.training.config import DataConfig, DedupConfig, ValidationConfig
+from defectops.training.dedup import hamming, near_components, phash
+from defectops.training.importers import FolderImport, import_folder
+from defectops.training.snapshot import fingerprint, load_snapshot, write_snapshot
+from defectops.training.validation import validate_snapshot
 
 
 def _texture(seed: int, side: int = 64) -> Image.Image:

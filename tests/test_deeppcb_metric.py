@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.deeppcb import (
+from defectops.evaluation.deeppcb import (
     Detection,
     GroundTruth,
     Match,
@@ -20,7 +20,7 @@ from evaluation.deeppcb import (
     parse_result_file,
     score,
 )
-from training.candidates import iou as pixel_iou
+from defectops.training.candidates import iou as pixel_iou
 
 
 def gt(x1: float, y1: float, x2: float, y2: float, label: str = "open") -> GroundTruth:

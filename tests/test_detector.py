@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.deeppcb import Detection
-from serving.detector import DetectorSettings, detections_from_probs, merge_fragments, select_thresholds
-from training.candidates import Candidate
+from defectops.evaluation.deeppcb import Detection
+from defectops.serving.detector import DetectorSettings, detections_from_probs, merge_fragments, select_thresholds
+from defectops.training.candidates import Candidate
 
 CLASSES = ("false_call", "open", "short")
 

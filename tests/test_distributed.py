@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import AugmentConfig, ModelConfig, TrainConfig
-from training.samplers import BalancedSampler, DistributedBalancedSampler, class_weights
+from defectops.training.config import AugmentConfig, ModelConfig, TrainConfig
+from defectops.training.samplers import BalancedSampler, DistributedBalancedSampler, class_weights
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("false_call", "open", "short", "spur")
@@ -121,7 +121,7 @@ def test_set_epoch_redraws_identically_on_every_rank() -> None:
 
 
 def test_helpers_are_single_process_outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    from training import distributed
+    from defectops.training import distributed
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -143,7 +143,7 @@ def test_helpers_are_single_process_outside_torchrun(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("name", ["aoi_mobilenetv3", "aoi_resnet10t"])
 def test_sync_batchnorm_keeps_the_model(name: str) -> None:
     """On CUDA the BatchNorm layers become SyncBatchNorm: same state-dict keys, same eval outputs (activations kept)."""
-    from training.trainer import build_model, sync_batchnorm
+    from defectops.training.trainer import build_model, sync_batchnorm
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name), 4, 32).eval()
@@ -158,10 +158,10 @@ def test_sync_batchnorm_keeps_the_model(name: str) -> None:
 
 
 def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
-    from pipelines.context import StepContext, StepError
-    from pipelines.steps import train
-    from registry.config import RegistryConfig
-    from training.config import DataConfig
+    from defectops.pipelines.context import StepContext, StepError
+    from defectops.pipelines.steps import train
+    from defectops.registry.config import RegistryConfig
+    from defectops.training.config import DataConfig
 
     ctx = StepContext(run_id="r", root=tmp_path, home=tmp_path, config_hash="h")
     with pytest.raises(StepError, match="train.batch_size=33 does not split evenly over train.nproc=2"):
@@ -210,8 +210,8 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run root with crops of a folder-per-class dataset of synthetic 32x32 images, pinned to ``PIPELINE``."""
     import cv2
 
-    from pipelines.config import load_config
-    from pipelines.runner import run_single
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.runner import run_single
 
     base = tmp_path_factory.mktemp("ddp")
     images = base / "images"
@@ -228,8 +228,8 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _crops(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from training.data import load_split
-    from training.snapshot import load_snapshot
+    from defectops.training.data import load_split
+    from defectops.training.snapshot import load_snapshot
 
     crops = load_snapshot(root / "data" / "crops")
     assert tuple(crops.classes) == CLASSES
@@ -240,7 +240,7 @@ def _crops(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _jobs(root: Path) -> dict[str, tuple[ModelConfig, TrainConfig, int]]:
     """What to train, in 1 and in 2 processes: the pipeline's own configuration, and the exact-comparison one."""
-    from pipelines.config import from_yaml
+    from defectops.pipelines.config import from_yaml
 
     cfg = from_yaml((root / "config.yaml").read_text())
     return {"cnn": (cfg.model, cfg.train, cfg.seed), "exact": (ModelConfig(**EXACT_MODEL), _train_cfg(EXACT_TRAIN), 0)}
@@ -254,10 +254,10 @@ def _train_cfg(spec: dict[str, Any]) -> TrainConfig:
 
 def _val_metrics(state: dict[str, torch.Tensor], model: ModelConfig, x: np.ndarray, y: np.ndarray
                  ) -> dict[str, float]:
-    from evaluation.metrics import classification_metrics
-    from training.data import to_tensor
-    from training.engine import predict_logits, softmax
-    from training.trainer import build_model
+    from defectops.evaluation.metrics import classification_metrics
+    from defectops.training.data import to_tensor
+    from defectops.training.engine import predict_logits, softmax
+    from defectops.training.trainer import build_model
 
     net = build_model(model, len(CLASSES), x.shape[1])
     net.load_state_dict(state)
@@ -309,7 +309,7 @@ def two_processes(run_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(run_root: Path, two_processes: _Launched, tmp_path: Path) -> None:
-    from training.trainer import fit
+    from defectops.training.trainer import fit
 
     x, y, xv, yv = _crops(run_root)
     single: dict[str, dict[str, Any]] = {}
@@ -366,14 +366,14 @@ def test_killed_distributed_train_step_resumes(run_root: Path, two_processes: _L
     it ends with the very weights of an uninterrupted 2-process run of the same configuration."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.config import from_yaml
-    from pipelines.context import Reporter
-    from pipelines.runner import run_single
+    from defectops.pipelines.config import from_yaml
+    from defectops.pipelines.context import Reporter
+    from defectops.pipelines.runner import run_single
 
     root, home = tmp_path / "run", tmp_path / "home"
     shutil.copytree(run_root, root)
     script = Path(sys.executable).parent / "defectops"
-    entry = ["--no-python", str(script)] if script.is_file() else ["-m", "pipelines.cli"]
+    entry = ["--no-python", str(script)] if script.is_file() else ["-m", "defectops.pipelines.cli"]
     argo = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, "step",
             "train", "--run-root", str(root)]
     proc = subprocess.Popen(argo, env={**_worker_env(), "DEFECTOPS_HOME": str(home)}, stdout=subprocess.DEVNULL,
@@ -410,10 +410,10 @@ def test_killed_distributed_train_step_resumes(run_root: Path, two_processes: _L
 
 def _worker(root: str, out_dir: str) -> None:
     """One rank of the 2-process runs (under torchrun): the jobs of ``_jobs``, then a NaN on rank 1 only."""
-    from training import distributed
-    from training.data import CropDataset
-    from training.engine import NonFiniteLossError
-    from training.trainer import fit
+    from defectops.training import distributed
+    from defectops.training.data import CropDataset
+    from defectops.training.engine import NonFiniteLossError
+    from defectops.training.trainer import fit
 
     def nan_item(self: CropDataset, i: int) -> tuple[torch.Tensor, int]:
         return torch.full((3, 32, 32), float("nan")), int(self.labels[i])

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from evaluation.drift import (
+from defectops.evaluation.drift import (
     Profile,
     compare,
     image_stats,
@@ -29,8 +29,8 @@ from evaluation.drift import (
     prediction_mix_test,
     psi,
 )
-from evaluation.drift_profile import load_profile, profile_from_images, save_profile
-from pipelines.cli import app
+from defectops.evaluation.drift_profile import load_profile, profile_from_images, save_profile
+from defectops.pipelines.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 200
@@ -74,8 +74,8 @@ class Line:
     """The tiny run's model and the generator settings of its data."""
 
     def __init__(self, tiny_run: dict) -> None:
-        from training.crops import candidate_params
-        from training.trainer import load_trained_model
+        from defectops.training.crops import candidate_params
+        from defectops.training.trainer import load_trained_model
 
         cfg = tiny_run["cfg"]
         self.net, state = load_trained_model(tiny_run["root"] / "train" / "model.pt")
@@ -85,7 +85,7 @@ class Line:
         self.params = candidate_params(cfg.data.candidates)
 
     def boards(self, n: int, seed: int, **kw: Any) -> Any:
-        from training.synth import generate_boards
+        from defectops.training.synth import generate_boards
 
         s = self.synth
         kw = {"size": s.size, "defects": tuple(s.defects), "nuisance": tuple(s.nuisance),
@@ -94,7 +94,7 @@ class Line:
 
     def crops(self, boards: Any, edit: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
               | None = None) -> np.ndarray:
-        from training.crops import propose
+        from defectops.training.crops import propose
 
         out = []
         for i, b in enumerate(boards):
@@ -236,7 +236,7 @@ def model_ref(tiny_run: dict) -> str:
 
 
 def test_registered_version_carries_its_reference_profile(tiny_run: dict) -> None:
-    from registry.mlflow_registry import client
+    from defectops.registry.mlflow_registry import client
 
     reg = json.loads((tiny_run["root"] / "registry.json").read_text())
     c = client(reg["tracking_uri"])

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from evaluation.gates import GateConfig, GateReport, GateResult, evaluate_gates
-from evaluation.metrics import ClassificationMetrics, classification_metrics
+from defectops.evaluation.gates import GateConfig, GateReport, GateResult, evaluate_gates
+from defectops.evaluation.metrics import ClassificationMetrics, classification_metrics
 
 CLASSES = ("false_call", "open", "short")
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from registry import audit
-from registry.audit_store import HEAD_TAG, RUN_TAG, RegistryTrail
-from registry.config import RegistryConfig
-from registry.governance import GovernanceError, approve, list_versions, reject, rollback
-from registry.mlflow_registry import client as make_client
+from defectops.registry import audit
+from defectops.registry.audit_store import HEAD_TAG, RUN_TAG, RegistryTrail
+from defectops.registry.config import RegistryConfig
+from defectops.registry.governance import GovernanceError, approve, list_versions, reject, rollback
+from defectops.registry.mlflow_registry import client as make_client
 
 CFG = RegistryConfig()
 QL = {"actor": "quinn", "role": "quality-lead"}
@@ -254,7 +254,7 @@ def test_concurrent_approvals_leave_one_champion(reg: Reg, same: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_cli_smoke(reg: Reg, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.cli_registry import registry_app
+    from defectops.pipelines.cli_registry import registry_app
 
     monkeypatch.setenv("DEFECTOPS_HOME", str(reg.home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

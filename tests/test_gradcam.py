@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.gradcam import grad_cam, overlay, target_layer
-from training.candidates import MIN_CROP_SIDE
-from training.models import MODELS, create_model, model_family
+from defectops.evaluation.gradcam import grad_cam, overlay, target_layer
+from defectops.training.candidates import MIN_CROP_SIDE
+from defectops.training.models import MODELS, create_model, model_family
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -84,10 +84,10 @@ def test_cam_peak_falls_inside_the_defect_box(tiny_run: dict) -> None:
     """On the synthetic boards of the tiny run: for the defect crops (all parts) that the trained model
     classifies correctly, the Grad-CAM peak of the true class must fall inside the defect's candidate box for most of
     them (measured: 11 of 12; the floor leaves room for the 2-epoch model of the tiny config)."""
-    from pipelines.steps import CROPS, MODEL
-    from training.data import load_split, to_tensor
-    from training.snapshot import load_snapshot
-    from training.trainer import load_trained_model
+    from defectops.pipelines.steps import CROPS, MODEL
+    from defectops.training.data import load_split, to_tensor
+    from defectops.training.snapshot import load_snapshot
+    from defectops.training.trainer import load_trained_model
 
     root = Path(tiny_run["root"])
     cand = tiny_run["cfg"].data.candidates

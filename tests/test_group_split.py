@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.context import Reporter, StepContext, StepError
-from pipelines.steps import pull_data
-from training.config import DataConfig, SplitConfig
-from training.snapshot import (
+from defectops.pipelines.context import Reporter, StepContext, StepError
+from defectops.pipelines.steps import pull_data
+from defectops.training.config import DataConfig, SplitConfig
+from defectops.training.snapshot import (
     SPLITS,
     assign_group_splits,
     assign_split,
@@ -260,7 +260,7 @@ def test_pull_data_errors(tmp_path: Path, data: DataConfig, words: list[str]) ->
 
 # --------------------------------------------------------------------------------------------- config and CLI
 def test_hydra_overrides_reach_split_config() -> None:
-    from pipelines.config import load_config
+    from defectops.pipelines.config import load_config
 
     cfg = load_config(["+experiment=deeppcb", "data.root=/data/PCBData", "data.split.group_by=design",
                        "data.split.test_groups=[group44000]", "data.split.test=0.0"])
@@ -270,7 +270,7 @@ def test_hydra_overrides_reach_split_config() -> None:
 
 
 def test_cli_import_deeppcb_by_design(tmp_path: Path) -> None:
-    from pipelines.cli import app
+    from defectops.pipelines.cli import app
 
     root = _deeppcb_folder(tmp_path / "ds", DESIGNS)
     r = CliRunner().invoke(app, ["data", "import", "deeppcb", str(root), "--out", str(tmp_path / "snap"),

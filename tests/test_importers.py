@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.config import ValidationConfig
-from training.data import load_split, to_tensor
-from training.images import (
+from defectops.training.config import ValidationConfig
+from defectops.training.data import load_split, to_tensor
+from defectops.training.images import (
     FIT_MODES,
     ImageError,
     build_image_crops,
@@ -28,9 +28,9 @@ from training.images import (
     load_image,
     preprocess_for_model,
 )
-from training.importers import FolderImport, import_folder
-from training.snapshot import Snapshot, assign_split, fingerprint, load_snapshot, write_snapshot
-from training.validation import validate_snapshot
+from defectops.training.importers import FolderImport, import_folder
+from defectops.training.snapshot import Snapshot, assign_split, fingerprint, load_snapshot, write_snapshot
+from defectops.training.validation import validate_snapshot
 
 VAL, TEST, SEED = 0.2, 0.2, 0
 RNG = np.random.default_rng(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from evaluation.deeppcb import Detection, GroundTruth, score
-from evaluation.intervals import (
+from defectops.evaluation.deeppcb import Detection, GroundTruth, score
+from defectops.evaluation.intervals import (
     BoardIntervals,
     ClassificationIntervals,
     Interval,
@@ -23,7 +23,7 @@ from evaluation.intervals import (
     weighted_board_scores,
     wilson_interval,
 )
-from evaluation.metrics import ClassificationMetrics, classification_metrics
+from defectops.evaluation.metrics import ClassificationMetrics, classification_metrics
 
 CLASSES = ("false_call", "open", "short")
 

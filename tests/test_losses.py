@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import LOSSES, FocalLoss, create_loss
+from defectops.training.losses import LOSSES, FocalLoss, create_loss
 
 
 def _reference(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: list[float] | None) -> float:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics import ClassificationMetrics, classification_metrics, confusion_matrix, pr_curves
+from defectops.evaluation.metrics import ClassificationMetrics, classification_metrics, confusion_matrix, pr_curves
 
 CLASSES = ("ok", "open", "short")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from defectops.pipelines.cli import app
 
 
 def test_run_register_and_approve_on_a_tracking_server(mlflow_server: str, home: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -18,7 +18,7 @@ def test_run_register_and_approve_on_a_tracking_server(mlflow_server: str, home:
     assert summary["tracking_uri"] == mlflow_server
     assert summary["aliases"] == ["challenger"]
 
-    from registry.mlflow_registry import client
+    from defectops.registry.mlflow_registry import client
 
     c = client(mlflow_server)
     mv = c.get_model_version_by_alias("defectops-aoi", "challenger")
@@ -42,7 +42,7 @@ def test_run_register_and_approve_on_a_tracking_server(mlflow_server: str, home:
     assert r.exit_code == 0, r.output
     assert "intact: 2 records" in r.output  # register + approve, read back from the server's artifact store
 
-    from registry.audit_store import HEAD_TAG, LATEST, RUN_TAG
+    from defectops.registry.audit_store import HEAD_TAG, LATEST, RUN_TAG
 
     tags = c.get_registered_model("defectops-aoi").tags
     run = tags[RUN_TAG]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from serving.onnx_export import export_onnx, onnx_logits, onnx_session, parity
-from training.models import MODELS, TTA_VIEWS, create_model
-from training.models.classifier import single_view
+from defectops.serving.onnx_export import export_onnx, onnx_logits, onnx_session, parity
+from defectops.training.models import MODELS, TTA_VIEWS, create_model
+from defectops.training.models.classifier import single_view
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

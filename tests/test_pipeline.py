@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, app
-from pipelines.dag import STEP_NAMES
+from defectops.pipelines.cli import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, app
+from defectops.pipelines.dag import STEP_NAMES
 
 SUMMARY_KEYS = {"run_id", "run_root", "tracking_uri", "registered_model", "version", "aliases", "gates_passed",
                 "metrics", "dataset_fingerprint", "onnx_path", "triton_repository", "report"}
 
 
 def _client(uri: str):
-    from registry.mlflow_registry import client
+    from defectops.registry.mlflow_registry import client
 
     return client(uri)
 
@@ -60,7 +60,7 @@ def test_registry_state(tiny_run: dict) -> None:
     assert tags["defectops.run_id"] == s["run_id"]
     assert "defectops.git_commit" in tags
     assert tags["defectops.registered_by"]  # separation of duties: the submitter cannot approve it
-    from registry.audit_store import RegistryTrail
+    from defectops.registry.audit_store import RegistryTrail
 
     trail = RegistryTrail(c, s["registered_model"], tiny_run["home"]).records()  # stored in the registry
     assert trail[0]["action"] == "register"
@@ -73,7 +73,7 @@ def test_registered_model_loads_and_matches_onnx(tiny_run: dict, monkeypatch: py
     import mlflow.pytorch
     import torch
 
-    from serving.onnx_export import onnx_logits, onnx_session
+    from defectops.serving.onnx_export import onnx_logits, onnx_session
 
     s = json.loads((tiny_run["root"] / "summary.json").read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s["tracking_uri"])  # what a user of this registry would set
@@ -106,7 +106,7 @@ def test_report_has_plots_and_gates(tiny_run: dict) -> None:
 
 
 def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None:
-    from pipelines.runner import run_pipeline
+    from defectops.pipelines.runner import run_pipeline
 
     _, outcomes = run_pipeline(tiny_run["cfg"], home=tiny_run["home"])
     assert {o.status for o in outcomes} == {"skipped"}
@@ -116,7 +116,7 @@ def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None
 
 
 def test_repeated_register_step_is_idempotent(tiny_run: dict) -> None:
-    from pipelines.runner import run_single
+    from defectops.pipelines.runner import run_single
 
     out = run_single("register", tiny_run["cfg"], tiny_run["root"], home=tiny_run["home"], force=True)
     assert out.result["version"] == json.loads((tiny_run["root"] / "summary.json").read_text())["version"]
@@ -190,7 +190,8 @@ def test_single_steps_into_a_new_run_root(tiny_run: dict, tmp_path: Path, monkey
 @pytest.mark.slow
 def test_killed_run_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "DEFECTOPS_HOME": str(tmp_path / "h")}
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", "+experiment=tiny", "train.epochs=4", "run.name=killed"]
+    cmd = [sys.executable, "-m", "defectops.pipelines.cli", "run", "+experiment=tiny", "train.epochs=4",
+           "run.name=killed"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -217,9 +218,9 @@ def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Pat
     """With a champion in the registry, the no-regression gates compare both models on this run's test crops."""
     import shutil
 
-    from pipelines.config import load_config
-    from pipelines.runner import run_pipeline
-    from registry.mlflow_registry import client
+    from defectops.pipelines.config import load_config
+    from defectops.pipelines.runner import run_pipeline
+    from defectops.registry.mlflow_registry import client
 
     home = tmp_path / "home"
     home.mkdir()
@@ -240,9 +241,9 @@ def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Pat
 
 def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, capsys: pytest.CaptureFixture[str]
                                                                 ) -> None:
-    from evaluation.intervals import BoardIntervals, ClassificationIntervals
-    from evaluation.metrics import ClassificationMetrics
-    from pipelines.cli import _print_results
+    from defectops.evaluation.intervals import BoardIntervals, ClassificationIntervals
+    from defectops.evaluation.metrics import ClassificationMetrics
+    from defectops.pipelines.cli import _print_results
 
     root = tiny_run["root"]
     metrics = json.loads((root / "metrics.json").read_text())
@@ -275,8 +276,8 @@ def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, 
 def test_per_type_thresholds_travel_from_val_to_the_exported_model(tiny_run: dict) -> None:
     """The thresholds chosen on val (``detect.threshold_per_type`` in the tiny experiment) are the ones the ONNX
     verification applied, the ones in the exported model's metadata, and the ones `predict boards` uses."""
-    from serving.model_ref import from_onnx
-    from serving.predict import detector_for
+    from defectops.serving.model_ref import from_onnx
+    from defectops.serving.predict import detector_for
 
     root = tiny_run["root"]
     board = json.loads((root / "board_metrics.json").read_text())

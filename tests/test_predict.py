@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from evaluation.deeppcb import parse_result_file
-from pipelines.cli import EXIT_USAGE, app
+from defectops.evaluation.deeppcb import parse_result_file
+from defectops.pipelines.cli import EXIT_USAGE, app
 
 LENIENT = ["gates.min_macro_recall=0", "gates.min_class_recall=0", "gates.max_escape_rate=1",
            "gates.max_false_call_rate=1"]
@@ -101,8 +101,8 @@ def test_precision_picks_the_served_or_the_asked_artifact(tiny_run: dict, tmp_pa
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from registry.mlflow_registry import client as make_client
-    from serving.model_ref import ModelRefError, resolve
+    from defectops.registry.mlflow_registry import client as make_client
+    from defectops.serving.model_ref import ModelRefError, resolve
 
     root, home = Path(tiny_run["root"]), Path(tiny_run["home"])
     uri, cache = f"sqlite:///{home / 'mlflow.db'}", tmp_path / "cache"

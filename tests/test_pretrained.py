@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.models import WeightsError, create_model
-from training.models.pretrained import SOURCES, WeightsSource, load_backbone_weights, weights_file
+from defectops.training.models import WeightsError, create_model
+from defectops.training.models.pretrained import SOURCES, WeightsSource, load_backbone_weights, weights_file
 
 
 def test_efficientnet_lite0_weights_load_from_the_installed_package() -> None:

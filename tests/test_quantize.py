@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from serving.onnx_export import export_onnx, onnx_logits, onnx_session, read_metadata
-from serving.quantize import calibration_sample, int8_verdict, quantize_int8
-from training.models import create_model
+from defectops.serving.onnx_export import export_onnx, onnx_logits, onnx_session, read_metadata
+from defectops.serving.quantize import calibration_sample, int8_verdict, quantize_int8
+from defectops.training.models import create_model
 
 
 def test_calibration_sample_is_stratified_and_seeded() -> None:
@@ -57,7 +57,7 @@ def test_quantize_int8_keeps_metadata_and_agrees(tmp_path: Path) -> None:
 
 
 def test_tiny_run_int8_is_verified_and_recorded(tiny_run: dict) -> None:
-    from registry.mlflow_registry import client as make_client
+    from defectops.registry.mlflow_registry import client as make_client
 
     root = Path(tiny_run["root"])
     report = json.loads((root / "export" / "int8.json").read_text())

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from s3server import SeaweedS3, free_ports, seaweed_s3
 
-from training.remote import (
+from defectops.training.remote import (
     RemoteError,
     TransferResult,
     object_key,
@@ -32,7 +32,7 @@ from training.remote import (
     s3_client,
     snapshot_key,
 )
-from training.snapshot import Snapshot, load_snapshot, write_snapshot
+from defectops.training.snapshot import Snapshot, load_snapshot, write_snapshot
 
 BUCKET = "snapshots"
 ODD_NAME = "odd names/board (copy) ünïcødé 基板 #1+%20.png"

@@ -11,9 +11,9 @@ import pytest
 from s3server import SeaweedS3
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.remote_root import local_mirror, pull_root, push_root
-from training.remote import RemoteError
+from defectops.pipelines.cli import app
+from defectops.pipelines.remote_root import local_mirror, pull_root, push_root
+from defectops.training.remote import RemoteError
 
 BUCKET = "runroots"
 

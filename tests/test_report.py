@@ -13,9 +13,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from evaluation.gates import GateConfig, GateReport, evaluate_gates
-from evaluation.metrics import ClassificationMetrics, PRCurve, classification_metrics, pr_curves
-from evaluation.report import Miss, render_report
+from defectops.evaluation.gates import GateConfig, GateReport, evaluate_gates
+from defectops.evaluation.metrics import ClassificationMetrics, PRCurve, classification_metrics, pr_curves
+from defectops.evaluation.report import Miss, render_report
 
 CLASSES = ("false_call", "open", "short", "mousebite", "spur", "copper", "pin-hole")
 EVIL = "<script>alert(1)</script>"
@@ -216,7 +216,7 @@ def test_miss_rejects_bad_images(image: np.ndarray) -> None:
 
 
 def test_intervals_next_to_headline_figures(tmp_path: Path) -> None:
-    from evaluation.intervals import bootstrap_macro_recall, classification_intervals
+    from defectops.evaluation.intervals import bootstrap_macro_recall, classification_intervals
 
     metrics, gates, curves = _inputs(CLASSES[:3])
     y = np.repeat(np.arange(3), [sum(r) for r in metrics.confusion])

@@ -15,9 +15,9 @@ import pytest
 from review_support import PASSWORDS, Client, ReviewServer, serve_in_thread
 from typer.testing import CliRunner
 
-from registry.mlflow_registry import client as make_client
-from registry.review.app import ReviewSettings, create_app
-from registry.review.auth import ProxyAuth, UserStore, load_or_create_secret, verify_password
+from defectops.registry.mlflow_registry import client as make_client
+from defectops.registry.review.app import ReviewSettings, create_app
+from defectops.registry.review.auth import ProxyAuth, UserStore, load_or_create_secret, verify_password
 
 
 def _decision_path(server: ReviewServer, version: str | None = None) -> str:
@@ -172,7 +172,7 @@ def test_proxy_headers(review_server: ReviewServer, tmp_path: Path, enabled: boo
 
 
 def test_add_user_roundtrip(tmp_path: Path) -> None:
-    from pipelines.cli import app
+    from defectops.pipelines.cli import app
 
     users = tmp_path / "review" / "users.json"
     runner = CliRunner()

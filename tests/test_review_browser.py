@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from review_support import PASSWORDS, ReviewServer
 
-from registry.mlflow_registry import client as make_client
+from defectops.registry.mlflow_registry import client as make_client
 
 pytestmark = pytest.mark.browser
 

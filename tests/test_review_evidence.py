@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 from review_support import Client, ReviewServer, make_review_registry
 
-from evaluation.gates import GateConfig, evaluate_gates
-from evaluation.intervals import ClassificationIntervals
-from evaluation.metrics import classification_metrics, pr_curves
-from evaluation.report import Miss, miss_png, render_report, write_miss_tiles
-from registry.config import RegistryConfig
-from registry.mlflow_registry import client as make_client
-from registry.review.evidence import candidate_view
+from defectops.evaluation.gates import GateConfig, evaluate_gates
+from defectops.evaluation.intervals import ClassificationIntervals
+from defectops.evaluation.metrics import classification_metrics, pr_curves
+from defectops.evaluation.report import Miss, miss_png, render_report, write_miss_tiles
+from defectops.registry.config import RegistryConfig
+from defectops.registry.mlflow_registry import client as make_client
+from defectops.registry.review.evidence import candidate_view
 
 
 def test_miss_tiles_are_the_report_gallery(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.samplers import BalancedSampler, class_weights, sample_weights
+from defectops.training.samplers import BalancedSampler, class_weights, sample_weights
 
 
 def test_class_weights_modes() -> None:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.gates import GateConfig, evaluate_gates
-from evaluation.metrics import classification_metrics, pr_curves
-from evaluation.report import render_report
-from evaluation.shortcut import DEFAULT_FIX, ShortcutReport, feature_groups, shortcut_check
-from training.crops import box_metadata
-from training.images import image_metadata
+from defectops.evaluation.gates import GateConfig, evaluate_gates
+from defectops.evaluation.metrics import classification_metrics, pr_curves
+from defectops.evaluation.report import render_report
+from defectops.evaluation.shortcut import DEFAULT_FIX, ShortcutReport, feature_groups, shortcut_check
+from defectops.training.crops import box_metadata
+from defectops.training.images import image_metadata
 
 NAMES = ["width", "height", "aspect", "bytes", "format=JPEG", "format=PNG"]
 CLASSES = ["good", "short", "open"]
@@ -141,9 +141,9 @@ def _folder_dataset(root: Path, sizes: dict[str, tuple[int, int]], n: int = 14) 
 
 
 def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, dict]:
-    from pipelines.context import StepContext
-    from pipelines.steps import pull_data, validate_data
-    from training.config import CandidateConfig, DataConfig, ShortcutConfig
+    from defectops.pipelines.context import StepContext
+    from defectops.pipelines.steps import pull_data, validate_data
+    from defectops.training.config import CandidateConfig, DataConfig, ShortcutConfig
 
     data = DataConfig(source="folder", root=str(data_root), good_class="good",
                       candidates=CandidateConfig(crop_size=16), shortcut=ShortcutConfig(**shortcut))

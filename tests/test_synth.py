@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from training import synth
-from training.candidates import read_deeppcb_annotations
-from training.synth import DEFECT_TYPES, BoardPair, generate_board, generate_boards, write_deeppcb_root
+from defectops.core.taxonomy import DEFECT_TYPES
+from defectops.training import synth
+from defectops.training.candidates import read_deeppcb_annotations
+from defectops.training.synth import BoardPair, generate_board, generate_boards, write_deeppcb_root
 
 LIST_LINE = re.compile(r"^group(\d{5})/\1/(\1\d{3})\.jpg group\1/\1_not/\2\.txt$")
 

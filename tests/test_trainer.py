@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import ModelConfig, TrainConfig
-from training.engine import NonFiniteLossError
-from training.trainer import CheckpointError, checkpoints, fit
+from defectops.training.config import ModelConfig, TrainConfig
+from defectops.training.engine import NonFiniteLossError
+from defectops.training.trainer import CheckpointError, checkpoints, fit
 
 CLASSES = ("false_call", "open", "short")
 
@@ -90,7 +90,7 @@ def test_checkpoint_from_other_classes_is_refused(tmp_path: Path) -> None:
 
 
 def test_checkpoint_keeps_the_test_time_augmentation(tmp_path: Path) -> None:
-    from training.trainer import load_trained_model
+    from defectops.training.trainer import load_trained_model
 
     x, y = _data()
     result = fit(x, y, CLASSES, ModelConfig(name="aoi_mobilenetv3", tta="hflip"), _cfg(epochs=1), tmp_path, seed=0)
@@ -100,7 +100,7 @@ def test_checkpoint_keeps_the_test_time_augmentation(tmp_path: Path) -> None:
 
 
 def test_best_epoch_prefers_macro_recall_then_accuracy_then_the_later_epoch() -> None:
-    from training.trainer import best_epoch
+    from defectops.training.trainer import best_epoch
 
     h = [{"epoch": 1, "val_macro_recall": 0.8, "val_accuracy": 0.9},
          {"epoch": 2, "val_macro_recall": 0.9, "val_accuracy": 0.8},
@@ -113,8 +113,8 @@ def test_best_epoch_prefers_macro_recall_then_accuracy_then_the_later_epoch() ->
 
 
 def test_selects_the_best_val_epoch_and_resumes_to_the_same_choice(tmp_path: Path) -> None:
-    from training.engine import predict_logits
-    from training.trainer import BEST, best_epoch, load_trained_model
+    from defectops.training.engine import predict_logits
+    from defectops.training.trainer import BEST, best_epoch, load_trained_model
 
     x, y = _data(96)
     rng = np.random.default_rng(1)

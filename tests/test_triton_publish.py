@@ -17,11 +17,11 @@ from s3server import SeaweedS3
 from triton_backend.server import triton_server
 from typer.testing import CliRunner
 
-from pipelines.cli import EXIT_FAILURE, EXIT_USAGE, app
-from serving.config import TritonConfig
-from serving.model_ref import from_onnx
-from serving.onnx_export import onnx_logits, onnx_session
-from serving.triton import (
+from defectops.pipelines.cli import EXIT_FAILURE, EXIT_USAGE, app
+from defectops.serving.config import TritonConfig
+from defectops.serving.model_ref import from_onnx
+from defectops.serving.onnx_export import onnx_logits, onnx_session
+from defectops.serving.triton import (
     PublishError,
     onnx_input_shape,
     publish_repository,
@@ -29,7 +29,7 @@ from serving.triton import (
     triton_config,
     write_repository,
 )
-from training.remote import s3_client
+from defectops.training.remote import s3_client
 
 MODEL = "defectops-aoi"
 BUCKET = "triton-models"
@@ -166,7 +166,7 @@ def test_serve_publish_cli_to_s3_then_triton_serves_it_from_s3(tiny_run: dict, s
     env = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
            "AWS_DEFAULT_REGION": s3.region}
     host = s3.endpoint.removeprefix("http://")
-    from serving.client import TritonClient
+    from defectops.serving.client import TritonClient
 
     with triton_server(f"s3://http://{host}/{BUCKET}/cli", tmp_path / "server", env=env) as server, \
             TritonClient(server.http_url, MODEL) as client:

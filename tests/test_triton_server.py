@@ -2,7 +2,7 @@
 
 What is real: the server binary, its HTTP/gRPC/metrics endpoints, model repository parsing, dynamic batcher,
 classification extension, the repository exactly as ``defectops serve publish`` writes it (``platform:
-"onnxruntime_onnx"``), and ``serving.client`` / ``defectops infer`` over both protocols.
+"onnxruntime_onnx"``), and ``defectops.serving.client`` / ``defectops infer`` over both protocols.
 
 What is NOT: the wheel ships no C++ onnxruntime backend, so ``onnxruntime`` here is a Python-based backend, TEST
 SUPPORT ONLY (tests/triton_backend/onnxruntime/model.py): it runs the same ONNX file with onnxruntime, batching the
@@ -24,14 +24,14 @@ from s3server import free_ports
 from triton_backend.server import TritonServer, triton_server
 from typer.testing import CliRunner
 
-from pipelines.cli import EXIT_FAILURE, EXIT_USAGE, app
-from serving.client import TritonClient, TritonClientError
-from serving.model_ref import from_onnx
-from serving.onnx_export import onnx_logits, onnx_session
-from serving.predict import predict_images
-from training.engine import softmax
-from training.images import preprocess_for_model
-from training.snapshot import load_snapshot
+from defectops.pipelines.cli import EXIT_FAILURE, EXIT_USAGE, app
+from defectops.serving.client import TritonClient, TritonClientError
+from defectops.serving.model_ref import from_onnx
+from defectops.serving.onnx_export import onnx_logits, onnx_session
+from defectops.serving.predict import predict_images
+from defectops.training.engine import softmax
+from defectops.training.images import preprocess_for_model
+from defectops.training.snapshot import load_snapshot
 
 PROTOCOLS = ["http", "grpc"]
 TRITON_MODEL = "defectops-aoi"  # the tiny run's registered model, as conftest's triton_repository publishes it

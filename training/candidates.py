@@ -35,7 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.synth import DEFECT_TYPES, Box
+from defectops.core.taxonomy import DEFECT_TYPES, Box
 
 BINARIZE_AT = 128
 CLEANUP_KERNEL = 3  # side of the cross-shaped opening applied to the difference mask

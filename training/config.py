@@ -56,7 +56,7 @@ class CandidateConfig:
     broken thin lines the cleanup would erase; ``blob_min_area`` > 0 adds whole blobs of the uncleaned
     difference (``blob_min_side`` to ``blob_max_side`` px long) that no candidate already covers (IoU below
     ``blob_max_iou``): long thin defects that the cleanup breaks into fragments. See
-    ``training.candidates.find_candidates``.
+    ``defectops.training.candidates.find_candidates``.
     """
 
     threshold: int = 64
@@ -153,7 +153,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from the registry in ``training.models`` (timm backbones).
+    """A model from the registry in ``defectops.training.models`` (timm backbones).
 
     ``tta`` is the test-time augmentation the trained model classifies with in eval mode (and in its ONNX export):
     ``none``, ``hflip`` (2 views), ``rot4`` (4 quarter turns) or ``d8`` (8 views); it costs that many forward passes.

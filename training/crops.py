@@ -19,7 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.candidates import (
+from defectops.core.taxonomy import Box
+from defectops.training.candidates import (
     MAX_SHIFT,
     Candidate,
     align_template,
@@ -29,9 +30,8 @@ from training.candidates import (
     label_candidates,
     read_pair,
 )
-from training.config import CandidateConfig
-from training.snapshot import Snapshot, write_snapshot
-from training.synth import Box
+from defectops.training.config import CandidateConfig
+from defectops.training.snapshot import Snapshot, write_snapshot
 
 
 def candidate_params(cfg: CandidateConfig) -> dict[str, Any]:

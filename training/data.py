@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.config import AugmentConfig
-from training.snapshot import Snapshot
+from defectops.training.config import AugmentConfig
+from defectops.training.snapshot import Snapshot
 
 
 def load_split(snap: Snapshot, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

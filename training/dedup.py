@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from defectops.training.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 HASH_SIDE = 32  # the image is shrunk to this square before the DCT
 LOW = 8  # LOW x LOW lowest frequencies = 64 bits

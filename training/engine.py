@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from training import distributed
+from defectops.training import distributed
 
 
 class NonFiniteLossError(RuntimeError):

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from training.snapshot import SPLITS, Snapshot, write_snapshot
+from defectops.training.snapshot import SPLITS, Snapshot, write_snapshot
 
 FIT_MODES = ("resize", "letterbox", "center_crop")
 DEFAULT_MAX_PIXELS = 4096 * 4096

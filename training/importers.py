@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipelines.fsutil import sha256_file
-from training.config import DedupConfig
-from training.snapshot import SPLITS, assign_split
+from defectops.core.fsutil import sha256_file
+from defectops.training.config import DedupConfig
+from defectops.training.snapshot import SPLITS, assign_split
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def _deduplicate(found: list[_File], root: Path, *, val: float, test: float, see
         by_content[f.sha256].append(f)
     key_of = {sha: sha for sha in by_content}
     if dedup.near:
-        from training.dedup import image_phash, near_components
+        from defectops.training.dedup import image_phash, near_components
 
         hashed = [(sha, h) for sha, files in sorted(by_content.items())
                   if (h := image_phash(root / files[0].rel)) is not None]

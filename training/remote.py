@@ -40,8 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from pipelines.fsutil import read_json, sha256_file, write_bytes
-from training.snapshot import CLASSES, MANIFEST, META, Snapshot, canonical_manifest, fingerprint, load_snapshot
+from defectops.core.fsutil import read_json, sha256_file, write_bytes
+from defectops.training.snapshot import (
+    CLASSES,
+    MANIFEST,
+    META,
+    Snapshot,
+    canonical_manifest,
+    fingerprint,
+    load_snapshot,
+)
 
 S3Client = Any  # botocore's generated client class has no static type
 Progress = Callable[[int], None]

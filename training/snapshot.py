@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.fsutil import read_json, sha256_file, write_json, write_text
-from training.config import SplitConfig
+from defectops.core.fsutil import read_json, sha256_file, write_json, write_text
+from defectops.training.config import SplitConfig
 
 MANIFEST = "manifest.jsonl"
 CLASSES = "classes.json"
@@ -210,7 +210,7 @@ def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: s
     Splits follow ``split`` (:func:`assign_splits`): per pair by a hash of the image name, or by board design (the
     list's first folder, ``groupNNNNN``).
     """
-    from training.candidates import read_deeppcb_annotations
+    from defectops.training.candidates import read_deeppcb_annotations
 
     check_split_config(split)
     root = Path(root)

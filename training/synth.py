@@ -24,8 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-DEFECT_TYPES: tuple[str, ...] = ("open", "short", "mousebite", "spur", "copper", "pin-hole")  # DeepPCB ids 1..6
-NUISANCE_LABEL = "nuisance"
+from defectops.core.taxonomy import DEFECT_TYPES, NUISANCE_LABEL, Box
+
 COPPER_VALUE = 0  # DeepPCB: copper is black
 LAMINATE_VALUE = 255
 BOX_MARGIN: tuple[int, int] = (8, 14)  # per-side margin around the changed pixels, like DeepPCB (median ~10 px)
@@ -39,17 +39,6 @@ _REF_AREA = 640.0 * 640.0
 
 Point = tuple[float, float]
 IntBox = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Box:
-    """Inclusive pixel box ``(x1, y1)``-``(x2, y2)`` with a label from DEFECT_TYPES (or ``"nuisance"``)."""
-
-    x1: int
-    y1: int
-    x2: int
-    y2: int
-    label: str
 
 
 @dataclass

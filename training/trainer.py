@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines.fsutil import atomic_path
-from training import distributed
-from training.config import ModelConfig, TrainConfig
-from training.data import CropDataset, build_augment, to_tensor
-from training.engine import predict_logits, train_one_epoch
-from training.losses import create_loss
-from training.models import DefectClassifier, create_model
-from training.models.classifier import single_view
-from training.samplers import BalancedSampler, DistributedBalancedSampler
+from defectops.core.fsutil import atomic_path
+from defectops.training import distributed
+from defectops.training.config import ModelConfig, TrainConfig
+from defectops.training.data import CropDataset, build_augment, to_tensor
+from defectops.training.engine import predict_logits, train_one_epoch
+from defectops.training.losses import create_loss
+from defectops.training.models import DefectClassifier, create_model
+from defectops.training.models.classifier import single_view
+from defectops.training.samplers import BalancedSampler, DistributedBalancedSampler
 
 CKPT_RE = re.compile(r"^epoch-(\d{3})\.pt$")
 KEEP_CHECKPOINTS = 2

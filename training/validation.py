@@ -25,10 +25,10 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.fsutil import sha256_file
-from training.config import ValidationConfig
-from training.images import ImageError, load_image
-from training.snapshot import BOARD_LABEL, SPLITS, Snapshot
+from defectops.core.fsutil import sha256_file
+from defectops.training.config import ValidationConfig
+from defectops.training.images import ImageError, load_image
+from defectops.training.snapshot import BOARD_LABEL, SPLITS, Snapshot
 
 CONFLICT, LEAKAGE, DUPLICATE, INVALID = "conflict", "leakage", "duplicate", "invalid"
 

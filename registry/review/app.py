@@ -37,10 +37,10 @@ from mlflow.tracking import MlflowClient
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
-from registry import governance
-from registry.config import RegistryConfig
-from registry.review import evidence
-from registry.review.auth import CsrfTokens, Identity, ProxyAuth, UserStore, parse_form
+from defectops.registry import governance
+from defectops.registry.config import RegistryConfig
+from defectops.registry.review import evidence
+from defectops.registry.review.auth import CsrfTokens, Identity, ProxyAuth, UserStore, parse_form
 
 __all__ = ["ReviewSettings", "create_app"]
 
@@ -97,7 +97,7 @@ def _signed(x: float | None, digits: int = 3) -> str:
 
 def create_app(settings: ReviewSettings) -> FastAPI:
     """The review app for the registry at ``settings.tracking_uri``."""
-    from registry.mlflow_registry import client as make_client
+    from defectops.registry.mlflow_registry import client as make_client
 
     client: MlflowClient = make_client(settings.tracking_uri)
     users = UserStore(settings.users_file)

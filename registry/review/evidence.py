@@ -25,10 +25,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from evaluation.intervals import ClassificationIntervals, Interval
-from registry.audit_store import RegistryTrail
-from registry.config import RegistryConfig
-from registry.governance import DECIDER_ROLES, TAG, NotFound
+from defectops.evaluation.intervals import ClassificationIntervals, Interval
+from defectops.registry.audit_store import RegistryTrail
+from defectops.registry.config import RegistryConfig
+from defectops.registry.governance import DECIDER_ROLES, TAG, NotFound
 
 __all__ = ["candidate_view", "history_view", "queue_view"]
 
@@ -241,7 +241,7 @@ def candidate_view(client: MlflowClient, model: str, version: str, cfg: Registry
 
 def report_html(client: MlflowClient, model: str, version: str) -> bytes | None:
     """The self-contained evaluation report the version's run logged, if any."""
-    from registry.governance import read_artifact
+    from defectops.registry.governance import read_artifact
 
     return read_artifact(client, _version(client, model, version).run_id, "evidence/report.html")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from training.losses.focal import FocalLoss
+from defectops.training.losses.focal import FocalLoss
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "focal": FocalLoss,

@@ -14,8 +14,8 @@ from typing import Any
 
 import timm
 
-from training.models.classifier import TTA_VIEWS, DefectClassifier, tta_views
-from training.models.pretrained import WeightsError, load_backbone_weights
+from defectops.training.models.classifier import TTA_VIEWS, DefectClassifier, tta_views
+from defectops.training.models.pretrained import WeightsError, load_backbone_weights
 
 __all__ = ["MODELS", "TTA_VIEWS", "DefectClassifier", "ModelSpec", "WeightsError", "create_model", "list_models"]
 
