@@ -21,6 +21,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip wheel --wheel-dir /wheels -c requirements.lock -r requirements.in
 # Then the project itself (no dependency resolution: they are all in /wheels already).
 COPY README.md ./
+COPY core/ core/
 COPY pipelines/ pipelines/
 COPY training/ training/
 COPY evaluation/ evaluation/

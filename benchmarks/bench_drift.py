@@ -45,7 +45,7 @@ def main() -> int:
         work = Path(tmp)
         root = args.run_root
         if root is None:
-            from defectops.pipelines.runner import run_pipeline
+            from defectops.pipelines.runners.local import run_pipeline
 
             ctx, _ = run_pipeline(load_config(["+experiment=tiny"]), home=work / "home")
             root = ctx.root

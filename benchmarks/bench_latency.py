@@ -38,7 +38,7 @@ def main() -> int:
     root = args.run_root
     if root is None:
         from defectops.pipelines.config import load_config
-        from defectops.pipelines.runner import run_pipeline
+        from defectops.pipelines.runners.local import run_pipeline
 
         ctx, _ = run_pipeline(load_config([]), home=Path(tempfile.mkdtemp(prefix="defectops-latency-")))
         root = ctx.root

@@ -51,7 +51,7 @@ def main() -> int:
     from rich.table import Table
 
     from defectops.pipelines.config import load_config
-    from defectops.pipelines.runner import run_pipeline
+    from defectops.pipelines.runners.local import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `defectops run`")

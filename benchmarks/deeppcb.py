@@ -66,7 +66,7 @@ def main() -> int:
 
     from defectops.core.fsutil import read_json
     from defectops.pipelines.config import load_config
-    from defectops.pipelines.runner import run_pipeline
+    from defectops.pipelines.runners.local import run_pipeline
     from defectops.serving.model_ref import resolve
     from defectops.serving.predict import predict_boards, read_board_list
     from defectops.training.snapshot import load_snapshot
@@ -144,7 +144,7 @@ def leave_design_out(root: Path, home: Path, which: str, overrides: list[str]) -
     from defectops.core.fsutil import read_json
     from defectops.pipelines.config import load_config
     from defectops.pipelines.dag import DAG
-    from defectops.pipelines.runner import RunError, prepare_run_root, run_step
+    from defectops.pipelines.runners.local import RunError, prepare_run_root, run_step
 
     designs = designs_of(root) if which == "all" else which.split(",")
     reference = reference_seconds()

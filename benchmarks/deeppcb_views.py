@@ -28,9 +28,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from defectops.core.fsutil import read_json
+from defectops.core.layout import RUN
 from defectops.evaluation.deeppcb import score
-from defectops.pipelines.context import StepContext
-from defectops.pipelines.steps import _board_split, _detector_settings
+from defectops.serving.board_eval import board_split, detector_settings
 from defectops.serving.config import DetectConfig
 from defectops.serving.detector import (
     SELECT_OBJECTIVES,
@@ -41,16 +42,17 @@ from defectops.serving.detector import (
 )
 from defectops.training.config import DataConfig
 from defectops.training.models.classifier import _view
+from defectops.training.snapshot import load_snapshot
 from defectops.training.trainer import load_trained_model
 
 
 def view_probs(run: Path) -> dict[str, Any]:
     """Candidates of every val/test board of ``run`` with their class probabilities under each quarter turn."""
-    model, state = load_trained_model(run / "train" / "model.pt")
-    cfg = OmegaConf.load(run / "config.yaml")
+    model, state = load_trained_model(run / RUN.model)
+    cfg = OmegaConf.load(run / RUN.config)
     data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
     detect = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DetectConfig), cfg.detect))
-    settings = _detector_settings(tuple(state["classes"]), data, detect)  # type: ignore[arg-type]
+    settings = detector_settings(tuple(state["classes"]), data.good_class, data.candidates, detect)  # type: ignore[union-attr,arg-type]
     captured: list[np.ndarray] = []
 
     def logits(x: np.ndarray) -> np.ndarray:
@@ -60,10 +62,12 @@ def view_probs(run: Path) -> dict[str, Any]:
         captured.append(v)
         return np.log(v.mean(1))
 
-    ctx = StepContext(run_id=run.name, root=run, home=run.parent.parent, config_hash="")
+    snap = load_snapshot(run / RUN.snapshot)
+    quarantined = {q["index"] for q in read_json(run / RUN.validation)["quarantined"]}
     out: dict[str, Any] = {"settings": settings, "detect": detect}
     for split in ("val", "test"):
-        pairs, gts, _ = _board_split(ctx, split)
+        boards = board_split(snap, quarantined, split)
+        pairs, gts = boards.pairs, boards.truths
         captured.clear()
         results = list(BoardDetector(logits, settings, threads=2).run(pairs))
         views = np.concatenate(captured) if captured else np.zeros((0, 4, len(settings.classes)), np.float32)

@@ -146,7 +146,7 @@ def run_recipe(root: Path, good: str, name: str, overrides: list[str], home: Pat
     from defectops.core.fsutil import read_json
     from defectops.pipelines.config import load_config
     from defectops.pipelines.dag import DAG
-    from defectops.pipelines.runner import prepare_run_root, run_step
+    from defectops.pipelines.runners.local import prepare_run_root, run_step
 
     cfg = load_config(["+experiment=folder", f"data.root={root}", f"data.good_class={good}",
                        *RECIPES.get(name, []), *overrides])

@@ -423,3 +423,21 @@ def board_breakdown(images: Mapping[str, tuple[Sequence[GroundTruth], Sequence[D
                                        confidence=confidence, seed=seed)
     return {"intervals": intervals.to_dict(), "per_group": per_group,
             "worst_group": None if worst is None else {"group": worst, **per_group[worst]}}
+
+
+def interval_unit(units: Sequence[str]) -> str:
+    """What a bootstrap over ``units`` (``<kind>:<id>`` strings, see ``training.snapshot.resampling_units``)
+    resamples, in words for the report."""
+    kinds = {u.split(":", 1)[0] for u in units}
+    if kinds == {"group", "crop"}:
+        return "images (a duplicate group as one)"
+    return {"board": "boards", "group": "groups", "crop": "crops"}.get(kinds.pop(), "units") if len(kinds) == 1 \
+        else "boards or crops"
+
+
+def metrics_intervals(metrics: ClassificationMetrics, y: np.ndarray, pred: np.ndarray, units: Sequence[str],
+                      confidence: float) -> ClassificationIntervals:
+    """Wilson intervals of the recalls and rates, and macro recall bootstrapped over ``units`` (seed 0)."""
+    macro = bootstrap_macro_recall(y, pred, len(metrics.classes), groups=list(units), confidence=confidence, seed=0,
+                                   unit=interval_unit(units))
+    return classification_intervals(metrics, confidence, macro_recall=macro)

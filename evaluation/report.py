@@ -259,7 +259,7 @@ def _bars_plot(metrics: ClassificationMetrics, thresholds: Mapping[str, float]) 
 
 @functools.lru_cache(maxsize=1)
 def _template() -> jinja2.Template:
-    source = resources.files("evaluation").joinpath("templates", "report.html").read_text(encoding="utf-8")
+    source = resources.files("defectops.evaluation").joinpath("templates", "report.html").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(source)
 

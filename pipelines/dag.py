@@ -1,7 +1,7 @@
 """The one DAG definition shared by the local runner and (later) the Argo compiler.
 
-A step is a typed function from :mod:`pipelines.steps`; its parameters other than ``ctx`` name the config groups it
-reads, which is also what an Argo template will pass it.
+A step is a typed function in its own module of :mod:`pipelines.steps`; its parameters other than ``ctx`` name the
+config groups it reads, and its module declares the run-root paths it reads and writes.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from defectops.pipelines import steps
@@ -18,9 +19,14 @@ from defectops.pipelines.context import StepContext
 
 @dataclass(frozen=True)
 class Step:
+    """One step: its function, the first line of its docstring, and the run-root paths it reads and writes
+    (:data:`core.layout.RUN` values; the runner and the Argo compiler can plan with them)."""
+
     name: str
     fn: Callable[..., dict[str, Any]]
     summary: str
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
 
     @property
     def config_params(self) -> list[str]:
@@ -35,7 +41,13 @@ def _summary(fn: Callable[..., Any]) -> str:
     return (inspect.getdoc(fn) or "").split("\n")[0]
 
 
-DAG: tuple[Step, ...] = tuple(Step(name, fn, _summary(fn)) for name, fn in steps.STEP_FUNCTIONS.items())
+def _step(module: ModuleType) -> Step:
+    name = module.__name__.rsplit(".", 1)[1]
+    fn = getattr(module, name)
+    return Step(name, fn, _summary(fn), tuple(module.READS), tuple(module.WRITES))
+
+
+DAG: tuple[Step, ...] = tuple(_step(m) for m in steps.STEPS)
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in DAG)
 
 

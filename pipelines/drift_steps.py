@@ -1,7 +1,7 @@
 """Drift glue between the pipeline, the registry and ``defectops drift check`` (pure tests: ``evaluation.drift``).
 
-* :func:`write_reference_profile`: called by the register step; profiles the held-out (val + test) crops with the
-  trained model into ``drift/reference.{npz,json}`` of the run root, logged under ``drift/`` of the version's run.
+The register step writes the reference profile (``drift/reference.{npz,json}`` of the run root, logged under
+``drift/`` of the version's run; :mod:`pipelines.steps.register`).
 * :func:`load_checked_model`: a ``models:/name@alias`` / ``models:/name/<version>`` reference or a run root ->
   the PyTorch model (the version's ``model`` artifact: the ONNX export only outputs logits, and the embeddings need
   the penultimate layer) and its reference profile.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from defectops.core import tags as T
+from defectops.core.layout import RUN
 from defectops.evaluation.drift import Profile
 from defectops.evaluation.drift_profile import (
     REFERENCE_JSON,
     load_profile,
     profile_from_images,
-    reduce_reference,
-    save_profile,
 )
 
-DRIFT = "drift"
-TRIGGER_REPORT = "trigger/drift-report.json"  # a drift report that started this run (uploaded by --submit-retrain)
+DRIFT = RUN.drift
+TRIGGER_REPORT = RUN.trigger_report  # a drift report that started this run (uploaded by --submit-retrain)
 MAX_BATCH_DEFAULT = 5000
 
 
@@ -41,44 +40,6 @@ class DriftUsageError(ValueError):
 
 class DriftFailure(RuntimeError):
     """The check could not be carried out (exit code 1)."""
-
-
-# --------------------------------------------------------------------------------------------------- register step
-def write_reference_profile(ctx: Any) -> Path:
-    """``drift/`` of the run root with the reference profile (computed once; a rerun reuses it)."""
-    from defectops.core.fsutil import read_json
-    from defectops.pipelines.config import from_yaml
-    from defectops.pipelines.steps import CROPS, MODEL, SNAPSHOT, _has_boards
-    from defectops.training.data import load_split
-    from defectops.training.snapshot import load_snapshot
-    from defectops.training.trainer import load_trained_model
-
-    out = ctx.path(DRIFT)
-    if not (out / REFERENCE_JSON).is_file():
-        crops = load_snapshot(ctx.path(CROPS))
-        parts = [load_split(crops, sp) for sp in ("val", "test")]
-        parts = [p for p in parts if len(p[1])]
-        if not parts:
-            raise ValueError("no held-out crops to profile")
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        net, state = load_trained_model(ctx.path(MODEL))
-        task = "aoi" if _has_boards(ctx) else "folder"
-        profile = reduce_reference(profile_from_images(net, images, crops.classes, task, labels=labels))
-        cfg = from_yaml(ctx.path("config.yaml").read_text(encoding="utf-8"))
-        meta_file = ctx.path(CROPS) / "snapshot.json"
-        fit = (read_json(meta_file).get("fit") or {}) if meta_file.is_file() else {}
-        save_profile(out, profile, {
-            "run_id": ctx.run_id, "model_name": str(state.get("model_name")), "task": task,
-            "good_class": cfg.data.good_class, "input_size": int(state["img_size"]),
-            "fit_mode": fit.get("mode", cfg.data.fit_mode), "splits": ["val", "test"],
-            "dataset_fingerprint": load_snapshot(ctx.path(SNAPSHOT)).fingerprint,
-            "crops_fingerprint": crops.fingerprint,
-            "data": {"source": cfg.data.source, "root": cfg.data.root or ""}})
-    trigger = ctx.path(TRIGGER_REPORT)
-    if trigger.is_file():  # this run was started by a drift check: keep its report with the profile
-        shutil.copyfile(trigger, out / "trigger-report.json")
-    return Path(out)
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -113,7 +74,7 @@ def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> Check
                               f"the reference profile)") from None
     except ValueError as e:
         raise DriftFailure(str(e)) from None
-    net, _ = load_trained_model(root / "train" / "model.pt")
+    net, _ = load_trained_model(root / RUN.model)
     return CheckedModel(net, reference, meta, str(root), {"run_root": str(root)})
 
 
@@ -152,7 +113,7 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
         raise DriftFailure(f"could not load {ref} (version {mv.version}): {type(e).__name__}: {str(e)[:200]}") \
             from None
     info = {"name": name, "version": str(mv.version), "run_id": str(mv.run_id),
-            "dataset_fingerprint": mv.tags.get("defectops.dataset_fingerprint", "")}
+            "dataset_fingerprint": mv.tags.get(T.DATASET_FINGERPRINT, "")}
     return CheckedModel(net, reference, meta, f"{ref} (version {mv.version})", info)
 
 

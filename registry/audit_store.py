@@ -38,6 +38,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from defectops.core import tags as T
 from defectops.registry import audit
 from defectops.registry.audit import AuditError, AuditRecord
 
@@ -47,7 +48,7 @@ __all__ = ["EXPERIMENT_PREFIX", "HEAD_TAG", "LATEST", "MIRROR_PREFIX", "RUN_TAG"
 EXPERIMENT_PREFIX = "defectops-audit/"
 HEAD_TAG = "defectops.audit_head"
 RUN_TAG = "defectops.audit_run"
-MIRROR_PREFIX = "defectops.audit."
+MIRROR_PREFIX = T.AUDIT_PREFIX
 TRAIL_DIR = "trail"
 LATEST = "audit.jsonl"
 log = logging.getLogger(__name__)

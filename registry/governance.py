@@ -31,6 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from defectops.core import tags as T
 from defectops.evaluation.gates import GateConfig, evaluate_gates
 from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.registry import audit
@@ -42,7 +43,7 @@ __all__ = ["DECIDER_ROLES", "GovernanceError", "InvalidDecision", "NotFound", "N
            "champion_history", "list_versions", "read_artifact", "record_register", "reject", "rollback", "trail"]
 
 DECIDER_ROLES = ("quality-lead", "admin")
-TAG = "defectops."
+TAG = T.PREFIX  # decision fields are tagged defectops.<field>
 METRICS_ARTIFACT = "metrics.json"
 GATES_ARTIFACT = "evidence/gates.json"
 
@@ -138,7 +139,7 @@ def _mirror(client: MlflowClient, model: str, version: str, rec: AuditRecord) ->
     """Show the record on the version in the MLflow UI (the registry-stored trail stays the source of truth)."""
     value = json.dumps({"hash": rec.hash, "action": rec.action, "actor": rec.actor, "reason": rec.reason,
                         "time": rec.time}, sort_keys=True)
-    client.set_model_version_tag(model, version, f"{TAG}audit.{rec.seq}", value)
+    client.set_model_version_tag(model, version, f"{T.AUDIT_PREFIX}{rec.seq}", value)
 
 
 def _append(t: RegistryTrail, **fields: Any) -> AuditRecord:
@@ -158,14 +159,14 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
     with t.locked():
         mv = _version(client, model, version)
         tags = dict(mv.tags)
-        if tags.get(f"{TAG}gates_passed") != "true":
+        if tags.get(T.GATES_PASSED) != "true":
             raise GovernanceError(f"version {version} of {model!r} did not pass its release gates "
-                                  f"({tags.get(f'{TAG}gates_failed', 'unknown')}); only a gated challenger can be "
+                                  f"({tags.get(T.GATES_FAILED, 'unknown')}); only a gated challenger can be "
                                   "approved")
         if _alias(client, model, cfg.challenger_alias) != version:
             raise GovernanceError(f"version {version} of {model!r} is not the '{cfg.challenger_alias}'; approve the "
                                   "current challenger (see `defectops registry list`)")
-        registered_by = tags.get(f"{TAG}registered_by")
+        registered_by = tags.get(T.REGISTERED_BY)
         if registered_by and registered_by == actor:
             raise NotPermitted(f"{actor!r} registered version {version} and may not approve it (separation of "
                                "duties); ask another quality lead")
@@ -247,7 +248,7 @@ def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason:
         rec = _append(t, actor=actor, role=role, action="rollback", version=target,
                            previous_champion=current, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, target)
-        client.set_model_version_tag(model, current, f"{TAG}review_status", "rolled-back")
+        client.set_model_version_tag(model, current, T.REVIEW_STATUS, "rolled-back")
         for k, v in {"reviewer": actor, "review_reason": reason, "decided_at": rec.time,
                      "previous_champion": current}.items():
             client.set_model_version_tag(model, target, f"{TAG}{k}", v)
@@ -265,7 +266,7 @@ def record_register(client: MlflowClient, model: str, version: str, *, actor: st
         rec = _append(t, actor=actor, role=role, action="register", version=version,
                            previous_champion=_alias(client, model, RegistryConfig().champion_alias),
                            reason=mv.description or "registered by the pipeline", evidence=_evidence(client, mv))
-        client.set_model_version_tag(model, version, f"{TAG}registered_by", actor)
+        client.set_model_version_tag(model, version, T.REGISTERED_BY, actor)
         _mirror(client, model, version, rec)
         return rec
 
@@ -282,12 +283,12 @@ def list_versions(client: MlflowClient, model: str) -> list[dict[str, Any]]:
     out = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = dict(mv.tags)
-        recall = tags.get(f"{TAG}macro_recall")
+        recall = tags.get(T.MACRO_RECALL)
         out.append({
             "version": str(mv.version),
             "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
-            "gates_passed": tags.get(f"{TAG}gates_passed") == "true",
-            "review_status": tags.get(f"{TAG}review_status", "unknown"),
+            "gates_passed": tags.get(T.GATES_PASSED) == "true",
+            "review_status": tags.get(T.REVIEW_STATUS, "unknown"),
             "macro_recall": float(recall) if recall not in (None, "") else math.nan,
             "created": datetime.fromtimestamp(int(mv.creation_timestamp) / 1000, UTC).isoformat(timespec="seconds"),
         })

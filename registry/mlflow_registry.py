@@ -17,7 +17,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-RUN_TAG = "defectops.run_id"
+from defectops.core import tags as T
+
+RUN_TAG = T.RUN_ID
 
 
 class RegistryError(RuntimeError):

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectops.core import tags as T
 from defectops.core.fsutil import atomic_dir
+from defectops.core.layout import RUN
 from defectops.serving.onnx_export import read_metadata
 
 META_PREFIX = "defectops."
 PRECISIONS = ("served", "fp32", "int8")
-SERVED_TAG = "defectops.served_precision"  # version tag written by verify_export: fp32 | int8
+SERVED_TAG = T.SERVED_PRECISION  # version tag written by verify_export: fp32 | int8
 
 
 class ModelRefError(ValueError):
@@ -87,10 +89,10 @@ def resolve(ref: str, *, tracking_uri: str, cache_dir: Path, precision: str = "s
 
 
 def _from_run_root(root: Path, ref: str, precision: str) -> ResolvedModel:
-    onnx_path = root / "export" / "model.onnx"
+    onnx_path = root / RUN.onnx
     if not onnx_path.is_file():
         raise ModelRefError(f"run root {root} has no export/model.onnx: run its export step first")
-    verified = root / "steps" / "verify_export.json"
+    verified = root / RUN.marker("verify_export")
     result = (json.loads(verified.read_text()).get("result") or {}) if verified.is_file() else {}
     if precision == "served":
         precision = str(result.get("served", "fp32"))
@@ -98,7 +100,7 @@ def _from_run_root(root: Path, ref: str, precision: str) -> ResolvedModel:
         if not (result.get("int8") or {}).get("publish"):
             raise ModelRefError(f"run root {root} has no verified INT8 model (export.int8 and its verify_export "
                                 f"step): use --precision fp32")
-        return from_onnx(root / "export" / "model.int8.onnx", f"{ref} (int8)")
+        return from_onnx(root / RUN.onnx_int8, f"{ref} (int8)")
     return from_onnx(onnx_path, ref)
 
 
@@ -137,12 +139,12 @@ def cache_folder(cache_dir: Path, kind: str, tracking_uri: str, name: str, versi
 def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
                    ref: str, precision: str = "served") -> ResolvedModel:
     c, mv = registry_version(name, alias, version, tracking_uri, ref)
-    if mv.tags.get("defectops.export_verified") != "true":
+    if mv.tags.get(T.EXPORT_VERIFIED) != "true":
         raise ModelRefError(f"{ref} (version {mv.version}) has no verified ONNX export: its verify_export step did "
                             f"not pass")
     if precision == "served":
         precision = mv.tags.get(SERVED_TAG, "fp32")
-    if precision == "int8" and mv.tags.get("defectops.int8_published") != "true":
+    if precision == "int8" and mv.tags.get(T.INT8_PUBLISHED) != "true":
         raise ModelRefError(f"{ref} (version {mv.version}) has no verified INT8 model: use --precision fp32")
     filename = "model.int8.onnx" if precision == "int8" else "model.onnx"
     dest = cache_folder(cache_dir, "models-int8" if precision == "int8" else "models", tracking_uri, name,

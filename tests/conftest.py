@@ -33,7 +33,7 @@ def deeppcb_root() -> Path:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Run the whole pipeline once on the tiny config in a fresh home; tests read what it left behind."""
     from defectops.pipelines.config import load_config
-    from defectops.pipelines.runner import run_pipeline
+    from defectops.pipelines.runners.local import run_pipeline
 
     home = tmp_path_factory.mktemp("home")
     cfg = load_config(TINY)

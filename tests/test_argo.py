@@ -1,4 +1,4 @@
-"""The pipeline on Argo, offline: `defectops compile | submit | status` (pipelines/argo.py, pipelines/cli_argo.py).
+"""The pipeline on Argo, offline: `defectops compile | submit | status` (pipelines/argo/, pipelines/cli/argo.py).
 
 No Argo controller or Kubernetes API server can run here, so:
 
@@ -42,9 +42,9 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from defectops.pipelines import argo as A
+from defectops.pipelines.argo import compiler as A
 from defectops.pipelines.cli import app
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "argo"

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from defectops.core.layout import RUN
 from defectops.pipelines.context import Reporter, StepContext, StepError
-from defectops.pipelines.steps import CROPS, DUPLICATES, pull_data, validate_data
+from defectops.pipelines.steps.pull_data import pull_data
+from defectops.pipelines.steps.validate_data import validate_data
 from defectops.training.config import DataConfig, DedupConfig, ValidationConfig
 from defectops.training.dedup import hamming, near_components, phash
 from defectops.training.importers import FolderImport, import_folder
@@ -156,7 +158,7 @@ def test_pull_and_validate_go_through_duplicates_and_a_conflict(tmp_path: Path) 
     pulled = pull_data(ctx, data)
     assert pulled["samples"] == 121
     assert pulled["duplicates"] == {"dropped": 10, "groups": 11, "near_groups": 0, "label_conflicts": 1, "leaks": 0}
-    listed = json.loads(ctx.path(DUPLICATES).read_text())
+    listed = json.loads(ctx.path(RUN.duplicates).read_text())
     assert len(listed["dropped_files"]) == 10 and listed["conflicts"][0]["paths"] == ["bridge/b5.png",
                                                                                         "normal/mislabelled.png"]
     assert any("10 copies dropped" in line and "1 label conflicts" in line for line in log.lines)
@@ -211,7 +213,7 @@ def test_crops_keep_the_group_for_the_bootstrap(tmp_path: Path) -> None:
     ctx, _ = _ctx(tmp_path, "run")
     pull_data(ctx, data)
     validate_data(ctx, data)
-    by_source = {c["source"]: c for c in load_snapshot(ctx.path(CROPS)).samples}
+    by_source = {c["source"]: c for c in load_snapshot(ctx.path(RUN.crops)).samples}
     group = by_source["normal/3.png"]["group"]
     assert by_source["normal/3 brighter.jpg"]["group"] == group
     assert sum(1 for c in by_source.values() if "group" in c) == 2

@@ -159,7 +159,7 @@ def test_sync_batchnorm_keeps_the_model(name: str) -> None:
 
 def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
     from defectops.pipelines.context import StepContext, StepError
-    from defectops.pipelines.steps import train
+    from defectops.pipelines.steps.train import train
     from defectops.registry.config import RegistryConfig
     from defectops.training.config import DataConfig
 
@@ -211,7 +211,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import cv2
 
     from defectops.pipelines.config import load_config
-    from defectops.pipelines.runner import run_single
+    from defectops.pipelines.runners.local import run_single
 
     base = tmp_path_factory.mktemp("ddp")
     images = base / "images"
@@ -368,7 +368,7 @@ def test_killed_distributed_train_step_resumes(run_root: Path, two_processes: _L
 
     from defectops.pipelines.config import from_yaml
     from defectops.pipelines.context import Reporter
-    from defectops.pipelines.runner import run_single
+    from defectops.pipelines.runners.local import run_single
 
     root, home = tmp_path / "run", tmp_path / "home"
     shutil.copytree(run_root, root)

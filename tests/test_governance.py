@@ -254,7 +254,7 @@ def test_concurrent_approvals_leave_one_champion(reg: Reg, same: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_cli_smoke(reg: Reg, monkeypatch: pytest.MonkeyPatch) -> None:
-    from defectops.pipelines.cli_registry import registry_app
+    from defectops.pipelines.cli.registry import registry_app
 
     monkeypatch.setenv("DEFECTOPS_HOME", str(reg.home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

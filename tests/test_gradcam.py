@@ -84,15 +84,15 @@ def test_cam_peak_falls_inside_the_defect_box(tiny_run: dict) -> None:
     """On the synthetic boards of the tiny run: for the defect crops (all parts) that the trained model
     classifies correctly, the Grad-CAM peak of the true class must fall inside the defect's candidate box for most of
     them (measured: 11 of 12; the floor leaves room for the 2-epoch model of the tiny config)."""
-    from defectops.pipelines.steps import CROPS, MODEL
+    from defectops.core.layout import RUN
     from defectops.training.data import load_split, to_tensor
     from defectops.training.snapshot import load_snapshot
     from defectops.training.trainer import load_trained_model
 
     root = Path(tiny_run["root"])
     cand = tiny_run["cfg"].data.candidates
-    net, state = load_trained_model(root / MODEL)
-    snap = load_snapshot(root / CROPS)
+    net, state = load_trained_model(root / RUN.model)
+    snap = load_snapshot(root / RUN.crops)
     good = snap.classes.index(tiny_run["cfg"].data.good_class)
     by_path = {s["path"]: s for s in snap.samples}
     parts = [load_split(snap, split) for split in ("train", "val", "test")]

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from defectops.pipelines.context import Reporter, StepContext, StepError
-from defectops.pipelines.steps import pull_data
+from defectops.pipelines.steps.pull_data import pull_data
 from defectops.training.config import DataConfig, SplitConfig
 from defectops.training.snapshot import (
     SPLITS,

@@ -106,7 +106,7 @@ def test_report_has_plots_and_gates(tiny_run: dict) -> None:
 
 
 def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None:
-    from defectops.pipelines.runner import run_pipeline
+    from defectops.pipelines.runners.local import run_pipeline
 
     _, outcomes = run_pipeline(tiny_run["cfg"], home=tiny_run["home"])
     assert {o.status for o in outcomes} == {"skipped"}
@@ -116,7 +116,7 @@ def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None
 
 
 def test_repeated_register_step_is_idempotent(tiny_run: dict) -> None:
-    from defectops.pipelines.runner import run_single
+    from defectops.pipelines.runners.local import run_single
 
     out = run_single("register", tiny_run["cfg"], tiny_run["root"], home=tiny_run["home"], force=True)
     assert out.result["version"] == json.loads((tiny_run["root"] / "summary.json").read_text())["version"]
@@ -219,7 +219,7 @@ def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Pat
     import shutil
 
     from defectops.pipelines.config import load_config
-    from defectops.pipelines.runner import run_pipeline
+    from defectops.pipelines.runners.local import run_pipeline
     from defectops.registry.mlflow_registry import client
 
     home = tmp_path / "home"
@@ -243,7 +243,7 @@ def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, 
                                                                 ) -> None:
     from defectops.evaluation.intervals import BoardIntervals, ClassificationIntervals
     from defectops.evaluation.metrics import ClassificationMetrics
-    from defectops.pipelines.cli import _print_results
+    from defectops.pipelines.cli.run import _print_results
 
     root = tiny_run["root"]
     metrics = json.loads((root / "metrics.json").read_text())

@@ -12,7 +12,7 @@ from s3server import SeaweedS3
 from typer.testing import CliRunner
 
 from defectops.pipelines.cli import app
-from defectops.pipelines.remote_root import local_mirror, pull_root, push_root
+from defectops.pipelines.runners.remote_root import local_mirror, pull_root, push_root
 from defectops.training.remote import RemoteError
 
 BUCKET = "runroots"

@@ -142,7 +142,8 @@ def _folder_dataset(root: Path, sizes: dict[str, tuple[int, int]], n: int = 14) 
 
 def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, dict]:
     from defectops.pipelines.context import StepContext
-    from defectops.pipelines.steps import pull_data, validate_data
+    from defectops.pipelines.steps.pull_data import pull_data
+    from defectops.pipelines.steps.validate_data import validate_data
     from defectops.training.config import CandidateConfig, DataConfig, ShortcutConfig
 
     data = DataConfig(source="folder", root=str(data_root), good_class="good",

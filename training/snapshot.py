@@ -244,3 +244,19 @@ def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: s
         raise ValueError(f"{list_path} lists no image pairs")
     assign_splits(samples, split, key=lambda s: Path(s["path"]).name.removesuffix("_test.jpg"))
     return samples
+
+
+def resampling_units(crops: Snapshot, paths: Sequence[str]) -> list[str]:
+    """The resampling unit of each crop, for bootstrap intervals: the board it was cut from (``source`` is
+    ``<board>#<k>`` for candidate crops), else its ``group`` when the manifest records one, else the crop itself.
+    Units are ``<kind>:<id>`` strings (kind ``board``, ``group`` or ``crop``)."""
+    by_path = {s["path"]: s for s in crops.samples}
+    units = []
+    for p in paths:
+        s = by_path.get(p, {})
+        source = str(s.get("source", ""))
+        if s.get("origin") in ("candidate", "missed-gt") and "#" in source:
+            units.append("board:" + source.rsplit("#", 1)[0])
+        else:
+            units.append(f"group:{s['group']}" if s.get("group") else "crop:" + p)
+    return units

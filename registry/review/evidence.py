@@ -25,10 +25,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from defectops.core import tags as T
 from defectops.evaluation.intervals import ClassificationIntervals, Interval
 from defectops.registry.audit_store import RegistryTrail
 from defectops.registry.config import RegistryConfig
-from defectops.registry.governance import DECIDER_ROLES, TAG, NotFound
+from defectops.registry.governance import DECIDER_ROLES, NotFound
 
 __all__ = ["candidate_view", "history_view", "queue_view"]
 
@@ -80,18 +81,18 @@ def queue_view(client: MlflowClient, models: Iterable[str], cfg: RegistryConfig)
         for mv in versions:
             tags = dict(mv.tags)
             if str(mv.version) == champion:
-                champ_recall = _num(tags.get(f"{TAG}macro_recall"))
+                champ_recall = _num(tags.get(T.MACRO_RECALL))
         for mv in versions:
             tags, v = dict(mv.tags), str(mv.version)
             is_challenger = aliases.get(cfg.challenger_alias) == v
-            pending = tags.get(f"{TAG}review_status") == _PENDING and tags.get(f"{TAG}gates_passed") == "true"
+            pending = tags.get(T.REVIEW_STATUS) == _PENDING and tags.get(T.GATES_PASSED) == "true"
             if not (is_challenger or pending) or v == champion:
                 continue
-            recall = _num(tags.get(f"{TAG}macro_recall"))
+            recall = _num(tags.get(T.MACRO_RECALL))
             rows.append({"version": v, "aliases": sorted(by_alias.get(v, [])), "macro_recall": recall,
                          "delta": None if recall is None or champ_recall is None else recall - champ_recall,
-                         "review_status": tags.get(f"{TAG}review_status", "unknown"),
-                         "registered_by": tags.get(f"{TAG}registered_by", "?"),
+                         "review_status": tags.get(T.REVIEW_STATUS, "unknown"),
+                         "registered_by": tags.get(T.REGISTERED_BY, "?"),
                          "created": int(mv.creation_timestamp), "challenger": is_challenger})
         out.append({"model": model, "champion": champion, "champion_recall": champ_recall, "candidates": rows})
     return out
@@ -215,14 +216,14 @@ def candidate_view(client: MlflowClient, model: str, version: str, cfg: Registry
         params = dict(sorted(client.get_run(mv.run_id).data.params.items())) if mv.run_id else {}
     except MlflowException:
         params = {}
-    status = tags.get(f"{TAG}review_status", "unknown")
+    status = tags.get(T.REVIEW_STATUS, "unknown")
     is_challenger = aliases.get(cfg.challenger_alias) == str(mv.version)
     return {
         "model": model, "version": str(mv.version), "champion": champion, "run_id": mv.run_id,
         "aliases": sorted(a for a, v in aliases.items() if v == str(mv.version)),
         "is_champion": champion == str(mv.version), "is_challenger": is_challenger,
         "decidable": is_challenger or status == _PENDING, "review_status": status,
-        "registered_by": tags.get(f"{TAG}registered_by"), "gates_passed": tags.get(f"{TAG}gates_passed") == "true",
+        "registered_by": tags.get(T.REGISTERED_BY), "gates_passed": tags.get(T.GATES_PASSED) == "true",
         "gates": (cand["gates"] or {}).get("results", []), "gates_all_passed": (cand["gates"] or {}).get("passed"),
         "summary": _summary_rows(cm, champ_metrics) if cm else [],
         "interval_note": interval_note(cm),
@@ -232,9 +233,9 @@ def candidate_view(client: MlflowClient, model: str, version: str, cfg: Registry
         "misses": cand["misses"], "dataset": cand["dataset"], "validation": cand["validation"],
         "champ_dataset": champ["dataset"] if champ else None, "config": cand["config"],
         "has_report": cand["has_report"],
-        "fingerprint": tags.get(f"{TAG}dataset_fingerprint"),
-        "champ_fingerprint": dict(champ_mv.tags).get(f"{TAG}dataset_fingerprint") if champ_mv else None,
-        "tags": {k: v for k, v in tags.items() if not k.startswith(f"{TAG}audit.")}, "params": params,
+        "fingerprint": tags.get(T.DATASET_FINGERPRINT),
+        "champ_fingerprint": dict(champ_mv.tags).get(T.DATASET_FINGERPRINT) if champ_mv else None,
+        "tags": {k: v for k, v in tags.items() if not k.startswith(T.AUDIT_PREFIX)}, "params": params,
         "decider_roles": DECIDER_ROLES,
     }
 

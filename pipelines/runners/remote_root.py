@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from defectops.core.layout import RUN
 from defectops.training.remote import RemoteError, _digests, _put, _s3_errors, parse_s3_uri, s3_client
 
 __all__ = ["LAST", "SyncResult", "is_remote", "local_mirror", "pull_root", "push_root"]
 
-LAST = ("steps/", "summary.json")  # keys uploaded after everything else, in this order
+LAST = (f"{RUN.steps}/", RUN.summary)  # keys uploaded after everything else, in this order
 
 
 @dataclass(frozen=True)

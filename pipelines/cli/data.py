@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
 from defectops.training.config import ValidationConfig
 
 data_app = typer.Typer(help="Dataset snapshots: import, validate, push to and pull from S3.", no_args_is_help=True)
@@ -209,3 +209,8 @@ def pull(
         except (RemoteError, ValueError, FileExistsError) as e:
             raise fail(str(e), EXIT_FAILURE) from None
     console.print(f"pulled {len(snap.samples)} samples into {dest}; fingerprint {snap.fingerprint}")
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops data ...``."""
+    app.add_typer(data_app, name="data")

@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail
 
 registry_app = typer.Typer(help="Review, approve, reject and roll back model versions (audited).",
                            no_args_is_help=True)
@@ -164,3 +164,8 @@ def audit_cmd(verify: Annotated[bool, typer.Option(
         console.print(f"audit trail intact: {len(result.records)} records")
     elif not result.ok:
         console.print(f"[red]warning[/]: {escape(result.problem)} (run with --verify)")
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops registry ...``."""
+    app.add_typer(registry_app, name="registry")

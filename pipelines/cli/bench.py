@@ -12,7 +12,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from defectops.core.layout import RUN
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail
 
 bench_app = typer.Typer(help="Measure what a model costs to run.", no_args_is_help=True)
 
@@ -54,15 +55,15 @@ def _from_run_root(root: Path) -> BenchModels:
     from defectops.core.fsutil import read_json
     from defectops.training.trainer import load_trained_model
 
-    model_pt, fp32 = root / "train" / "model.pt", root / "export" / "model.onnx"
+    model_pt, fp32 = root / RUN.model, root / RUN.onnx
     for p, step in ((model_pt, "train"), (fp32, "export")):
         if not p.is_file():
             raise fail(f"run root {root} has no {p.relative_to(root)}: run its {step} step first", EXIT_USAGE)
     net, state = load_trained_model(model_pt)
-    int8 = root / "export" / "model.int8.onnx"
-    report_path = root / "export" / "int8.json"
+    int8 = root / RUN.onnx_int8
+    report_path = root / RUN.int8_report
     drop, note = _int8_facts(read_json(report_path) if report_path.is_file() else None)
-    crops_meta = root / "data" / "crops" / "snapshot.json"
+    crops_meta = root / RUN.crops / "snapshot.json"
     stats = (read_json(crops_meta).get("stats") or {}) if crops_meta.is_file() else {}
     return BenchModels(str(root), net, fp32, int8 if int8.is_file() else None, int(state["img_size"]),
                        int(state.get("in_chans", 3)), drop, note, _crops_per_board(stats))
@@ -251,3 +252,8 @@ def _print_tables(out: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
                   + (f" (macro-recall drop {100 * drop:.2f} points)" if drop is not None else ""))
     if "triton_note" in out:
         console.print(f"triton: {out['triton_note']}")
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops bench ...``."""
+    app.add_typer(bench_app, name="bench")

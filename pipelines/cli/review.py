@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from defectops.pipelines.cli_common import EXIT_USAGE, console, fail
+from defectops.pipelines.cli.common import EXIT_USAGE, console, fail
 
 review_app = typer.Typer(
     help="Serve the review web app: candidates beside the champion, approve/reject with a reason, the audit trail.\n\n"
@@ -127,3 +127,8 @@ def add_user_cmd(
     except AuthError as e:
         raise fail(str(e), EXIT_USAGE) from None
     console.print(f"user {name} ({role}) saved in {path}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops review ...``."""
+    app.add_typer(review_app, name="review")

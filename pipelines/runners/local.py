@@ -4,28 +4,26 @@ A step that completes writes ``steps/<name>.json`` (its result) atomically; a re
 killed run continues where it stopped (training resumes from its newest checkpoint). The first failure stops the run
 with the step's name and cause. ``summary.json`` is written at the end of every run that reaches ``register``.
 
-Under torchrun (a distributed train step) only rank 0 writes step markers. ``python -m defectops.pipelines.runner <step>
---run-root R --home H`` is the per-process entry point the train step starts under torchrun when ``train.nproc`` > 1.
+Under torchrun (a distributed train step) only rank 0 writes step markers; :mod:`pipelines.runners.worker` is the
+per-process entry point the train step starts under torchrun when ``train.nproc`` > 1.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from defectops.core.fsutil import read_json, write_json, write_text
-from defectops.pipelines import steps as S
+from defectops.core.layout import RUN
 from defectops.pipelines.config import DefectOpsConfig, config_hash, home_dir, run_id, to_yaml, tracking_uri
 from defectops.pipelines.context import GateFailure, Reporter, StepContext, StepError
 from defectops.pipelines.dag import DAG, Step, get_step
 from defectops.training.distributed import env_info
 
-SUMMARY = "summary.json"
+SUMMARY = RUN.summary
 
 
 class RunError(RuntimeError):
@@ -73,13 +71,13 @@ def prepare_run_root(cfg: DefectOpsConfig, home: Path, root: Path | None = None)
         rid = meta["run_id"]
     else:
         root.mkdir(parents=True, exist_ok=True)
-        write_text(root / "config.yaml", to_yaml(cfg))
+        write_text(root / RUN.config, to_yaml(cfg))
         write_json(meta_path, {"run_id": rid, "config_hash": chash, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return StepContext(run_id=rid, root=root, home=home, config_hash=chash)
 
 
 def marker(ctx: StepContext, name: str) -> Path:
-    return ctx.root / "steps" / f"{name}.json"
+    return ctx.root / RUN.marker(name)
 
 
 def run_step(step: Step, ctx: StepContext, cfg: DefectOpsConfig, *, force: bool = False) -> StepOutcome:
@@ -116,7 +114,7 @@ def run_pipeline(cfg: DefectOpsConfig, *, home: Path | None = None, reporter: Re
                 on_step(step, outcome)
     except RunError as e:
         e.root = ctx.root
-        if (ctx.root / S.REGISTRATION).is_file():
+        if (ctx.root / RUN.registration).is_file():
             write_summary(ctx, cfg)
         raise
     write_summary(ctx, cfg)
@@ -125,13 +123,13 @@ def run_pipeline(cfg: DefectOpsConfig, *, home: Path | None = None, reporter: Re
 
 def write_summary(ctx: StepContext, cfg: DefectOpsConfig) -> dict[str, Any]:
     """Collect what a user needs to find everything the run made into ``summary.json``."""
-    reg = read_json(ctx.root / S.REGISTRATION) if (ctx.root / S.REGISTRATION).is_file() else {}
-    metrics = read_json(ctx.root / S.METRICS) if (ctx.root / S.METRICS).is_file() else {}
-    gates = read_json(ctx.root / S.GATES) if (ctx.root / S.GATES).is_file() else {}
-    snap = read_json(ctx.root / S.SNAPSHOT / "snapshot.json") if (ctx.root / S.SNAPSHOT / "snapshot.json").is_file() \
-        else {}
-    parity = read_json(ctx.root / S.PARITY) if (ctx.root / S.PARITY).is_file() else None
-    triton = ctx.root / S.TRITON
+    reg = read_json(ctx.root / RUN.registration) if (ctx.root / RUN.registration).is_file() else {}
+    metrics = read_json(ctx.root / RUN.metrics) if (ctx.root / RUN.metrics).is_file() else {}
+    gates = read_json(ctx.root / RUN.gates) if (ctx.root / RUN.gates).is_file() else {}
+    snap_meta = ctx.root / RUN.snapshot / "snapshot.json"
+    snap = read_json(snap_meta) if snap_meta.is_file() else {}
+    parity = read_json(ctx.root / RUN.parity) if (ctx.root / RUN.parity).is_file() else None
+    triton = ctx.root / RUN.triton
     summary = {
         "run_id": ctx.run_id,
         "run_root": str(ctx.root),
@@ -144,10 +142,10 @@ def write_summary(ctx: StepContext, cfg: DefectOpsConfig) -> dict[str, Any]:
         "metrics": {k: metrics.get(k) for k in ("accuracy", "macro_recall", "per_class_recall", "per_class_precision",
                                                  "escape_rate", "false_call_rate", "n")},
         "dataset_fingerprint": snap.get("fingerprint"),
-        "onnx_path": str(ctx.root / S.ONNX) if (ctx.root / S.ONNX).is_file() else None,
+        "onnx_path": str(ctx.root / RUN.onnx) if (ctx.root / RUN.onnx).is_file() else None,
         "onnx_parity": parity,
         "triton_repository": str(triton) if triton.is_dir() else None,
-        "report": str(ctx.root / S.REPORT) if (ctx.root / S.REPORT).is_file() else None,
+        "report": str(ctx.root / RUN.report) if (ctx.root / RUN.report).is_file() else None,
         "steps": {s.name: read_json(marker(ctx, s.name)).get("seconds") for s in DAG if marker(ctx, s.name).is_file()},
     }
     write_json(ctx.root / SUMMARY, summary)
@@ -175,71 +173,3 @@ def run_single(name: str, cfg: DefectOpsConfig, root: Path, *, home: Path | None
     if name == DAG[-1].name:
         write_summary(ctx, cfg)
     return outcome
-
-
-class _WorkerReporter(Reporter):
-    """Rank 0's reporter in a worker started by the train step: progress and log lines for the launching process."""
-
-    def __init__(self, flush_s: float = 0.5) -> None:
-        self.pending = 0
-        self.last = time.monotonic()
-        self.flush_s = flush_s
-
-    def _emit(self, obj: dict[str, Any]) -> None:
-        print(S.WORKER_PREFIX + json.dumps(obj), flush=True)
-
-    def flush(self) -> None:
-        if self.pending:
-            self._emit({"advance": self.pending})
-            self.pending = 0
-        self.last = time.monotonic()
-
-    def task(self, description: str, total: int | None) -> Any:
-        def advance(n: int) -> None:
-            self.pending += n
-            if time.monotonic() - self.last >= self.flush_s:
-                self.flush()
-        return advance
-
-    def log(self, message: str) -> None:
-        self.flush()
-        self._emit({"log": message})
-
-    def error(self, message: str) -> None:
-        self.flush()
-        self._emit({"error": message})
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """One process of a distributed step (started by the train step under torchrun): run ``step`` against the run
-    root with its pinned config.yaml. Rank 0 reports progress, epochs and errors on stdout for the launcher."""
-    import argparse
-    import traceback
-
-    from defectops.pipelines.config import from_yaml
-
-    p = argparse.ArgumentParser(prog="python -m defectops.pipelines.runner", description=worker_main.__doc__)
-    p.add_argument("step")
-    p.add_argument("--run-root", type=Path, required=True)
-    p.add_argument("--home", type=Path, required=True)
-    args = p.parse_args(argv)
-    out = _WorkerReporter() if env_info().is_main else None
-    try:
-        cfg = from_yaml((args.run_root / "config.yaml").read_text(encoding="utf-8"))
-        run_single(args.step, cfg, args.run_root, home=args.home, reporter=out or Reporter(), force=True)
-    except RunError as e:
-        if out:
-            out.error(str(e.__cause__ or e))
-        return 3 if e.gate_failure else 1
-    except Exception as e:
-        traceback.print_exc()
-        if out:
-            out.error(f"{type(e).__name__}: {e}")
-        return 1
-    if out:
-        out.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

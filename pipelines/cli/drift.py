@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, console, err, fail
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, console, err, fail
 
 EXIT_DRIFT = EXIT_GATES  # 3: drift detected
 
@@ -124,15 +124,15 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
     """Submit the retrain through `defectops submit`'s code path (its manifest, client and checks), with the drift
     report as an annotation of the Workflow and, once it has a name, uploaded into the new run root
     (``trigger/drift-report.json``; the register step keeps it under ``drift/`` of the new version's run)."""
-    from defectops.pipelines.argo import (
+    from defectops.pipelines.argo.compiler import (
         CompileError,
         dump_yaml,
         label_value,
         template_parameter,
         workflow_from_template,
     )
-    from defectops.pipelines.cli_argo import ArgoError, _client, _local_registry_warning, _q, _user
-    from defectops.pipelines.cli_common import load
+    from defectops.pipelines.cli.argo import ArgoError, _client, _local_registry_warning, _q, _user
+    from defectops.pipelines.cli.common import load
     from defectops.pipelines.drift_steps import DriftFailure, DriftUsageError, report_annotation, retrain_overrides
 
     dry_run = not os.environ.get("ARGO_SERVER", "").strip()
@@ -188,3 +188,8 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
     if not quiet:
         console.print(f"retrain submitted: {name} (namespace {namespace}) {result['ui']}", highlight=False)
     return result
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops drift ...``."""
+    app.add_typer(drift_app, name="drift")

@@ -1,4 +1,4 @@
-"""``defectops``: the command line for running the pipeline locally, one step at a time, and opening MLflow.
+"""``defectops run|step|steps|config show|ui``: the pipeline locally, one step at a time, and the MLflow UI.
 
 Exit codes (stable, for CI): 0 success; 1 a step failed (the message names the step and the cause); 2 usage or
 configuration error; 3 the model failed its evaluation gates (it is registered for traceability, not promoted).
@@ -6,7 +6,6 @@ configuration error; 3 the model failed its evaluation gates (it is registered f
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -17,45 +16,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectops.pipelines.cli_argo import register as register_argo_commands
-from defectops.pipelines.cli_bench import bench_app
-from defectops.pipelines.cli_common import (
+from defectops.core.layout import RUN
+from defectops.pipelines.cli.common import (
     EXIT_FAILURE,
     EXIT_GATES,
     EXIT_USAGE,
     Overrides,
     RichReporter,
     console,
-    err,
     fail,
     load,
     progress_bars,
 )
-from defectops.pipelines.cli_data import data_app
-from defectops.pipelines.cli_drift import drift_app
-from defectops.pipelines.cli_predict import predict_app
-from defectops.pipelines.cli_registry import registry_app
-from defectops.pipelines.cli_review import review_app
-from defectops.pipelines.cli_serve import infer, serve_app
-
-app = typer.Typer(
-    name="defectops", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
-    help="Train, gate, register and export defect-detection models for electronics manufacturing.\n\n"
-         "Exit codes: 0 ok, 1 a step failed, 2 usage/config error, 3 gates failed.",
-)
-config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-app.add_typer(config_app, name="config")
-app.add_typer(data_app, name="data")
-app.add_typer(drift_app, name="drift")
-app.add_typer(predict_app, name="predict")
-app.add_typer(registry_app, name="registry")
-app.add_typer(review_app, name="review")
-app.add_typer(serve_app, name="serve")
-app.command("infer")(infer)
 
 
-@app.command()
 def run(overrides: Overrides = None) -> None:
     """Run the whole pipeline: pull_data -> validate_data -> train -> evaluate -> register -> export -> verify_export.
 
@@ -65,7 +39,7 @@ def run(overrides: Overrides = None) -> None:
     """
     from defectops.pipelines.config import home_dir
     from defectops.pipelines.context import StepError
-    from defectops.pipelines.runner import RunError, run_pipeline
+    from defectops.pipelines.runners.local import RunError, run_pipeline
 
     cfg = load(overrides)
     home = home_dir()
@@ -86,7 +60,7 @@ def run(overrides: Overrides = None) -> None:
             raise fail(str(e), EXIT_USAGE) from None
         except RunError as e:
             progress.stop()
-            if e.root is not None and (e.root / "summary.json").is_file():
+            if e.root is not None and (e.root / RUN.summary).is_file():
                 _print_results(e.root)
             raise fail(str(e), EXIT_GATES if e.gate_failure else EXIT_FAILURE) from None
     _print_results(ctx.root)
@@ -104,10 +78,10 @@ def _print_results(root: Path) -> None:
     from defectops.core.fsutil import read_json
     from defectops.evaluation.intervals import ClassificationIntervals
 
-    s = read_json(root / "summary.json")
-    gates = read_json(root / "gates.json") if (root / "gates.json").is_file() else {"results": []}
+    s = read_json(root / RUN.summary)
+    gates = read_json(root / RUN.gates) if (root / RUN.gates).is_file() else {"results": []}
     m = s["metrics"]
-    metrics_full = read_json(root / "metrics.json") if (root / "metrics.json").is_file() else {}
+    metrics_full = read_json(root / RUN.metrics) if (root / RUN.metrics).is_file() else {}
     iv = ClassificationIntervals.of_metrics_dict(metrics_full) if metrics_full else None
     t = Table(title="Per-class results (test crops)", title_justify="left",
               caption=escape(f"[brackets]: {100 * iv.confidence:g} % Wilson intervals") if iv else None,
@@ -141,7 +115,7 @@ def _print_results(root: Path) -> None:
             ("false-call rate", _headline(m.get("false_call_rate"), iv.false_call_rate if iv else None)),
             ("report", str(s["report"])),
             ("ONNX", str(s["onnx_path"])), ("Triton repository", str(s["triton_repository"])),
-            ("summary", str(root / "summary.json"))]
+            ("summary", str(root / RUN.summary))]
     if s.get("onnx_parity"):
         p = s["onnx_parity"]
         rows.append(("ONNX parity", f"top-1 agreement {p['top1_agreement']:.4f}, "
@@ -170,9 +144,9 @@ def _print_board_results(root: Path) -> None:
     from defectops.core.fsutil import read_json
     from defectops.evaluation.intervals import Interval
 
-    if not (root / "board_metrics.json").is_file():
+    if not (root / RUN.board_metrics).is_file():
         return
-    board = read_json(root / "board_metrics.json")
+    board = read_json(root / RUN.board_metrics)
     t = Table(title="Board-level detection (DeepPCB metric)", title_justify="left", caption_justify="left",
               caption=escape(f"score threshold {board.get('score_threshold')}{_per_type(board)} chosen on val; "
                              f"[brackets]: bootstrap over boards; * worst design (lowest F-score)"))
@@ -193,7 +167,6 @@ def _print_board_results(root: Path) -> None:
     console.print(t)
 
 
-@app.command()
 def step(
     name: Annotated[str, typer.Argument(help="Step to run: pull_data, validate_data, train, evaluate, register, "
                                               "export, verify_export.")],
@@ -212,8 +185,8 @@ def step(
     from defectops.pipelines.config import from_yaml, home_dir
     from defectops.pipelines.context import StepError
     from defectops.pipelines.dag import STEP_NAMES
-    from defectops.pipelines.remote_root import is_remote, local_mirror, pull_root, push_root
-    from defectops.pipelines.runner import RunError, run_single
+    from defectops.pipelines.runners.local import RunError, run_single
+    from defectops.pipelines.runners.remote_root import is_remote, local_mirror, pull_root, push_root
     from defectops.training.remote import RemoteError
 
     if name not in STEP_NAMES:
@@ -235,7 +208,7 @@ def step(
     else:
         root = Path(run_root)
     try:
-        cfg_file = root / "config.yaml"
+        cfg_file = root / RUN.config
         reuse = cfg_file.is_file() and not overrides
         cfg = from_yaml(cfg_file.read_text(encoding="utf-8")) if reuse else load(overrides)
         with progress_bars() as progress:
@@ -256,7 +229,6 @@ def step(
     console.print(f"[green]✓ {name}[/] {outcome.status} ({outcome.seconds:.1f} s)")
 
 
-@app.command("steps")
 def list_steps() -> None:
     """List the DAG's steps in order with the config groups each one reads."""
     from defectops.pipelines.dag import DAG
@@ -267,7 +239,6 @@ def list_steps() -> None:
     console.print(t)
 
 
-@config_app.command("show")
 def config_show(overrides: Overrides = None) -> None:
     """Print the resolved configuration (after overrides) as YAML, and the run id it maps to."""
     from defectops.pipelines.config import run_id, to_yaml
@@ -277,7 +248,6 @@ def config_show(overrides: Overrides = None) -> None:
     console.print(f"# run id: {run_id(cfg)}", highlight=False, markup=False)
 
 
-@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
@@ -296,19 +266,12 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
-register_argo_commands(app)  # compile, submit, status (pipelines/cli_argo.py)
-
-
-def main() -> None:
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted: rerun the same command to resume")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """``run``, ``step``, ``steps``, ``config show`` and ``ui``."""
+    app.command()(run)
+    app.command()(step)
+    app.command("steps")(list_steps)
+    config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+    config_app.command("show")(config_show)
+    app.add_typer(config_app, name="config")
+    app.command()(ui)

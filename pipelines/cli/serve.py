@@ -12,8 +12,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths
-from defectops.pipelines.cli_predict import ModelRef, TrackingUri, _resolve
+from defectops.core.layout import RUN
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths
+from defectops.pipelines.cli.predict import ModelRef, TrackingUri, _resolve
 
 serve_app = typer.Typer(help="Publish models for Triton Inference Server.", no_args_is_help=True)
 
@@ -28,7 +29,7 @@ def _name_and_version(ref: str, source: str) -> tuple[str | None, int | None]:
     if m:
         v = _REGISTRY_VERSION.search(source)
         return m.group(1), int(v.group(1)) if v else None
-    reg = Path(ref).expanduser() / "registry.json"
+    reg = Path(ref).expanduser() / RUN.registration
     if reg.is_file():
         info = read_json(reg)
         version = str(info.get("version", ""))
@@ -162,3 +163,9 @@ def infer(
             w.writerow([str(path), cls, f"{conf:.6f}", *[f"{v:.6f}" for v in row]])
         write_text(out, buf.getvalue())
         console.print(f"{len(paths)} images; results in {escape(str(out))}")
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops serve ...`` and ``defectops infer``."""
+    app.add_typer(serve_app, name="serve")
+    app.command("infer")(infer)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from defectops.pipelines.cli_common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths, progress_bars
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths, progress_bars
 
 if TYPE_CHECKING:
     from defectops.serving.model_ref import ResolvedModel
@@ -102,3 +102,8 @@ def images(
     except ImageError as e:
         raise fail(str(e), EXIT_FAILURE) from None
     console.print(f"{n} images classified at {ips:.1f} images/s; results in {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """``defectops predict ...``."""
+    app.add_typer(predict_app, name="predict")

@@ -1,0 +1,155 @@
+"""``register``: the model version in MLflow with its evidence (metrics, gates, report, validation, config, the review
+page's dataset summary and misses, the drift reference profile); only a version that passed its gates becomes
+``challenger``.
+
+Reads: ``RUN.gates``, ``RUN.model``, ``RUN.metrics``, ``RUN.report``, ``RUN.validation``, ``RUN.config``,
+``RUN.crops``, ``RUN.snapshot``, ``RUN.misses``. Writes: ``RUN.registered_model``, ``RUN.review_evidence``,
+``RUN.drift``, ``RUN.registration``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectops.core import tags as T
+from defectops.core.fsutil import atomic_dir, read_json, write_json
+from defectops.core.layout import RUN
+from defectops.evaluation.gates import GateReport
+from defectops.pipelines.context import GateFailure, StepContext, StepError
+from defectops.pipelines.steps.common import current_user, git_commit, has_boards, mlflow_run
+from defectops.registry.config import RegistryConfig
+from defectops.training.config import DataConfig
+from defectops.training.snapshot import load_snapshot
+
+READS = (RUN.gates, RUN.model, RUN.metrics, RUN.report, RUN.validation, RUN.config, RUN.crops, RUN.snapshot,
+         RUN.misses)
+WRITES = (RUN.registered_model, RUN.review_evidence, RUN.drift, RUN.registration)
+
+
+def _review_evidence(ctx: StepContext) -> Path:
+    """``register/evidence/``: what the review page shows besides metrics and gates. ``dataset.json`` (fingerprints,
+    sample counts per split and class, validation summary) and ``misses/`` (the report's worst-miss tiles with their
+    Grad-CAM overlays as PNG files, ``misses/index.json`` listing them, as the evaluate step wrote them)."""
+    out = ctx.path(RUN.review_evidence)
+    if (out / "dataset.json").is_file():
+        return out
+    with atomic_dir(out) as tmp:
+        crops_meta = ctx.path(RUN.crops) / "snapshot.json"
+        crops = read_json(crops_meta) if crops_meta.is_file() else {}
+        snap = load_snapshot(ctx.path(RUN.snapshot))
+        stats = crops.get("stats") or {}
+        write_json(tmp / "dataset.json", {
+            "dataset_fingerprint": snap.fingerprint, "crops_fingerprint": crops.get("fingerprint"),
+            "samples": len(snap.samples), "crops": crops.get("num_samples"), "boards": stats.get("boards"),
+            "crops_per_split": stats.get("crops") or {}, "defects": stats.get("defects") or {},
+            "candidate_recall": stats.get("candidate_recall_overall"),
+            "validation": read_json(ctx.path(RUN.validation)) if ctx.path(RUN.validation).is_file() else {}})
+        if ctx.path(RUN.misses).is_dir():
+            shutil.copytree(ctx.path(RUN.misses), tmp / "misses")
+        else:  # evaluated before the evaluate step wrote its tiles
+            (tmp / "misses").mkdir()
+            write_json(tmp / "misses" / "index.json", [])
+    return out
+
+
+def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig) -> dict[str, Any]:
+    """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
+    import mlflow.pytorch
+
+    from defectops.registry import mlflow_registry as reg
+    from defectops.training.trainer import load_trained_model
+
+    gates = GateReport.from_dict(read_json(ctx.path(RUN.gates)))
+    c, rid = mlflow_run(ctx, registry)
+    net, state = load_trained_model(ctx.path(RUN.model))
+    model_dir = ctx.path(RUN.registered_model)
+    # pickle, not pt2: pt2 traces a fixed batch size. MLflow warns about pickle on every save: noise here.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    if not (model_dir / "MLmodel").is_file():
+        with atomic_dir(model_dir) as tmp:
+            shutil.rmtree(tmp)
+            size = int(state["img_size"])
+            mlflow.pytorch.save_model(net, str(tmp), serialization_format="pickle",
+                                      input_example=np.zeros((1, 3, size, size), np.float32),
+                                      pip_requirements=["defectops", "torch==2.14.1", "timm"])
+    c.log_artifact(rid, str(ctx.path(RUN.metrics)))
+    for evidence in (RUN.gates, RUN.report, RUN.validation, RUN.config):
+        c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
+    c.log_artifacts(rid, str(_review_evidence(ctx)), "evidence")
+    c.log_artifacts(rid, str(model_dir), "model")
+    c.log_artifacts(rid, str(_drift_reference(ctx, data)), "drift")
+    metrics = read_json(ctx.path(RUN.metrics))
+    for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
+        if metrics.get(k) is not None:
+            c.log_metric(rid, f"test_{k}", float(metrics[k]))
+    fingerprint = load_snapshot(ctx.path(RUN.snapshot)).fingerprint
+    source = f"{c.get_run(rid).info.artifact_uri}/model"
+    tags = {
+        T.DATASET_FINGERPRINT: fingerprint,
+        T.GIT_COMMIT: git_commit(),
+        T.CONFIG_HASH: ctx.config_hash,
+        T.GATES_PASSED: str(gates.passed).lower(),
+        T.GATES_FAILED: ",".join(g.name for g in gates.failed()) or "none",
+        T.MACRO_RECALL: f"{metrics['macro_recall']:.4f}",
+        T.REVIEW_STATUS: "pending" if gates.passed else "not-eligible",
+    }
+    try:
+        mv = reg.register(c, registry.model_name, source, rid, ctx.run_id, tags,
+                          description=f"DefectOps run {ctx.run_id}")
+    except Exception as e:
+        raise StepError(f"could not register in MLflow at {c.tracking_uri}: {str(e)[:200]}") from None
+    if T.REGISTERED_BY not in mv.tags:  # the submitter may not approve it later (separation of duties)
+        from defectops.registry.governance import record_register
+
+        record_register(c, registry.model_name, str(mv.version), actor=current_user(), role="ml-engineer",
+                        lock_dir=ctx.home)
+    if gates.passed:
+        c.set_registered_model_alias(registry.model_name, registry.challenger_alias, str(mv.version))
+    result = {"registered_model": registry.model_name, "version": str(mv.version),
+              "aliases": reg.aliases_of(c, registry.model_name, str(mv.version)), "tracking_uri": c.tracking_uri,
+              "mlflow_run_id": rid, "gates_passed": gates.passed}
+    write_json(ctx.path(RUN.registration), result)
+    if not gates.passed:
+        failed = [f"{g.name} ({g.detail})" for g in gates.failed()]
+        raise GateFailure(f"gates failed, version {mv.version} registered without '{registry.challenger_alias}': "
+                          + "; ".join(failed), [g.name for g in gates.failed()])
+    return result
+
+
+def _drift_reference(ctx: StepContext, data: DataConfig) -> Path:
+    """``RUN.drift``: the reference profile of the held-out (val + test) crops through the trained model, which
+    ``defectops drift check`` compares production batches with (computed once; a rerun reuses it). A run started by a
+    drift check keeps that check's report beside it."""
+    from defectops.evaluation.drift_profile import REFERENCE_JSON, profile_from_images, reduce_reference, save_profile
+    from defectops.training.data import load_split
+    from defectops.training.trainer import load_trained_model
+
+    out = ctx.path(RUN.drift)
+    if not (out / REFERENCE_JSON).is_file():
+        crops = load_snapshot(ctx.path(RUN.crops))
+        parts = [p for p in (load_split(crops, sp) for sp in ("val", "test")) if len(p[1])]
+        if not parts:
+            raise StepError("no held-out crops to profile for drift checks: the val and test splits are empty")
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        net, state = load_trained_model(ctx.path(RUN.model))
+        task = "aoi" if has_boards(ctx) else "folder"
+        profile = reduce_reference(profile_from_images(net, images, crops.classes, task, labels=labels))
+        meta_file = ctx.path(RUN.crops) / "snapshot.json"
+        fit = (read_json(meta_file).get("fit") or {}) if meta_file.is_file() else {}
+        save_profile(out, profile, {
+            "run_id": ctx.run_id, "model_name": str(state.get("model_name")), "task": task,
+            "good_class": data.good_class, "input_size": int(state["img_size"]),
+            "fit_mode": fit.get("mode", data.fit_mode), "splits": ["val", "test"],
+            "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint,
+            "crops_fingerprint": crops.fingerprint,
+            "data": {"source": data.source, "root": data.root or ""}})
+    trigger = ctx.path(RUN.trigger_report)
+    if trigger.is_file():  # this run was started by a drift check: keep its report with the profile
+        shutil.copyfile(trigger, out / "trigger-report.json")
+    return Path(out)
