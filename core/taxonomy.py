@@ -1,4 +1,5 @@
-"""The defect taxonomy and the box type every package speaks: DeepPCB's six defect types and an inclusive pixel box.
+"""The defect taxonomy and the box type every package speaks (DeepPCB's six defect types, an inclusive pixel box), and
+the kinds of task a run can train.
 
 Why here: real-data importers, candidate generation, the board detector and the metrics all need the types and the box;
 the synthetic generator is only one producer of them.
@@ -7,6 +8,7 @@ the synthetic generator is only one producer of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 DEFECT_TYPES: tuple[str, ...] = ("open", "short", "mousebite", "spur", "copper", "pin-hole")  # DeepPCB ids 1..6
 NUISANCE_LABEL = "nuisance"
@@ -21,3 +23,10 @@ class Box:
     x2: int
     y2: int
     label: str
+
+
+class TaskKind(StrEnum):
+    """What a run trains (config ``task``); each kind is a :class:`pipelines.tasks.Task` implementation."""
+
+    verify = "verify"  # AOI candidate verification: board pairs -> candidate crops -> false call or defect type
+    classify = "classify"  # folder-per-class image classification

@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateConfig
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
@@ -40,8 +41,12 @@ class RunConfig:
 
 @dataclass
 class DefectOpsConfig:
+    """The whole configuration: the run's identity, the task it trains (``verify``: AOI candidate verification on
+    boards; ``classify``: folder-per-class images) and one sub-config per group."""
+
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
+    task: TaskKind = TaskKind.verify
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -72,6 +77,8 @@ def load_config(overrides: list[str] | None = None) -> DefectOpsConfig:
         obj = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         msg = " ".join(str(e).split())
+        if isinstance(e.__cause__, OmegaConfBaseException):  # Hydra's "Error merging override" hides the reason
+            msg += ": " + " ".join(str(e.__cause__).split("full_key:")[0].split())
         raise ConfigError(f"bad configuration: {msg[:300]} (see `defectops config show --help`)") from None
     finally:
         GlobalHydra.instance().clear()

@@ -3,6 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class InstanceKind(StrEnum):
+    """Where Triton runs a model instance (``export.triton.instance_kind``)."""
+
+    KIND_CPU = "KIND_CPU"
+    KIND_GPU = "KIND_GPU"
+
+
+class CalibrationMethod(StrEnum):
+    """How INT8 activation ranges are calibrated (``export.int8.method``)."""
+
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Serve(StrEnum):
+    """Which verified export the Triton repository serves (``export.serve``)."""
+
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+class DetectSelect(StrEnum):
+    """The val score the detector's thresholds maximise (``detect.select``)."""
+
+    mean = "mean"
+    fscore = "fscore"
+    map = "map"
+
+
+class Confidence(StrEnum):
+    """What a detection's confidence is (``detect.confidence``)."""
+
+    label = "label"
+    defect = "defect"
 
 
 @dataclass
@@ -11,7 +49,7 @@ class TritonConfig:
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
     max_queue_delay_us: int = 500
     instances: int = 1
-    instance_kind: str = "KIND_CPU"
+    instance_kind: InstanceKind = InstanceKind.KIND_CPU
 
 
 @dataclass
@@ -25,7 +63,7 @@ class Int8Config:
 
     enabled: bool = True
     calibration_samples: int = 256
-    method: str = "minmax"
+    method: CalibrationMethod = CalibrationMethod.minmax
     per_channel: bool = True
     max_macro_recall_drop: float = 0.005
 
@@ -41,7 +79,7 @@ class ExportConfig:
     opset: int = 17
     min_top1_agreement: float = 0.999
     max_logit_diff: float = 1e-3
-    serve: str = "fp32"
+    serve: Serve = Serve.fp32
     int8: Int8Config = field(default_factory=Int8Config)
     triton: TritonConfig = field(default_factory=TritonConfig)
 
@@ -59,10 +97,10 @@ class DetectConfig:
 
     enabled: bool = True
     score_threshold: float | None = None
-    select: str = "mean"
+    select: DetectSelect = DetectSelect.mean
     threshold_per_type: bool = False
     merge: bool = True
-    confidence: str = "label"
+    confidence: Confidence = Confidence.label
     iou_threshold: float = 0.33
     threads: int = 2
     batch_boards: int = 8

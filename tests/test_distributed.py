@@ -158,6 +158,7 @@ def test_sync_batchnorm_keeps_the_model(name: str) -> None:
 
 
 def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
+    from defectops.core.taxonomy import TaskKind
     from defectops.pipelines.context import StepContext, StepError
     from defectops.pipelines.steps.train import train
     from defectops.registry.config import RegistryConfig
@@ -166,7 +167,7 @@ def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
     ctx = StepContext(run_id="r", root=tmp_path, home=tmp_path, config_hash="h")
     with pytest.raises(StepError, match="train.batch_size=33 does not split evenly over train.nproc=2"):
         train(ctx, DataConfig(), ModelConfig(), TrainConfig(nproc=2, batch_size=33, device="cpu"), RegistryConfig(),
-              0)
+              0, TaskKind.verify)
 
 
 # -------------------------------------------------------------------------------------------- 2-process training

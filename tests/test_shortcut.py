@@ -141,6 +141,7 @@ def _folder_dataset(root: Path, sizes: dict[str, tuple[int, int]], n: int = 14) 
 
 
 def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, dict]:
+    from defectops.core.taxonomy import TaskKind
     from defectops.pipelines.context import StepContext
     from defectops.pipelines.steps.pull_data import pull_data
     from defectops.pipelines.steps.validate_data import validate_data
@@ -151,7 +152,7 @@ def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, 
     run = tmp_path / "run"
     ctx = StepContext(run_id="r", root=run, home=tmp_path / "home", config_hash="h")
     pull_data(ctx, data)
-    return run, validate_data(ctx, data)
+    return run, validate_data(ctx, data, TaskKind.classify)
 
 
 def test_validate_data_warns_when_the_class_is_the_image_size(tmp_path: Path) -> None:

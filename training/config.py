@@ -7,6 +7,65 @@ functions take the sub-config they need (``TrainConfig``, ``ModelConfig`` ...), 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+# Choice fields are Enums: a typo fails when the configuration is composed, naming the choices (StrEnum members
+# compare and serialise as their value, so configs, hashes and run ids read as plain strings).
+
+
+class DataSource(StrEnum):
+    """Where ``pull_data`` gets the dataset (``data.source``)."""
+
+    synth = "synth"
+    deeppcb = "deeppcb"
+    folder = "folder"
+    snapshot = "snapshot"
+
+
+class GroupBy(StrEnum):
+    """What a split keeps together (``data.split.group_by``)."""
+
+    none = "none"
+    design = "design"
+
+
+class FitMode(StrEnum):
+    """How an image of any size is fitted to the crop size (``data.fit_mode``)."""
+
+    letterbox = "letterbox"
+    resize = "resize"
+    center_crop = "center_crop"
+
+
+class Tta(StrEnum):
+    """Test-time augmentation views (``model.tta``)."""
+
+    none = "none"
+    hflip = "hflip"
+    rot4 = "rot4"
+    d8 = "d8"
+
+
+class Sampler(StrEnum):
+    """Class balancing of the training draw (``train.sampler``)."""
+
+    none = "none"
+    inverse_frequency = "inverse_frequency"
+    effective_number = "effective_number"
+
+
+class Select(StrEnum):
+    """Which epoch's checkpoint the run keeps (``train.select``)."""
+
+    val_macro_recall = "val_macro_recall"
+    last = "last"
+
+
+class Precision(StrEnum):
+    """The forward pass's precision in training (``train.precision``)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 @dataclass
@@ -37,7 +96,7 @@ class SplitConfig:
     val: float = 0.15
     test: float = 0.2
     seed: int = 0
-    group_by: str = "none"
+    group_by: GroupBy = GroupBy.none
     val_groups: list[str] = field(default_factory=list)
     test_groups: list[str] = field(default_factory=list)
 
@@ -138,11 +197,11 @@ class DataConfig:
     the class: see :class:`ShortcutConfig`.
     """
 
-    source: str = "synth"
+    source: DataSource = DataSource.synth
     root: str | None = None
     list_file: str = "trainval.txt"
     good_class: str = "false_call"
-    fit_mode: str = "letterbox"
+    fit_mode: FitMode = FitMode.letterbox
     synth: SynthConfig = field(default_factory=SynthConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
@@ -164,7 +223,7 @@ class ModelConfig:
     name: str = "aoi_resnet10t"
     drop_rate: float = 0.0
     kwargs: dict[str, str] = field(default_factory=dict)
-    tta: str = "none"
+    tta: Tta = Tta.none
     pretrained: bool = True
     weights: str | None = None
 
@@ -206,15 +265,15 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
-    sampler: str = "inverse_frequency"
+    sampler: Sampler = Sampler.inverse_frequency
     sampler_beta: float = 0.999
     max_grad_norm: float | None = 5.0
     num_workers: int = 0
     threads: int = 0
     device: str = "auto"
     nproc: int = 1
-    select: str = "val_macro_recall"
-    precision: str = "fp32"
+    select: Select = Select.val_macro_recall
+    precision: Precision = Precision.fp32
     channels_last: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -73,7 +73,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int, img_size: int, in_chan
     """The registry model of ``model_cfg``; ``pretrained`` (a fresh training run) loads its pretrained weights when
     ``model_cfg.pretrained`` allows it. A trained model is rebuilt without them (its own weights follow)."""
     return create_model(model_cfg.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                        drop_rate=model_cfg.drop_rate, tta=model_cfg.tta,
+                        drop_rate=model_cfg.drop_rate, tta=str(model_cfg.tta),
                         pretrained=pretrained and model_cfg.pretrained,
                         weights=model_cfg.weights if pretrained and model_cfg.pretrained else None,
                         **dict(model_cfg.kwargs))
@@ -199,7 +199,7 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
             meta = {"weights_info": weights_info}
             if cfg.select == "val_macro_recall" and best_epoch(history) == epoch + 1:
                 save_checkpoint(ckpt_dir / BEST, model, None, None, epoch + 1, history, classes, model_cfg, img_size,
-                                counts, extra={**meta, "selected_epoch": epoch + 1, "select": cfg.select})
+                                counts, extra={**meta, "selected_epoch": epoch + 1, "select": str(cfg.select)})
             save_checkpoint(ckpt_dir / f"epoch-{epoch + 1:03d}.pt", model, optimizer, scheduler, epoch + 1, history,
                             classes, model_cfg, img_size, counts, extra=meta)
             for old in checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
@@ -278,7 +278,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Atomically save model (and, for a resumable checkpoint, optimizer and scheduler) with what rebuilds it."""
     state: dict[str, Any] = {
         "model": model.state_dict(), "epoch": epoch, "history": history, "classes": list(classes),
-        "model_name": model_cfg.name, "model_kwargs": dict(model_cfg.kwargs), "model_tta": model_cfg.tta,
+        "model_name": model_cfg.name, "model_kwargs": dict(model_cfg.kwargs), "model_tta": str(model_cfg.tta),
         "img_size": img_size, "class_counts": counts.tolist(), **(extra or {})}
     if optimizer is not None and scheduler is not None:
         state["optimizer"] = optimizer.state_dict()

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, progress_bars
-from defectops.training.config import ValidationConfig
+from defectops.training.config import GroupBy, SplitConfig, ValidationConfig
 
 data_app = typer.Typer(help="Dataset snapshots: import, validate, push to and pull from S3.", no_args_is_help=True)
 import_app = typer.Typer(help="Import a dataset into a snapshot (manifest.jsonl + classes.json + fingerprint).",
@@ -55,8 +55,8 @@ def import_deeppcb(
     list_file: Annotated[str, typer.Option("--list", help="List file inside ROOT (DeepPCB's trainval.txt format).")]
     = "trainval.txt",
     val: Val = 0.15, test: Test = 0.2, seed: Seed = 0,
-    group_by: Annotated[str, typer.Option(help="none: split pair by pair; design: whole board designs (the list's "
-                                               "first folder, groupNNNNN) go to one split.")] = "none",
+    group_by: Annotated[GroupBy, typer.Option(help="none: split pair by pair; design: whole board designs (the "
+                                                   "list's first folder, groupNNNNN) go to one split.")] = GroupBy.none,
     val_group: Annotated[list[str] | None, typer.Option(help="Design pinned to val (repeatable; --group-by design).")]
     = None,
     test_group: Annotated[list[str] | None, typer.Option(help="Design pinned to test (repeatable; --group-by "
@@ -64,7 +64,6 @@ def import_deeppcb(
 ) -> None:
     """Index DeepPCB-format board pairs in place (files are not copied): boxes and defect types per pair."""
     from defectops.core.taxonomy import DEFECT_TYPES
-    from defectops.training.config import SplitConfig
     from defectops.training.snapshot import deeppcb_samples
 
     split = SplitConfig(val=val, test=test, seed=seed, group_by=group_by, val_groups=list(val_group or []),
@@ -117,7 +116,6 @@ def import_synth(
 ) -> None:
     """Generate seeded synthetic boards (DeepPCB format) into OUT/boards and snapshot them (self-contained)."""
     from defectops.core.taxonomy import DEFECT_TYPES
-    from defectops.training.config import SplitConfig
     from defectops.training.snapshot import deeppcb_samples
     from defectops.training.synth import write_deeppcb_root
 

@@ -60,7 +60,7 @@ def publish(
     Publishing writes each version folder first and config.pbtxt last, so a Triton polling the destination never
     loads a half-published model; versions already there are kept (the config's version policy picks those served).
     """
-    from defectops.serving.config import TritonConfig
+    from defectops.serving.config import InstanceKind, TritonConfig
     from defectops.serving.triton import (
         PublishError,
         check_model_name,
@@ -90,7 +90,7 @@ def publish(
     if instances is not None:
         cfg.instances = instances
     if kind is not None:
-        cfg.instance_kind = f"KIND_{kind.upper()}"
+        cfg.instance_kind = InstanceKind(f"KIND_{kind.upper()}")
     v = version or ref_version or 1
     with tempfile.TemporaryDirectory(prefix="defectops-triton-") as tmp:
         try:

@@ -15,13 +15,15 @@ import numpy as np
 
 from defectops.core.fsutil import atomic_path, write_json
 from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateConfig
 from defectops.evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
 from defectops.evaluation.report import render_report, write_miss_tiles
 from defectops.evaluation.report_sections import board_html, gradcam_misses, read_shortcut, split_note
 from defectops.evaluation.scoring import Scored, score_crops
 from defectops.pipelines.context import StepContext, StepError
-from defectops.pipelines.steps.common import evaluate_boards, has_boards, registry_client
+from defectops.pipelines.tasks import create_task
+from defectops.pipelines.tracking import registry_client
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig
 from defectops.training.config import DataConfig
@@ -34,8 +36,9 @@ WRITES = (RUN.metrics, RUN.gates, RUN.predictions, RUN.report, RUN.misses, RUN.b
 
 
 def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
-             detect: DetectConfig) -> dict[str, Any]:
-    """Score the trained model on the test crops (and boards), apply the gates, write metrics and the HTML report."""
+             detect: DetectConfig, task: TaskKind) -> dict[str, Any]:
+    """Score the trained model on the test crops (and the task's own evaluation: boards), apply the gates, write
+    metrics and the HTML report."""
     import torch
 
     from defectops.training.data import load_split, to_tensor
@@ -56,14 +59,12 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
     champion, champion_version = _champion_metrics(ctx, registry, x, y, crops.classes, data.good_class)
     if champion is not None:
         write_json(ctx.path(RUN.champion_metrics), champion.to_dict())
-    board = None
-    if detect.enabled and has_boards(ctx):
 
-        def torch_logits(batch: np.ndarray) -> np.ndarray:
-            return predict_logits(net, torch.from_numpy(batch), resolve_device("cpu"))
+    def torch_logits(batch: np.ndarray) -> np.ndarray:
+        return predict_logits(net, torch.from_numpy(batch), resolve_device("cpu"))
 
-        board = evaluate_boards(ctx, data, detect, crops.classes, torch_logits, detect.score_threshold,
-                                gates.confidence)
+    board = create_task(task).detection_scores(ctx, data, detect, crops.classes, torch_logits, gates.confidence)
+    if board is not None:
         write_json(ctx.path(RUN.board_metrics), board)
         write_json(ctx.path(RUN.detector), {"score_threshold": board["score_threshold"],
                                             "type_thresholds": board["type_thresholds"], **board["settings"]})

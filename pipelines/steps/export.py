@@ -11,8 +11,9 @@ from typing import Any
 
 from defectops.core.fsutil import read_json
 from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
 from defectops.pipelines.context import StepContext
-from defectops.pipelines.steps.common import has_boards
+from defectops.pipelines.tasks import create_task
 from defectops.serving.config import ExportConfig
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import load_snapshot
@@ -22,7 +23,7 @@ WRITES = (RUN.onnx, RUN.onnx_int8)
 
 
 # ------------------------------------------------------------------------------------------------------ export
-def export(ctx: StepContext, export: ExportConfig, data: DataConfig) -> dict[str, Any]:
+def export(ctx: StepContext, export: ExportConfig, data: DataConfig, task: TaskKind) -> dict[str, Any]:
     """Export the trained model to ONNX (dynamic batch) carrying its classes, input size and detector settings."""
     from defectops.serving.model_ref import model_metadata
     from defectops.serving.onnx_export import export_onnx
@@ -30,11 +31,11 @@ def export(ctx: StepContext, export: ExportConfig, data: DataConfig) -> dict[str
 
     net, state = load_trained_model(ctx.path(RUN.model))
     size = int(state["img_size"])
-    detector = read_json(ctx.path(RUN.detector)) if ctx.path(RUN.detector).is_file() else {}
+    kind = create_task(task)
+    extra = kind.export_metadata(ctx)
     crops_meta = read_json(ctx.path(RUN.crops) / "snapshot.json")
-    task = "aoi" if has_boards(ctx) else "folder"
-    meta = model_metadata(list(state["classes"]), data.good_class, size, task, fit_mode=data.fit_mode,
-                          candidates=detector.get("candidates"), detector=detector,
+    meta = model_metadata(list(state["classes"]), data.good_class, size, kind.model_task, fit_mode=data.fit_mode,
+                          candidates=extra.get("candidates"), detector=extra.get("detector") or {},
                           extra={"run_id": ctx.run_id, "dataset_fingerprint": crops_meta.get("board_fingerprint", "")})
     export_onnx(net, ctx.path(RUN.onnx), input_shape=(3, size, size), opset=export.opset, metadata=meta)
     result: dict[str, Any] = {"onnx_path": str(ctx.path(RUN.onnx)), "opset": export.opset,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from defectops.core.fsutil import atomic_dir, write_json
 from defectops.core.layout import RUN
 from defectops.pipelines.context import StepContext, StepError
-from defectops.pipelines.steps.common import task_classes
+from defectops.pipelines.tasks.verify import task_classes
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import (
     SPLITS,

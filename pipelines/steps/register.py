@@ -9,8 +9,11 @@ Reads: ``RUN.gates``, ``RUN.model``, ``RUN.metrics``, ``RUN.report``, ``RUN.vali
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,11 @@ import numpy as np
 from defectops.core import tags as T
 from defectops.core.fsutil import atomic_dir, read_json, write_json
 from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateReport
 from defectops.pipelines.context import GateFailure, StepContext, StepError
-from defectops.pipelines.steps.common import current_user, git_commit, has_boards, mlflow_run
+from defectops.pipelines.tasks import create_task
+from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import load_snapshot
@@ -57,7 +62,7 @@ def _review_evidence(ctx: StepContext) -> Path:
     return out
 
 
-def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig) -> dict[str, Any]:
+def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task: TaskKind) -> dict[str, Any]:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     import mlflow.pytorch
 
@@ -82,7 +87,7 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig) -> di
         c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
     c.log_artifacts(rid, str(_review_evidence(ctx)), "evidence")
     c.log_artifacts(rid, str(model_dir), "model")
-    c.log_artifacts(rid, str(_drift_reference(ctx, data)), "drift")
+    c.log_artifacts(rid, str(_drift_reference(ctx, data, task)), "drift")
     metrics = read_json(ctx.path(RUN.metrics))
     for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
         if metrics.get(k) is not None:
@@ -121,7 +126,7 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig) -> di
     return result
 
 
-def _drift_reference(ctx: StepContext, data: DataConfig) -> Path:
+def _drift_reference(ctx: StepContext, data: DataConfig, task: TaskKind) -> Path:
     """``RUN.drift``: the reference profile of the held-out (val + test) crops through the trained model, which
     ``defectops drift check`` compares production batches with (computed once; a rerun reuses it). A run started by a
     drift check keeps that check's report beside it."""
@@ -138,12 +143,12 @@ def _drift_reference(ctx: StepContext, data: DataConfig) -> Path:
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         net, state = load_trained_model(ctx.path(RUN.model))
-        task = "aoi" if has_boards(ctx) else "folder"
-        profile = reduce_reference(profile_from_images(net, images, crops.classes, task, labels=labels))
+        model_task = create_task(task).model_task
+        profile = reduce_reference(profile_from_images(net, images, crops.classes, model_task, labels=labels))
         meta_file = ctx.path(RUN.crops) / "snapshot.json"
         fit = (read_json(meta_file).get("fit") or {}) if meta_file.is_file() else {}
         save_profile(out, profile, {
-            "run_id": ctx.run_id, "model_name": str(state.get("model_name")), "task": task,
+            "run_id": ctx.run_id, "model_name": str(state.get("model_name")), "task": model_task,
             "good_class": data.good_class, "input_size": int(state["img_size"]),
             "fit_mode": fit.get("mode", data.fit_mode), "splits": ["val", "test"],
             "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint,
@@ -153,3 +158,19 @@ def _drift_reference(ctx: StepContext, data: DataConfig) -> Path:
     if trigger.is_file():  # this run was started by a drift check: keep its report with the profile
         shutil.copyfile(trigger, out / "trigger-report.json")
     return Path(out)
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or ``unknown`` outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def current_user() -> str:
+    """Who is acting: $DEFECTOPS_USER, else the operating-system user."""
+    return os.environ.get("DEFECTOPS_USER") or getpass.getuser()
+

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from defectops.core.fsutil import atomic_path, read_json
+from defectops.core.fsutil import read_json
 from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
 from defectops.pipelines.context import StepContext, StepError
-from defectops.pipelines.steps.common import mlflow_run
+from defectops.pipelines.tasks import create_task
 from defectops.registry.config import RegistryConfig
 from defectops.training.config import DataConfig, ModelConfig, TrainConfig
 from defectops.training.snapshot import load_snapshot
@@ -23,8 +24,8 @@ WORKER_MODULE = "defectops.pipelines.runners.worker"  # what torchrun starts in 
 
 
 def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
-          seed: int) -> dict[str, Any]:
-    """Train the crop classifier with checkpoints every epoch; a rerun resumes from the newest checkpoint.
+          seed: int, task: TaskKind) -> dict[str, Any]:
+    """Train the task's model with checkpoints every epoch; a rerun resumes from the newest checkpoint.
 
     ``train.nproc`` > 1 trains with DistributedDataParallel. Outside torchrun this step starts
     ``torchrun --standalone --nproc_per_node=<nproc>``
@@ -39,73 +40,10 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
     owned = not distributed.is_initialized()
     distributed.init_from_env(train.device)
     try:
-        return _train(ctx, data, model, train, registry, seed)
+        return create_task(task).fit(ctx, data, model, train, registry, seed)
     finally:
         if owned:
             distributed.cleanup()
-
-
-def _train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
-           seed: int) -> dict[str, Any]:
-    import torch
-
-    from defectops.registry import mlflow_registry as reg
-    from defectops.training import distributed
-    from defectops.training.data import class_counts, load_split
-    from defectops.training.trainer import CheckpointError, fit
-
-    main, world = distributed.rank() == 0, distributed.world_size()
-    crops = load_snapshot(ctx.path(RUN.crops))
-    x_train, y_train, _ = load_split(crops, "train")
-    x_val, y_val, _ = load_split(crops, "val")
-    c: Any = None
-    rid = ""
-    if main:
-        c, rid = mlflow_run(ctx, registry)
-        reg.log_params(c, rid, {"model": model.name, "epochs": train.epochs, "batch_size": train.batch_size,
-                                "lr": train.lr, "sampler": train.sampler, "loss": train.loss.name,
-                                "gamma": train.loss.gamma, "seed": seed, "train_samples": len(y_train),
-                                "nproc": world,
-                                "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint})
-    per_epoch = len(y_train) // train.batch_size * train.batch_size if len(y_train) > train.batch_size else len(y_train)
-    advance = ctx.reporter.task(f"training {model.name}" + (f" on {world} processes" if world > 1 else ""),
-                                train.epochs * per_epoch) if main else (lambda n: None)
-
-    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            if k != "epoch":
-                c.log_metric(rid, f"train_{k}" if not k.startswith("val_") else k, float(v), step=epoch)
-        ctx.reporter.log(f"epoch {epoch}/{train.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()
-                                                                     if k != "epoch"))
-
-    try:
-        result = fit(x_train, y_train, crops.classes, model, train, ctx.path(RUN.checkpoints), seed=seed,
-                     val=(x_val, y_val), on_epoch=on_epoch, on_batch=advance if world == 1 else
-                     (lambda n: advance(n * world)))
-    except CheckpointError as e:
-        raise StepError(str(e)) from None
-    if not main:
-        return {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "rank": distributed.rank()}
-    if result.resumed_from:
-        advance(result.resumed_from * per_epoch)
-    with atomic_path(ctx.path(RUN.model)) as tmp:
-        state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
-        for k in ("optimizer", "scheduler"):
-            state.pop(k, None)
-        torch.save(state, tmp)
-    out = {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
-           "selected_epoch": result.selected_epoch, "select": train.select,
-           "selected": result.history[result.selected_epoch - 1] if result.selected_epoch else {},
-           "final": result.history[-1] if result.history else {}, "class_counts": class_counts(y_train, crops.classes)}
-    weights = state.get("weights_info") or {}
-    reg.log_params(c, rid, {"selected_epoch": result.selected_epoch,
-                            "pretrained_weights": weights.get("weights", "none"),
-                            "pretrained_sha256": weights.get("weights_sha256", "none")})
-    if weights:
-        out["pretrained"] = weights
-    if world > 1:
-        out["nproc"] = world
-    return out
 
 
 def _train_with_torchrun(ctx: StepContext, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:

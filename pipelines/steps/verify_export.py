@@ -18,11 +18,13 @@ import numpy as np
 from defectops.core import tags as T
 from defectops.core.fsutil import read_json, write_json
 from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateConfig
 from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.evaluation.scoring import Scored, score_crops
 from defectops.pipelines.context import StepContext, StepError
-from defectops.pipelines.steps.common import evaluate_boards, mlflow_run
+from defectops.pipelines.tasks import Task, create_task
+from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
 from defectops.serving.onnx_export import Parity
@@ -43,26 +45,25 @@ class _Checked:
     board: dict[str, Any] | None
 
 
-def _check_onnx(ctx: StepContext, model: Path, data: DataConfig, gates: GateConfig, detect: DetectConfig,
-                classes: tuple[str, ...], x: np.ndarray, y: np.ndarray, units: list[str], ref_logits: np.ndarray,
-                champion: ClassificationMetrics | None) -> _Checked:
+def _check_onnx(ctx: StepContext, model: Path, task: Task, data: DataConfig, gates: GateConfig,
+                detect: DetectConfig, classes: tuple[str, ...], x: np.ndarray, y: np.ndarray, units: list[str],
+                ref_logits: np.ndarray, champion: ClassificationMetrics | None) -> _Checked:
     from defectops.serving.onnx_export import onnx_logits, onnx_session, parity
     from defectops.training.data import to_tensor
 
     session = onnx_session(model)
     logits = onnx_logits(session, to_tensor(x).numpy())
     board = None
-    if ctx.path(RUN.detector).is_file():
-        chosen = read_json(ctx.path(RUN.detector))
-        board = evaluate_boards(ctx, data, detect, classes, lambda b: onnx_logits(session, b),
-                                chosen["score_threshold"], gates.confidence, chosen.get("type_thresholds"))
+    if ctx.path(RUN.detector).is_file():  # the settings the checkpoint's evaluation chose, applied unchanged
+        board = task.detection_scores(ctx, data, detect, classes, lambda b: onnx_logits(session, b), gates.confidence,
+                                      chosen=read_json(ctx.path(RUN.detector)))
     scored = score_crops(logits, y, classes, data.good_class, units, gates, champion=champion,
                          board=board.get("test") if board else None)
     return _Checked(parity(ref_logits, logits), scored, board)
 
 
 def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
-                  registry: RegistryConfig, detect: DetectConfig) -> dict[str, Any]:
+                  registry: RegistryConfig, detect: DetectConfig, task: TaskKind) -> dict[str, Any]:
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
     from defectops.registry import mlflow_registry as reg
@@ -75,7 +76,9 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     baseline = ctx.path(RUN.champion_metrics)
     champion = ClassificationMetrics.from_dict(read_json(baseline)) if baseline.is_file() else None
     units = resampling_units(crops, paths)
-    fp32 = _check_onnx(ctx, ctx.path(RUN.onnx), data, gates, detect, crops.classes, x, y, units, ref, champion)
+    kind = create_task(task)
+    fp32 = _check_onnx(ctx, ctx.path(RUN.onnx), kind, data, gates, detect, crops.classes, x, y, units, ref,
+                       champion)
     par, report = fp32.parity, fp32.scored.gates
     if fp32.board is not None:
         write_json(ctx.path(RUN.onnx_board_metrics), fp32.board)
@@ -107,7 +110,7 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
         raise StepError("exported model failed verification, challenger alias removed: " + "; ".join(problems))
     int8 = None
     if export.int8.enabled and ctx.path(RUN.onnx_int8).is_file():
-        int8 = _verify_int8(ctx, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
+        int8 = _verify_int8(ctx, kind, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
         for k, v in {T.INT8_PUBLISHED: str(int8["publish"]).lower(),
                      T.INT8_MACRO_RECALL_DROP: f"{int8['macro_recall_drop']:.6f}",
                      T.INT8_REFUSED: "; ".join(int8["reasons"]) or "none"}.items():
@@ -138,14 +141,14 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     return result
 
 
-def _verify_int8(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig, detect: DetectConfig,
-                 x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray, classes: tuple[str, ...],
+def _verify_int8(ctx: StepContext, task: Task, data: DataConfig, export: ExportConfig, gates: GateConfig,
+                 detect: DetectConfig, x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray, classes: tuple[str, ...],
                  champion: ClassificationMetrics | None, units: list[str]) -> dict[str, Any]:
     """Evaluate the INT8 model like the checkpoint (same crops, same gates, board-level too) and decide whether it may
     be published (:func:`serving.quantize.int8_verdict`); writes ``RUN.int8_report``."""
     from defectops.serving.quantize import int8_verdict
 
-    checked = _check_onnx(ctx, ctx.path(RUN.onnx_int8), data, gates, detect, classes, x, y, units, ref_logits,
+    checked = _check_onnx(ctx, ctx.path(RUN.onnx_int8), task, data, gates, detect, classes, x, y, units, ref_logits,
                           champion)
     par, scored, board = checked.parity, checked.scored, checked.board
     reference = ClassificationMetrics.from_dict(read_json(ctx.path(RUN.metrics)))
