@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: run test lint typecheck bench clean help .venv-triton .venv-checkov
+.PHONY: run test unit lint typecheck bench clean help .venv-triton .venv-checkov
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,6 +57,9 @@ run: $(VENV)/.installed  ## train, gate, register and export on the embedded syn
 
 test: $(VENV)/.installed-test $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: $(VENV)/.installed-test $(CHECKOV_VENV)/.installed  ## the unit tests alone (tests/unit, no servers, no trained run)
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
 
 # mypy reads packages from folders, not through setuptools' editable import hook: it checks `defectops` through a view
 # of symlinks (build/namespace/defectops/<package> -> <package>/) that mirrors the installed names.

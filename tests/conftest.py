@@ -1,4 +1,8 @@
-"""Shared fixtures: a quiet, offline environment and one tiny end-to-end run per test session."""
+"""Shared fixtures: a quiet, offline environment, one tiny end-to-end run per test session (``TinyRun``), one server of
+each kind (S3, MLflow, review app, Triton), and the automatic ``integration`` marker.
+
+The tree mirrors the packages: ``tests/unit/<package>/`` (fast, no servers, no trained run) and ``tests/integration/``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,13 @@ import contextlib
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from health import ServerDidNotStart, http_ok, wait_until_ready
+
+if TYPE_CHECKING:
+    from tiny import TinyRun
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -16,6 +25,20 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 TINY = ["+experiment=tiny"]
+
+# Tests that need one of these (a trained run, a server, real data) are integration tests wherever they live.
+INTEGRATION_FIXTURES = frozenset({"tiny_run", "s3", "mlflow_server", "review_registry", "review_server",
+                                  "triton_repository", "triton", "deeppcb_root"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``integration`` everything under tests/integration/, every test using an integration fixture and every
+    ``slow`` test, so that ``pytest -m "not integration"`` (``make unit``) runs the unit tests alone."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if ("integration" in item.path.parts or fixtures & INTEGRATION_FIXTURES
+                or item.get_closest_marker("slow") is not None):
+            item.add_marker(pytest.mark.integration)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,15 +53,17 @@ def deeppcb_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """Run the whole pipeline once on the tiny config in a fresh home; tests read what it left behind."""
+    from tiny import TinyRun
+
     from defectops.pipelines.config import load_config
     from defectops.pipelines.runners.local import run_pipeline
 
     home = tmp_path_factory.mktemp("home")
     cfg = load_config(TINY)
     ctx, outcomes = run_pipeline(cfg, home=home)
-    return {"home": home, "cfg": cfg, "ctx": ctx, "outcomes": outcomes, "root": ctx.root}
+    return TinyRun(home=home, cfg=cfg, ctx=ctx, outcomes=list(outcomes), root=ctx.root)
 
 
 @pytest.fixture
@@ -73,8 +98,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     work = tmp_path_factory.mktemp("mlflow-server")
     with socket.socket() as s:
@@ -88,18 +111,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}", pytrace=False)
-            time.sleep(0.5)
+        try:
+            wait_until_ready("mlflow server", lambda: http_ok(f"{url}/health"), alive=lambda: proc.poll() is None,
+                             log=work / "server.log", timeout=90, interval=0.5)
+        except ServerDidNotStart as e:
+            pytest.fail(str(e), pytrace=False)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -112,7 +129,7 @@ from review_support import ReviewServer, make_review_registry, start_review_serv
 
 
 @pytest.fixture(scope="session")
-def review_registry(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def review_registry(tiny_run: TinyRun, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A copy of the tiny run's registry where version 1 is the champion (approved by ``lee``) and version 2, on a
     run with better metrics and the same evidence layout, is the pending ``challenger`` registered by ``eve``."""
     return make_review_registry(tiny_run, tmp_path_factory.mktemp("review-home"))
@@ -133,7 +150,7 @@ TRITON_QUEUE_DELAY_US = 20000
 
 
 @pytest.fixture(scope="session")
-def triton_repository(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def triton_repository(tiny_run: TinyRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run's model (``defectops-aoi``) published with ``defectops serve publish --model <run root> --to
     <folder>``."""
     from typer.testing import CliRunner
@@ -142,8 +159,8 @@ def triton_repository(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) 
 
     repo = tmp_path_factory.mktemp("triton-repo")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
-        r = CliRunner().invoke(app, ["serve", "publish", "--model", str(tiny_run["root"]), "--to", str(repo),
+        mp.setenv("DEFECTOPS_HOME", str(tiny_run.home))
+        r = CliRunner().invoke(app, ["serve", "publish", "--model", str(tiny_run.root), "--to", str(repo),
                                      "--max-queue-delay-us", str(TRITON_QUEUE_DELAY_US)])
     if r.exit_code != 0:
         pytest.fail(f"defectops serve publish failed ({r.exit_code}): {r.output}", pytrace=False)

@@ -19,11 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from health import http_ok, wait_until_ready
 
 MOTO_PIN = "moto[server]==5.2.5"
 ACCESS_KEY = "testing"  # moto accepts any key; these never leave the loopback interface
@@ -74,14 +74,6 @@ class MotoServer:
                             aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/moto-api/", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def moto_server(log_dir: Path, region: str = "eu-west-1", timeout: float = 30.0) -> Iterator[MotoServer]:
     """Start ``moto_server`` on 127.0.0.1 and a free port, wait until it answers, yield it; kill its group on exit."""
@@ -95,14 +87,8 @@ def moto_server(log_dir: Path, region: str = "eu-west-1", timeout: float = 30.0)
         proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not _ready(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not answer on {url} within {timeout:.0f} s:\n"
-                                   f"{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_until_ready(f"moto_server on {url}", lambda: http_ok(f"{url}/moto-api/", timeout=1),
+                         alive=lambda: proc.poll() is None, log=log, timeout=timeout)
         yield MotoServer(url=url, log=log, region=region)
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import numpy as np
+from health import http_ok, wait_until_ready
+from tiny import TinyRun
 
 PASSWORDS = {"eng": "engineer-pass-1", "quinn": "quality-pass-1", "ada": "admin-pass-123", "eve": "eve-pass-1234"}
 ROLES = {"eng": "ml-engineer", "quinn": "quality-lead", "ada": "admin", "eve": "quality-lead"}
@@ -55,7 +56,7 @@ def _improved(metrics: dict[str, Any]) -> dict[str, Any]:
     return classification_metrics(y_true, probs, metrics["classes"], metrics["good_class"]).to_dict()
 
 
-def make_review_registry(tiny_run: dict, home: Path) -> dict:
+def make_review_registry(tiny_run: TinyRun, home: Path) -> dict:
     """Champion v1 (the tiny run's version, approved) and challenger v2 (a new run with better metrics)."""
     from defectops.evaluation.gates import evaluate_gates
     from defectops.evaluation.metrics import ClassificationMetrics
@@ -63,9 +64,9 @@ def make_review_registry(tiny_run: dict, home: Path) -> dict:
     from defectops.registry.governance import approve, record_register
     from defectops.registry.mlflow_registry import client as make_client
 
-    shutil.copy2(Path(tiny_run["home"]) / "mlflow.db", home / "mlflow.db")
+    shutil.copy2(Path(tiny_run.home) / "mlflow.db", home / "mlflow.db")
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    c, model, cfg = make_client(uri), tiny_run["cfg"].registry.model_name, RegistryConfig()
+    c, model, cfg = make_client(uri), tiny_run.cfg.registry.model_name, RegistryConfig()
     approve(c, model, "1", actor="lee", role="quality-lead", reason="first champion", cfg=cfg,
             max_regression=0.02, lock_dir=home)
     v1 = c.get_model_version(model, "1")
@@ -74,7 +75,7 @@ def make_review_registry(tiny_run: dict, home: Path) -> dict:
         c.download_artifacts(v1.run_id, "evidence", str(t))
         metrics = _improved(json.loads(Path(c.download_artifacts(v1.run_id, "metrics.json", str(t))).read_text()))
         (t / "metrics.json").write_text(json.dumps(metrics))
-        gates = evaluate_gates(ClassificationMetrics.from_dict(metrics), tiny_run["cfg"].gates)
+        gates = evaluate_gates(ClassificationMetrics.from_dict(metrics), tiny_run.cfg.gates)
         (t / "evidence" / "gates.json").write_text(json.dumps(gates.to_dict()))
         run = c.create_run(c.get_run(v1.run_id).info.experiment_id, run_name="candidate-2").info.run_id
         for k, v in c.get_run(v1.run_id).data.params.items():
@@ -112,17 +113,8 @@ def add_users(users_file: Path) -> None:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            raise RuntimeError(f"review server did not start: {log.read_text()[-3000:] if log.exists() else ''}")
-        time.sleep(0.2)
+    wait_until_ready("review server", lambda: http_ok(f"{url}/healthz"),
+                     alive=lambda: proc is None or proc.poll() is None, log=log, timeout=timeout)
 
 
 @contextmanager

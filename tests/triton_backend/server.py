@@ -20,12 +20,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from health import http_ok, wait_until_ready
 from s3server import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,21 +137,10 @@ def triton_server(repository: Path | str, workdir: Path, *, timeout: float = 60.
         server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=run_env, cwd=workdir, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {server.proc.returncode} before it was ready: "
-                                   f"see {server.log}\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{server.http_url}/v2/health/{wait_for}", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tritonserver was not ready within {timeout:.0f} s: see {server.log}\n"
-                                   f"{server.log_tail()}")
-            time.sleep(0.1)
+        proc = server.proc
+        wait_until_ready(f"tritonserver (/v2/health/{wait_for})",
+                         lambda: http_ok(f"http://{server.http_url}/v2/health/{wait_for}", timeout=1),
+                         alive=lambda: proc.poll() is None, log=server.log, timeout=timeout, interval=0.1)
         yield server
     finally:
         server.stop()

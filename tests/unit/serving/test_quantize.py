@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import TinyRun
 
 from defectops.serving.onnx_export import export_onnx, onnx_logits, onnx_session, read_metadata
 from defectops.serving.quantize import calibration_sample, int8_verdict, quantize_int8
@@ -56,17 +57,17 @@ def test_quantize_int8_keeps_metadata_and_agrees(tmp_path: Path) -> None:
         quantize_int8(fp32, tmp_path / "x.onnx", x[:0])
 
 
-def test_tiny_run_int8_is_verified_and_recorded(tiny_run: dict) -> None:
+def test_tiny_run_int8_is_verified_and_recorded(tiny_run: TinyRun) -> None:
     from defectops.registry.mlflow_registry import client as make_client
 
-    root = Path(tiny_run["root"])
+    root = Path(tiny_run.root)
     report = json.loads((root / "export" / "int8.json").read_text())
     assert (root / "export" / "model.int8.onnx").is_file()
     assert set(report) >= {"publish", "macro_recall_drop", "reasons", "parity", "gates", "metrics"}
     assert report["macro_recall_drop"] == pytest.approx(report["reference_macro_recall"] - report["macro_recall"])
     assert report["publish"] == (not report["reasons"])
     c = make_client(f"sqlite:///{Path(tiny_run['home']) / 'mlflow.db'}")
-    mv = c.get_model_version(tiny_run["cfg"].registry.model_name, "1")
+    mv = c.get_model_version(tiny_run.cfg.registry.model_name, "1")
     assert mv.tags["defectops.int8_published"] == str(report["publish"]).lower()
     logged = {a.path for a in c.list_artifacts(mv.run_id, "onnx")}
     assert "onnx/int8.json" in logged

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny import TinyRun
 from typer.testing import CliRunner
 
 from defectops.registry import audit
@@ -68,11 +69,11 @@ class Reg:
 
 
 @pytest.fixture
-def reg(tiny_run: dict, tmp_path: Path) -> Reg:
+def reg(tiny_run: TinyRun, tmp_path: Path) -> Reg:
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy2(Path(tiny_run["home"]) / "mlflow.db", home / "mlflow.db")
-    r = Reg(home, tiny_run["cfg"].registry.model_name)
+    shutil.copy2(Path(tiny_run.home) / "mlflow.db", home / "mlflow.db")
+    r = Reg(home, tiny_run.cfg.registry.model_name)
     assert r.alias(CFG.challenger_alias) == "1"
     return r
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import markupsafe
 import numpy as np
 import pytest
+from tiny import TinyRun
 from typer.testing import CliRunner
 
 from defectops.pipelines.cli import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, app
@@ -28,15 +29,15 @@ def _client(uri: str):
     return client(uri)
 
 
-def test_run_completes_every_step(tiny_run: dict) -> None:
-    assert [o.name for o in tiny_run["outcomes"]] == list(STEP_NAMES)
-    assert all(o.status == "done" for o in tiny_run["outcomes"])
+def test_run_completes_every_step(tiny_run: TinyRun) -> None:
+    assert [o.name for o in tiny_run.outcomes] == list(STEP_NAMES)
+    assert all(o.status == "done" for o in tiny_run.outcomes)
     for name in STEP_NAMES:
-        assert (tiny_run["root"] / "steps" / f"{name}.json").is_file()
+        assert (tiny_run.root / "steps" / f"{name}.json").is_file()
 
 
-def test_summary_has_the_contract(tiny_run: dict) -> None:
-    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+def test_summary_has_the_contract(tiny_run: TinyRun) -> None:
+    s = json.loads((tiny_run.root / "summary.json").read_text())
     assert set(s) >= SUMMARY_KEYS
     assert s["aliases"] == ["challenger"]
     assert s["gates_passed"] is True
@@ -47,14 +48,14 @@ def test_summary_has_the_contract(tiny_run: dict) -> None:
     assert len(s["dataset_fingerprint"]) == 64
 
 
-def test_registry_state(tiny_run: dict) -> None:
-    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+def test_registry_state(tiny_run: TinyRun) -> None:
+    s = json.loads((tiny_run.root / "summary.json").read_text())
     c = _client(s["tracking_uri"])
     mv = c.get_model_version_by_alias(s["registered_model"], "challenger")
     assert str(mv.version) == s["version"]
     tags = mv.tags
     assert tags["defectops.dataset_fingerprint"] == s["dataset_fingerprint"]
-    assert tags["defectops.config_hash"] == tiny_run["ctx"].config_hash
+    assert tags["defectops.config_hash"] == tiny_run.ctx.config_hash
     assert tags["defectops.gates_passed"] == "true"
     assert tags["defectops.export_verified"] == "true"
     assert tags["defectops.run_id"] == s["run_id"]
@@ -62,20 +63,20 @@ def test_registry_state(tiny_run: dict) -> None:
     assert tags["defectops.registered_by"]  # separation of duties: the submitter cannot approve it
     from defectops.registry.audit_store import RegistryTrail
 
-    trail = RegistryTrail(c, s["registered_model"], tiny_run["home"]).records()  # stored in the registry
+    trail = RegistryTrail(c, s["registered_model"], tiny_run.home).records()  # stored in the registry
     assert trail[0]["action"] == "register"
     assert float(tags["defectops.onnx_top1_agreement"]) >= 0.999
     arts = {a.path for a in c.list_artifacts(mv.run_id)}
     assert {"metrics.json", "evidence", "model", "onnx"} <= arts
 
 
-def test_registered_model_loads_and_matches_onnx(tiny_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registered_model_loads_and_matches_onnx(tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pytorch
     import torch
 
     from defectops.serving.onnx_export import onnx_logits, onnx_session
 
-    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    s = json.loads((tiny_run.root / "summary.json").read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s["tracking_uri"])  # what a user of this registry would set
     model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
@@ -85,8 +86,8 @@ def test_registered_model_loads_and_matches_onnx(tiny_run: dict, monkeypatch: py
     assert np.abs(ref - got).max() < 1e-3
 
 
-def test_triton_repository_layout(tiny_run: dict) -> None:
-    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+def test_triton_repository_layout(tiny_run: TinyRun) -> None:
+    s = json.loads((tiny_run.root / "summary.json").read_text())
     model_dir = Path(s["triton_repository"]) / s["registered_model"]
     cfg = (model_dir / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in cfg
@@ -96,30 +97,30 @@ def test_triton_repository_layout(tiny_run: dict) -> None:
     assert labels[0] == "false_call" and len(labels) == 7
 
 
-def test_report_has_plots_and_gates(tiny_run: dict) -> None:
-    html = (tiny_run["root"] / "report.html").read_text()
+def test_report_has_plots_and_gates(tiny_run: TinyRun) -> None:
+    html = (tiny_run.root / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 3
     assert "escape_rate" in html and "macro_recall" in html
-    shortcut = json.loads((tiny_run["root"] / "data" / "shortcut.json").read_text())
+    shortcut = json.loads((tiny_run.root / "data" / "shortcut.json").read_text())
     assert shortcut["metadata"] == "candidate boxes" and shortcut["features"] == ["width", "height", "aspect", "area"]
     assert 'id="shortcut"' in html and str(markupsafe.escape(shortcut["message"])) in html
 
 
-def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: dict) -> None:
+def test_rerun_skips_completed_steps_and_adds_no_version(tiny_run: TinyRun) -> None:
     from defectops.pipelines.runners.local import run_pipeline
 
-    _, outcomes = run_pipeline(tiny_run["cfg"], home=tiny_run["home"])
+    _, outcomes = run_pipeline(tiny_run.cfg, home=tiny_run.home)
     assert {o.status for o in outcomes} == {"skipped"}
-    s = json.loads((tiny_run["root"] / "summary.json").read_text())
+    s = json.loads((tiny_run.root / "summary.json").read_text())
     versions = _client(s["tracking_uri"]).search_model_versions(f"name = '{s['registered_model']}'")
     assert len(versions) == 1
 
 
-def test_repeated_register_step_is_idempotent(tiny_run: dict) -> None:
+def test_repeated_register_step_is_idempotent(tiny_run: TinyRun) -> None:
     from defectops.pipelines.runners.local import run_single
 
-    out = run_single("register", tiny_run["cfg"], tiny_run["root"], home=tiny_run["home"], force=True)
-    assert out.result["version"] == json.loads((tiny_run["root"] / "summary.json").read_text())["version"]
+    out = run_single("register", tiny_run.cfg, tiny_run.root, home=tiny_run.home, force=True)
+    assert out.result["version"] == json.loads((tiny_run.root / "summary.json").read_text())["version"]
 
 
 def test_gate_failure_registers_without_challenger(home: Path) -> None:
@@ -157,21 +158,21 @@ def test_non_writable_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "not writable" in result.output and "DEFECTOPS_HOME" in result.output
 
 
-def test_corrupt_model_checkpoint(tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupt_model_checkpoint(tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
     root = tmp_path / "copy"
-    shutil.copytree(tiny_run["root"], root)
+    shutil.copytree(tiny_run.root, root)
     (root / "train" / "model.pt").write_bytes(b"garbage")
-    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run.home))
     result = CliRunner().invoke(app, ["step", "evaluate", "--run-root", str(root), "--force"])
     assert result.exit_code != 0
     assert "corrupt" in result.output and "model.pt" in result.output
-    before = json.loads((tiny_run["root"] / "metrics.json").read_text())
+    before = json.loads((tiny_run.root / "metrics.json").read_text())
     assert json.loads((root / "metrics.json").read_text()) == before
 
 
-def test_single_steps_into_a_new_run_root(tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_steps_into_a_new_run_root(tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "h"))
     root = tmp_path / "pod-root"
     runner = CliRunner()
@@ -182,7 +183,7 @@ def test_single_steps_into_a_new_run_root(tiny_run: dict, tmp_path: Path, monkey
     crops = json.loads((root / "data" / "crops" / "snapshot.json").read_text())
     assert crops["num_samples"] > 0
     assert json.loads((root / "data" / "snapshot" / "snapshot.json").read_text())["fingerprint"] == \
-        json.loads((tiny_run["root"] / "data" / "snapshot" / "snapshot.json").read_text())["fingerprint"]
+        json.loads((tiny_run.root / "data" / "snapshot" / "snapshot.json").read_text())["fingerprint"]
     r = runner.invoke(app, ["step", "nope", "--run-root", str(root)])
     assert r.exit_code == EXIT_USAGE
 
@@ -214,7 +215,7 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
     assert json.loads((root / "summary.json").read_text())["aliases"] == ["challenger"]
 
 
-def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Path) -> None:
+def test_champion_is_scored_on_the_same_test_crops(tiny_run: TinyRun, tmp_path: Path) -> None:
     """With a champion in the registry, the no-regression gates compare both models on this run's test crops."""
     import shutil
 
@@ -224,7 +225,7 @@ def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Pat
 
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy2(tiny_run["home"] / "mlflow.db", home / "mlflow.db")  # artifacts stay where the first run put them
+    shutil.copy2(tiny_run.home / "mlflow.db", home / "mlflow.db")  # artifacts stay where the first run put them
     c = client(f"sqlite:///{home / 'mlflow.db'}")
     c.set_registered_model_alias("defectops-aoi", "champion", "1")
     ctx, _ = run_pipeline(load_config(["+experiment=tiny", "seed=1"]), home=home)
@@ -239,13 +240,13 @@ def test_champion_is_scored_on_the_same_test_crops(tiny_run: dict, tmp_path: Pat
     assert onnx_gates == names
 
 
-def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, capsys: pytest.CaptureFixture[str]
+def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: TinyRun, capsys: pytest.CaptureFixture[str]
                                                                 ) -> None:
     from defectops.evaluation.intervals import BoardIntervals, ClassificationIntervals
     from defectops.evaluation.metrics import ClassificationMetrics
     from defectops.pipelines.cli.run import _print_results
 
-    root = tiny_run["root"]
+    root = tiny_run.root
     metrics = json.loads((root / "metrics.json").read_text())
     ClassificationMetrics.from_dict(metrics)  # the extra key does not break the reader
     iv = ClassificationIntervals.from_dict(metrics["intervals"])
@@ -273,18 +274,18 @@ def test_intervals_in_metrics_board_metrics_report_and_terminal(tiny_run: dict, 
         in out
 
 
-def test_per_type_thresholds_travel_from_val_to_the_exported_model(tiny_run: dict) -> None:
+def test_per_type_thresholds_travel_from_val_to_the_exported_model(tiny_run: TinyRun) -> None:
     """The thresholds chosen on val (``detect.threshold_per_type`` in the tiny experiment) are the ones the ONNX
     verification applied, the ones in the exported model's metadata, and the ones `predict boards` uses."""
     from defectops.serving.model_ref import from_onnx
     from defectops.serving.predict import detector_for
 
-    root = tiny_run["root"]
+    root = tiny_run.root
     board = json.loads((root / "board_metrics.json").read_text())
     detector = json.loads((root / "eval" / "detector.json").read_text())
     assert isinstance(board["type_thresholds"], dict)
     classes = json.loads((root / "data" / "crops" / "classes.json").read_text())
-    assert set(board["type_thresholds"]) <= set(classes) - {tiny_run["cfg"].data.good_class}
+    assert set(board["type_thresholds"]) <= set(classes) - {tiny_run.cfg.data.good_class}
     assert detector["type_thresholds"] == board["type_thresholds"]
     assert detector["score_threshold"] == board["score_threshold"]
     onnx_board = json.loads((root / "export" / "board_metrics.json").read_text())

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from s3server import free_ports
+from tiny import TinyRun
 from triton_backend.server import TritonServer, triton_server
 from typer.testing import CliRunner
 
@@ -41,8 +42,8 @@ def _url(triton: TritonServer, protocol: str) -> str:
     return triton.http_url if protocol == "http" else triton.grpc_url
 
 
-def _crops(tiny_run: dict, n: int | None = None, split: str = "test") -> tuple[list[Path], list[str]]:
-    snap = load_snapshot(tiny_run["root"] / "data" / "crops")
+def _crops(tiny_run: TinyRun, n: int | None = None, split: str = "test") -> tuple[list[Path], list[str]]:
+    snap = load_snapshot(tiny_run.root / "data" / "crops")
     samples = [s for s in snap.samples if s["split"] == split][:n]
     return [snap.file(s["path"]) for s in samples], [s["label"] for s in samples]
 
@@ -65,8 +66,8 @@ def test_live_and_ready(triton: TritonServer) -> None:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_model_metadata_and_labels(triton: TritonServer, tiny_run: dict, protocol: str) -> None:
-    model = from_onnx(tiny_run["root"] / "export" / "model.onnx")
+def test_model_metadata_and_labels(triton: TritonServer, tiny_run: TinyRun, protocol: str) -> None:
+    model = from_onnx(tiny_run.root / "export" / "model.onnx")
     with TritonClient(_url(triton, protocol), protocol=protocol) as c:
         assert c.model == TRITON_MODEL  # the only model served
         assert c.metadata["platform"] == "onnxruntime_onnx"
@@ -87,8 +88,8 @@ def test_model_metadata_and_labels(triton: TritonServer, tiny_run: dict, protoco
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_batched_inference_equals_onnxruntime(triton: TritonServer, tiny_run: dict, protocol: str) -> None:
-    model = from_onnx(tiny_run["root"] / "export" / "model.onnx")
+def test_batched_inference_equals_onnxruntime(triton: TritonServer, tiny_run: TinyRun, protocol: str) -> None:
+    model = from_onnx(tiny_run.root / "export" / "model.onnx")
     paths, _ = _crops(tiny_run, split="train")
     paths = (paths * (1 + 70 // max(len(paths), 1)))[:70]  # more than max_batch_size: the client splits requests
     x = preprocess_for_model(paths, model.input_size, model.fit_mode)
@@ -104,9 +105,9 @@ def test_batched_inference_equals_onnxruntime(triton: TritonServer, tiny_run: di
         assert np.abs(c.classify_files(paths[:3]).logits - ref[:3]).max() < 1e-5
 
 
-def test_dynamic_batching_under_concurrent_requests(triton: TritonServer, tiny_run: dict) -> None:
+def test_dynamic_batching_under_concurrent_requests(triton: TritonServer, tiny_run: TinyRun) -> None:
     """64 single-image requests fired together, half over HTTP and half over gRPC, are executed in fewer batches."""
-    model = from_onnx(tiny_run["root"] / "export" / "model.onnx")
+    model = from_onnx(tiny_run.root / "export" / "model.onnx")
     paths, _ = _crops(tiny_run, 64, split="train")
     paths = (paths * 64)[:64]
     x = preprocess_for_model(paths, model.input_size, model.fit_mode)
@@ -154,10 +155,10 @@ def test_dynamic_batching_under_concurrent_requests(triton: TritonServer, tiny_r
     assert delta["nv_inference_queue_duration_us"] > 0
 
 
-def test_infer_cli_against_the_server(triton: TritonServer, tiny_run: dict, tmp_path: Path) -> None:
+def test_infer_cli_against_the_server(triton: TritonServer, tiny_run: TinyRun, tmp_path: Path) -> None:
     """``defectops infer`` prints the classes in-process onnxruntime (``predict_images``) gives, over both protocols."""
     paths, _ = _crops(tiny_run, 6)
-    model = from_onnx(tiny_run["root"] / "export" / "model.onnx")
+    model = from_onnx(tiny_run.root / "export" / "model.onnx")
     predict_images(model, paths, tmp_path / "ref.csv")
     with (tmp_path / "ref.csv").open() as f:
         ref = list(csv.DictReader(f))
@@ -179,7 +180,7 @@ def test_infer_cli_against_the_server(triton: TritonServer, tiny_run: dict, tmp_
                 assert abs(float(g[f"p_{c}"]) - float(row[f"p_{c}"])) <= 2e-6
 
 
-def test_client_errors_name_the_url_and_the_fix(triton: TritonServer, tiny_run: dict) -> None:
+def test_client_errors_name_the_url_and_the_fix(triton: TritonServer, tiny_run: TinyRun) -> None:
     dead = f"127.0.0.1:{free_ports(1)[0]}"
     for protocol in PROTOCOLS:
         with pytest.raises(TritonClientError, match=rf"{re.escape(dead)} \({protocol}\) is unreachable .*"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import TinyRun
 
 from defectops.evaluation.gradcam import grad_cam, overlay, target_layer
 from defectops.training.candidates import MIN_CROP_SIDE
@@ -80,7 +81,7 @@ def _box_in_crop(box: Sequence[int], size: int, context: float) -> tuple[float, 
     return (x1 - ox) * k, (y1 - oy) * k, (x2 + 1 - ox) * k, (y2 + 1 - oy) * k
 
 
-def test_cam_peak_falls_inside_the_defect_box(tiny_run: dict) -> None:
+def test_cam_peak_falls_inside_the_defect_box(tiny_run: TinyRun) -> None:
     """On the synthetic boards of the tiny run: for the defect crops (all parts) that the trained model
     classifies correctly, the Grad-CAM peak of the true class must fall inside the defect's candidate box for most of
     them (measured: 11 of 12; the floor leaves room for the 2-epoch model of the tiny config)."""
@@ -89,11 +90,11 @@ def test_cam_peak_falls_inside_the_defect_box(tiny_run: dict) -> None:
     from defectops.training.snapshot import load_snapshot
     from defectops.training.trainer import load_trained_model
 
-    root = Path(tiny_run["root"])
-    cand = tiny_run["cfg"].data.candidates
+    root = Path(tiny_run.root)
+    cand = tiny_run.cfg.data.candidates
     net, state = load_trained_model(root / RUN.model)
     snap = load_snapshot(root / RUN.crops)
-    good = snap.classes.index(tiny_run["cfg"].data.good_class)
+    good = snap.classes.index(tiny_run.cfg.data.good_class)
     by_path = {s["path"]: s for s in snap.samples}
     parts = [load_split(snap, split) for split in ("train", "val", "test")]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from repo_paths import REPO
+from tiny import TinyRun
 from typer.testing import CliRunner
 
 from defectops.evaluation.drift import (
@@ -32,7 +34,6 @@ from defectops.evaluation.drift import (
 from defectops.evaluation.drift_profile import load_profile, profile_from_images, save_profile
 from defectops.pipelines.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH = 200
 FALSE_ALARM_DRAWS = 100
 N_PERM = 2000  # >= k / alpha = 15 / 0.01, so the embedding signal can reach the Bonferroni threshold
@@ -73,12 +74,12 @@ def test_image_stats_see_blur_and_brightness() -> None:
 class Line:
     """The tiny run's model and the generator settings of its data."""
 
-    def __init__(self, tiny_run: dict) -> None:
+    def __init__(self, tiny_run: TinyRun) -> None:
         from defectops.training.crops import candidate_params
         from defectops.training.trainer import load_trained_model
 
-        cfg = tiny_run["cfg"]
-        self.net, state = load_trained_model(tiny_run["root"] / "train" / "model.pt")
+        cfg = tiny_run.cfg
+        self.net, state = load_trained_model(tiny_run.root / "train" / "model.pt")
         self.classes = tuple(state["classes"])
         self.synth = cfg.data.synth
         self.cand = cfg.data.candidates
@@ -108,7 +109,7 @@ class Line:
 
 
 @pytest.fixture(scope="module")
-def line(tiny_run: dict) -> Line:
+def line(tiny_run: TinyRun) -> Line:
     return Line(tiny_run)
 
 
@@ -230,22 +231,22 @@ def _write_pngs(folder: Path, crops: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_ref(tiny_run: dict) -> str:
-    reg = json.loads((tiny_run["root"] / "registry.json").read_text())
+def model_ref(tiny_run: TinyRun) -> str:
+    reg = json.loads((tiny_run.root / "registry.json").read_text())
     return f"models:/{reg['registered_model']}/{reg['version']}"
 
 
-def test_registered_version_carries_its_reference_profile(tiny_run: dict) -> None:
+def test_registered_version_carries_its_reference_profile(tiny_run: TinyRun) -> None:
     from defectops.registry.mlflow_registry import client
 
-    reg = json.loads((tiny_run["root"] / "registry.json").read_text())
+    reg = json.loads((tiny_run.root / "registry.json").read_text())
     c = client(reg["tracking_uri"])
     names = {a.path for a in c.list_artifacts(reg["mlflow_run_id"], "drift")}
     assert names == {"drift/reference.json", "drift/reference.npz"}
-    profile, meta = load_profile(tiny_run["root"] / "drift")
+    profile, meta = load_profile(tiny_run.root / "drift")
     assert meta["task"] == "aoi" and meta["dataset_fingerprint"] and meta["data"]["source"] == "synth"
     assert 0 < profile.size <= 2000 and len(profile.embeddings) <= 512 and profile.labels is not None
-    assert (tiny_run["root"] / "drift" / "reference.npz").stat().st_size < 1_000_000
+    assert (tiny_run.root / "drift" / "reference.npz").stat().st_size < 1_000_000
 
 
 def _invoke(home: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -255,16 +256,16 @@ def _invoke(home: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> Any
     return CliRunner().invoke(app, ["drift", "check", *args])
 
 
-def test_cli_no_drift_then_drift_with_report(tiny_run: dict, model_ref: str, line: Line, same_batch: np.ndarray,
+def test_cli_no_drift_then_drift_with_report(tiny_run: TinyRun, model_ref: str, line: Line, same_batch: np.ndarray,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     same = _write_pngs(tmp_path / "same", same_batch)
-    r = _invoke(tiny_run["home"], ["--model", model_ref, "--images", str(same), "--json"], monkeypatch)
+    r = _invoke(tiny_run.home, ["--model", model_ref, "--images", str(same), "--json"], monkeypatch)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["decision"] == "no drift" and doc["n_batch"] == len(same_batch) and len(doc["signals"]) == 15
     blurred = _write_pngs(tmp_path / "blur", _blur(same_batch))
     html = tmp_path / "drift.html"
-    r = _invoke(tiny_run["home"], ["--model", model_ref, "--images", str(blurred), "--report", str(html)],
+    r = _invoke(tiny_run.home, ["--model", model_ref, "--images", str(blurred), "--report", str(html)],
                 monkeypatch)
     assert r.exit_code == 3, r.output
     assert "DRIFT" in r.stdout and "sharpness (tested)" in r.stdout
@@ -272,7 +273,7 @@ def test_cli_no_drift_then_drift_with_report(tiny_run: dict, model_ref: str, lin
     assert text.count("<img") == 5 and "data:image/png;base64," in text and "<script" not in text
 
 
-def test_cli_reads_images_from_s3(tiny_run: dict, model_ref: str, same_batch: np.ndarray, s3: Any,
+def test_cli_reads_images_from_s3(tiny_run: TinyRun, model_ref: str, same_batch: np.ndarray, s3: Any,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``--images s3://bucket/prefix`` through the project's S3 client, against the real SeaweedFS test server."""
     c = s3.client()
@@ -286,14 +287,14 @@ def test_cli_reads_images_from_s3(tiny_run: dict, model_ref: str, same_batch: np
     for k, v in {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
                  "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": s3.region}.items():
         monkeypatch.setenv(k, v)
-    r = _invoke(tiny_run["home"], ["--model", model_ref, "--images", "s3://drift-batches/line-4/2026-11-26",
+    r = _invoke(tiny_run.home, ["--model", model_ref, "--images", "s3://drift-batches/line-4/2026-11-26",
                                    "--json"], monkeypatch)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n_batch"] == 60
 
 
-def test_cli_usage_errors(tiny_run: dict, model_ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tiny_run["home"]
+def test_cli_usage_errors(tiny_run: TinyRun, model_ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tiny_run.home
     assert _invoke(home, ["--model", "models:/nope@champion", "--images", str(tmp_path)], monkeypatch).exit_code == 2
     assert _invoke(home, ["--model", model_ref, "--images", str(tmp_path / "missing")], monkeypatch).exit_code == 2
     (tmp_path / "empty").mkdir()
@@ -313,11 +314,11 @@ def _argo_validator() -> Any:
     return _validator(str(path))
 
 
-def test_submit_retrain_dry_run_prints_a_valid_workflow(tiny_run: dict, model_ref: str, same_batch: np.ndarray,
+def test_submit_retrain_dry_run_prints_a_valid_workflow(tiny_run: TinyRun, model_ref: str, same_batch: np.ndarray,
                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     validate = _argo_validator()
     blurred = _write_pngs(tmp_path / "blur", _blur(same_batch))
-    r = _invoke(tiny_run["home"], ["--model", model_ref, "--images", str(blurred), "--json", "--submit-retrain",
+    r = _invoke(tiny_run.home, ["--model", model_ref, "--images", str(blurred), "--json", "--submit-retrain",
                                    "--retrain-data", "s3://acme-datasets/aoi@" + "ab" * 32], monkeypatch)
     assert r.exit_code == 3, r.output
     doc = json.loads(r.stdout)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from review_support import Client, ReviewServer, make_review_registry
+from tiny import TinyRun
 
 from defectops.evaluation.gates import GateConfig, evaluate_gates
 from defectops.evaluation.intervals import ClassificationIntervals
@@ -40,20 +41,20 @@ def test_miss_tiles_are_the_report_gallery(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "miss-00.png"]
 
 
-def test_register_logs_review_evidence(tiny_run: dict) -> None:
-    root = Path(tiny_run["root"])
+def test_register_logs_review_evidence(tiny_run: TinyRun) -> None:
+    root = Path(tiny_run.root)
     index = json.loads((root / "register" / "evidence" / "misses" / "index.json").read_text())
     assert index == json.loads((root / "eval" / "misses" / "index.json").read_text()) and len(index) > 0
     dataset = json.loads((root / "register" / "evidence" / "dataset.json").read_text())
     assert set(dataset["crops_per_split"]) == {"train", "val", "test"}
     c = make_client(f"sqlite:///{Path(tiny_run['home']) / 'mlflow.db'}")
-    run = c.get_model_version(tiny_run["cfg"].registry.model_name, "1").run_id
+    run = c.get_model_version(tiny_run.cfg.registry.model_name, "1").run_id
     logged = {a.path for a in c.list_artifacts(run, "evidence")}
     assert {"evidence/dataset.json", "evidence/misses", "evidence/gates.json", "evidence/report.html"} <= logged
     assert len(c.list_artifacts(run, "evidence/misses")) == len(index) + 1
 
 
-def test_review_page_shows_intervals_of_candidate_and_champion(tiny_run: dict, tmp_path: Path) -> None:
+def test_review_page_shows_intervals_of_candidate_and_champion(tiny_run: TinyRun, tmp_path: Path) -> None:
     # the champion (v1) was registered by the pipeline with an "intervals" entry; the challenger's metrics.json was
     # written without one (as by an older version) and gets Wilson intervals from its confusion matrix. A registry of
     # its own: the session's review_registry may already have its challenger approved by the browser tests.

@@ -1,7 +1,5 @@
 """The distribution installs one import name, ``defectops``: the repository's top-level folders become its subpackages
 (pyproject's package-dir mapping), every source and data file is in the wheel, and the old top-level names are gone.
-
-Also the step modules' declared run-root paths: each path a step reads is written by an earlier step (or the runner).
 """
 
 from __future__ import annotations
@@ -12,10 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-from defectops.core.layout import RUN
-
-REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "pipelines", "training", "evaluation", "registry", "serving")
 DATA = ("*.py", "*.yaml", "*.html", "*.css")
 
@@ -55,13 +51,3 @@ def test_installed_wheel_imports_only_under_defectops(wheel: Path, tmp_path: Pat
     assert new.returncode == 0, new.stderr[-2000:]
     assert new.stdout.splitlines() == [str(target / "defectops" / "training" / "__init__.py"), "metrics.json"]
 
-
-def test_every_path_a_step_reads_is_written_before_it() -> None:
-    from defectops.pipelines.dag import DAG
-
-    written = {RUN.config}  # the runner pins the resolved configuration before the first step
-    for step in DAG:
-        assert set(step.reads) <= written, f"{step.name} reads {set(step.reads) - written} that no earlier step writes"
-        assert step.writes, f"{step.name} declares no outputs"
-        written |= set(step.writes)
-    assert len({p for s in DAG for p in s.writes}) == sum(len(s.writes) for s in DAG), "two steps write one path"

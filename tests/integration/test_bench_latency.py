@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import TinyRun
 from typer.testing import CliRunner
 
 from defectops.pipelines.cli import app
@@ -41,23 +42,23 @@ def _bench(args: list[str], env: dict[str, str] | None = None) -> dict:
     return json.loads(res.output)
 
 
-def test_bench_latency_json_on_a_run_root(tiny_run: dict) -> None:
-    out = _bench(["--model", str(tiny_run["root"]), "--line-rate", "600"])
+def test_bench_latency_json_on_a_run_root(tiny_run: TinyRun) -> None:
+    out = _bench(["--model", str(tiny_run.root), "--line-rate", "600"])
     for key in ("eager", "onnx_fp32", "onnx_int8"):
         r = out[key]
         assert r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["images_per_s"] > 0
         assert r["best"]["batch"] in (1, 4) and set(r["per_batch"]) == {"1", "4"}
     assert out["triton"] is None and "--triton-url" in out["triton_note"]
     assert out["budget_ms"] == pytest.approx(100.0)
-    report = json.loads((Path(tiny_run["root"]) / "export" / "int8.json").read_text())
+    report = json.loads((Path(tiny_run.root) / "export" / "int8.json").read_text())
     assert out["int8_macro_recall_drop"] == pytest.approx(report["macro_recall_drop"])
     assert out["crops_per_board"] > 1  # candidates per synthetic board, from the run's crop statistics
 
 
-def test_bench_latency_from_the_registry(tiny_run: dict) -> None:
-    name = tiny_run["cfg"].registry.model_name
+def test_bench_latency_from_the_registry(tiny_run: TinyRun) -> None:
+    name = tiny_run.cfg.registry.model_name
     out = _bench(["--model", f"models:/{name}/1", "--line-rate", "300"],
-                 env={"DEFECTOPS_HOME": str(tiny_run["home"]), "MLFLOW_TRACKING_URI": ""})
+                 env={"DEFECTOPS_HOME": str(tiny_run.home), "MLFLOW_TRACKING_URI": ""})
     assert out["onnx_fp32"]["images_per_s"] > 0 and out["eager"]["images_per_s"] > 0
     assert out["budget_ms"] == pytest.approx(200.0)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from tiny import TinyRun
 from typer.testing import CliRunner
 
 from defectops.evaluation.deeppcb import parse_result_file
@@ -18,14 +19,14 @@ LENIENT = ["gates.min_macro_recall=0", "gates.min_class_recall=0", "gates.max_es
            "gates.max_false_call_rate=1"]
 
 
-def test_predict_boards_from_registry_and_run_root(tiny_run: dict, tmp_path: Path,
+def test_predict_boards_from_registry_and_run_root(tiny_run: TinyRun, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
-    boards = tiny_run["root"] / "data" / "boards"
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run.home))
+    boards = tiny_run.root / "data" / "boards"
     runner = CliRunner()
     outs = {}
-    for name, ref in (("registry", "models:/defectops-aoi@challenger"), ("root", str(tiny_run["root"])),
-                      ("onnx", str(tiny_run["root"] / "export" / "model.onnx"))):
+    for name, ref in (("registry", "models:/defectops-aoi@challenger"), ("root", str(tiny_run.root)),
+                      ("onnx", str(tiny_run.root / "export" / "model.onnx"))):
         out = tmp_path / name
         r = runner.invoke(app, ["predict", "boards", "--model", ref, "--input", str(boards), "--list",
                                 str(boards / "trainval.txt"), "--out", str(out)])
@@ -42,9 +43,9 @@ def test_predict_boards_from_registry_and_run_root(tiny_run: dict, tmp_path: Pat
         assert all(d.label in {"open", "short", "mousebite", "spur", "copper", "pin-hole"} for d in dets)
 
 
-def test_predict_boards_bad_references(tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
-    boards = tiny_run["root"] / "data" / "boards"
+def test_predict_boards_bad_references(tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run.home))
+    boards = tiny_run.root / "data" / "boards"
     runner = CliRunner()
     common = ["--input", str(boards), "--list", str(boards / "trainval.txt"), "--out", str(tmp_path / "o")]
     for ref, words in (("models:/defectops-aoi@nope", "not found"), (str(tmp_path), "no export/model.onnx"),
@@ -52,7 +53,7 @@ def test_predict_boards_bad_references(tiny_run: dict, tmp_path: Path, monkeypat
         r = runner.invoke(app, ["predict", "boards", "--model", ref, *common])
         assert r.exit_code == EXIT_USAGE, r.output
         assert words in r.output
-    r = runner.invoke(app, ["predict", "boards", "--model", str(tiny_run["root"]), "--input", str(tmp_path),
+    r = runner.invoke(app, ["predict", "boards", "--model", str(tiny_run.root), "--input", str(tmp_path),
                             "--list", str(boards / "trainval.txt"), "--out", str(tmp_path / "o")])
     assert r.exit_code == EXIT_USAGE
     assert "--input" in r.output
@@ -97,14 +98,14 @@ def test_predict_images_matches_training_preprocessing(tmp_path: Path, home: Pat
     assert r.exit_code == EXIT_USAGE
 
 
-def test_precision_picks_the_served_or_the_asked_artifact(tiny_run: dict, tmp_path: Path,
+def test_precision_picks_the_served_or_the_asked_artifact(tiny_run: TinyRun, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
     from defectops.registry.mlflow_registry import client as make_client
     from defectops.serving.model_ref import ModelRefError, resolve
 
-    root, home = Path(tiny_run["root"]), Path(tiny_run["home"])
+    root, home = Path(tiny_run.root), Path(tiny_run.home)
     uri, cache = f"sqlite:///{home / 'mlflow.db'}", tmp_path / "cache"
     verified = json.loads((root / "steps" / "verify_export.json").read_text())["result"]
     assert verified["served"] == "fp32" and verified["int8"]["publish"]  # tiny: export.serve=fp32, INT8 verified

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import helm_python
@@ -22,8 +21,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "triton-serving"
 ADAPTER_VALUES = CHART / "prometheus-adapter-values.yaml"
 KUBE_VERSIONS = ("1.29.0", "1.31.0")  # Chart.yaml's kubeVersion floor, and the EKS version we run

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 from moto_server import ACCOUNT_ID, MotoServer, moto_server
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TF_SRC = REPO / "terraform"
 MODULES = sorted(p.name for p in (TF_SRC / "modules").iterdir() if p.is_dir())
 ROOTS = [f"modules/{m}" for m in MODULES] + ["environments/dev"]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from s3server import SeaweedS3
+from tiny import TinyRun
 from triton_backend.server import triton_server
 from typer.testing import CliRunner
 
@@ -35,11 +36,11 @@ MODEL = "defectops-aoi"
 BUCKET = "triton-models"
 
 
-def _onnx(tiny_run: dict) -> Path:
-    return Path(tiny_run["root"]) / "export" / "model.onnx"
+def _onnx(tiny_run: TinyRun) -> Path:
+    return Path(tiny_run.root) / "export" / "model.onnx"
 
 
-def _build(tiny_run: dict, root: Path, version: int = 1, cfg: TritonConfig | None = None) -> Path:
+def _build(tiny_run: TinyRun, root: Path, version: int = 1, cfg: TritonConfig | None = None) -> Path:
     m = from_onnx(_onnx(tiny_run))
     write_repository(root, MODEL, m.onnx_path, m.classes, onnx_input_shape(m.onnx_path), cfg or TritonConfig(),
                      version=version)
@@ -66,7 +67,7 @@ def test_triton_config_declares_batching_instances_labels_and_versions() -> None
         triton_config("a/b", (3, 8, 8), 2, TritonConfig())
 
 
-def test_write_repository_carries_the_model_metadata_and_keeps_versions(tiny_run: dict, tmp_path: Path) -> None:
+def test_write_repository_carries_the_model_metadata_and_keeps_versions(tiny_run: TinyRun, tmp_path: Path) -> None:
     m = from_onnx(_onnx(tiny_run))
     _build(tiny_run, tmp_path, 1)
     _build(tiny_run, tmp_path, 2)
@@ -80,7 +81,7 @@ def test_write_repository_carries_the_model_metadata_and_keeps_versions(tiny_run
     assert read_config_parameters({"parameters": {"k": {"string_value": "v"}}}) == {"k": "v"}
 
 
-def test_publish_to_a_local_folder(tiny_run: dict, tmp_path: Path) -> None:
+def test_publish_to_a_local_folder(tiny_run: TinyRun, tmp_path: Path) -> None:
     src = _build(tiny_run, tmp_path / "build", 1)
     dest = tmp_path / "served"
     r = publish_repository(src, str(dest))
@@ -118,7 +119,7 @@ def _client(s3: SeaweedS3) -> Any:
     return s3_client(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key)
 
 
-def test_publish_to_s3_uploads_versions_first_and_config_last(tiny_run: dict, s3: SeaweedS3, tmp_path: Path) -> None:
+def test_publish_to_s3_uploads_versions_first_and_config_last(tiny_run: TinyRun, s3: SeaweedS3, tmp_path: Path) -> None:
     c = _client(s3)
     if BUCKET not in {b["Name"] for b in c.list_buckets().get("Buckets", [])}:
         c.create_bucket(Bucket=BUCKET)
@@ -138,12 +139,12 @@ def test_publish_to_s3_uploads_versions_first_and_config_last(tiny_run: dict, s3
         publish_repository(src, "s3://no-such-bucket/x", client=c)
 
 
-def test_serve_publish_cli_to_s3_then_triton_serves_it_from_s3(tiny_run: dict, s3: SeaweedS3, tmp_path: Path,
+def test_serve_publish_cli_to_s3_then_triton_serves_it_from_s3(tiny_run: TinyRun, s3: SeaweedS3, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     c = _client(s3)
     if BUCKET not in {b["Name"] for b in c.list_buckets().get("Buckets", [])}:
         c.create_bucket(Bucket=BUCKET)
-    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run["home"]))
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run.home))
     aws = {"AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": s3.region}
     for k, v in aws.items():
@@ -157,9 +158,9 @@ def test_serve_publish_cli_to_s3_then_triton_serves_it_from_s3(tiny_run: dict, s
     assert keys == [f"cli/{MODEL}/1/model.onnx", f"cli/{MODEL}/config.pbtxt", f"cli/{MODEL}/labels.txt"]
     r = runner.invoke(app, ["serve", "publish", "--model", str(_onnx(tiny_run)), "--to", str(tmp_path / "x")])
     assert r.exit_code == EXIT_USAGE and "--name" in r.output
-    r = runner.invoke(app, ["serve", "publish", "--model", str(tiny_run["root"]), "--to", "s3://no-such-bucket/x"])
+    r = runner.invoke(app, ["serve", "publish", "--model", str(tiny_run.root), "--to", "s3://no-such-bucket/x"])
     assert r.exit_code == EXIT_FAILURE and "no-such-bucket does not exist" in r.output
-    r = runner.invoke(app, ["serve", "publish", "--model", str(tiny_run["root"]), "--to", "s3://b/x", "--kind", "tpu"])
+    r = runner.invoke(app, ["serve", "publish", "--model", str(tiny_run.root), "--to", "s3://b/x", "--kind", "tpu"])
     assert r.exit_code == EXIT_USAGE
 
     # Triton reads the published repository straight from S3 (its own S3 client, path-style, SigV4)

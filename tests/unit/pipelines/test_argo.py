@@ -40,13 +40,13 @@ import kubernetes_validate
 import pytest
 import typer
 import yaml
+from repo_paths import REPO
 from typer.testing import CliRunner
 
 from defectops.pipelines.argo import compiler as A
 from defectops.pipelines.cli import app
 from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "argo"
 DEPLOY = REPO / "deploy" / "argo"
 REGEN = os.environ.get("DEFECTOPS_REGEN_GOLDEN") == "1"

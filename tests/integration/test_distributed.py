@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from repo_paths import REPO
 
 from defectops.training.config import AugmentConfig, ModelConfig, TrainConfig
 from defectops.training.samplers import BalancedSampler, DistributedBalancedSampler, class_weights
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("false_call", "open", "short", "spur")
 TOLERANCE = 0.04
 """Largest absolute difference allowed between 1- and 2-process validation accuracy and macro recall for the
