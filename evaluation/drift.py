@@ -125,11 +125,11 @@ class Profile:
 
     @property
     def predicted(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
+        return np.asarray(self.probs.argmax(axis=1))
 
     @property
     def confidence(self) -> np.ndarray:
-        return self.probs.max(axis=1)
+        return np.asarray(self.probs.max(axis=1))
 
     def prediction_counts(self) -> np.ndarray:
         return np.bincount(self.predicted, minlength=len(self.classes))
@@ -189,7 +189,7 @@ def ks(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
 def _sq_dists(a: np.ndarray) -> np.ndarray:
     sq = np.einsum("ij,ij->i", a, a)
     d = sq[:, None] + sq[None, :] - 2.0 * (a @ a.T)
-    return np.maximum(d, 0.0)
+    return np.asarray(np.maximum(d, 0.0))
 
 
 def mmd_permutation_test(ref_emb: np.ndarray, new_emb: np.ndarray, n_perm: int = 200, seed: int = 0,

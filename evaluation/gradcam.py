@@ -65,7 +65,7 @@ def grad_cam(model: DefectClassifier, family: str, images: torch.Tensor, classes
         logits = model.forward_single(x)  # one view: the hooked activations are this crop's
         idx = torch.as_tensor(list(classes), dtype=torch.long)
         model.zero_grad(set_to_none=True)
-        logits.gather(1, idx[:, None]).sum().backward()
+        logits.gather(1, idx[:, None]).sum().backward()  # type: ignore[no-untyped-call]
         act, grad = store["act"], store["act"].grad
         assert grad is not None
         act_map, grad_map = _to_map(act, model, family), _to_map(grad, model, family)

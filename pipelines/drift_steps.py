@@ -109,7 +109,7 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
         raise
     except (FileNotFoundError, ValueError) as e:
         raise DriftUsageError(f"{ref} (version {mv.version}): {e}") from None
-    except Exception as e:  # unreachable store, broken artifact: the check cannot run
+    except Exception as e:  # noqa: BLE001 - unreachable store, broken artifact: the check cannot run
         raise DriftFailure(f"could not load {ref} (version {mv.version}): {type(e).__name__}: {str(e)[:200]}") \
             from None
     info = {"name": name, "version": str(mv.version), "run_id": str(mv.run_id),
@@ -132,7 +132,7 @@ def _download_s3(uri: str, dest: Path, max_images: int) -> list[Path]:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"
                                                                  if prefix else ""):
             keys += [o["Key"] for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in IMAGE_EXTENSIONS]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - S3 listing: any client error is a failed check
         raise DriftFailure(f"cannot list {uri}: {type(e).__name__}: {str(e)[:200]}") from None
     keys.sort()
     if len(keys) > max_images:
@@ -142,7 +142,7 @@ def _download_s3(uri: str, dest: Path, max_images: int) -> list[Path]:
         p = dest / f"{i:06d}{Path(key).suffix.lower()}"
         try:
             s3.download_file(bucket, key, str(p))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - S3 download: any client error is a failed check
             raise DriftFailure(f"cannot download s3://{bucket}/{key}: {type(e).__name__}: {str(e)[:200]}") from None
         paths.append(p)
     return paths

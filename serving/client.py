@@ -54,7 +54,7 @@ class Classification:
     def confidence(self) -> np.ndarray:
         if not len(self.probabilities):
             return np.zeros(0, np.float32)
-        return self.probabilities[np.arange(len(self.probabilities)), self.indices]
+        return np.asarray(self.probabilities[np.arange(len(self.probabilities)), self.indices])
 
 
 def _one_line(e: BaseException) -> str:

@@ -32,7 +32,7 @@ def wait_until_ready(what: str, ready: Callable[[], bool], *, alive: Callable[[]
         try:
             if ready():
                 return
-        except Exception as e:  # not up yet: connection refused, 5xx while it registers...
+        except Exception as e:  # noqa: BLE001 - not up yet: connection refused, 5xx while it registers...
             last = e
         exited = not alive()
         if exited or time.monotonic() > deadline:

@@ -26,7 +26,7 @@ def _dct_rows(n: int, k: int) -> np.ndarray:
     i = np.arange(n)
     rows = np.cos(np.pi * (2 * i[None, :] + 1) * np.arange(k)[:, None] / (2 * n)) * np.sqrt(2 / n)
     rows[0] /= np.sqrt(2)
-    return rows
+    return np.asarray(rows)
 
 
 _DCT = _dct_rows(HASH_SIDE, LOW)

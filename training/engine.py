@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite; training stops rather than corrupting the weights."""
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, loader: DataLoader[Any], criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int, *,
                     max_grad_norm: float | None = None, autocast_dtype: torch.dtype | None = None,
                     channels_last: bool = False,
@@ -75,4 +76,4 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return np.asarray(e / e.sum(axis=1, keepdims=True))

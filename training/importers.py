@@ -169,7 +169,8 @@ def _class_name(folder: str, root: Path) -> str:
     return unicodedata.normalize("NFC", _utf8(folder, root))
 
 
-def import_folder(root: Path, *, val: float, test: float, seed: int,
+# One function on purpose (one pass over the class folders, split layouts and duplicates).
+def import_folder(root: Path, *, val: float, test: float, seed: int,  # noqa: C901
                   extensions: Sequence[str] = IMAGE_EXTENSIONS, good_class: str | None = None,
                   dedup: DedupConfig | None = None) -> FolderImport:
     """Index a folder-per-class dataset: ``(samples, classes, ignored)`` and ``duplicates``.

@@ -493,7 +493,8 @@ def _prepare_partial(partial: Path, fp: str) -> tuple[Path, Path]:
     return tree, tmp
 
 
-def pull_snapshot(uri: str, dest: Path, *, workers: int = 8, client: S3Client | None = None,
+# One function on purpose (verified, resumable download: each failure mode is one branch).
+def pull_snapshot(uri: str, dest: Path, *, workers: int = 8, client: S3Client | None = None,  # noqa: C901
                   progress: Progress | None = None) -> Snapshot:
     """Download the snapshot ``uri`` names into ``dest`` (created whole or not at all) and return it.
 

@@ -46,7 +46,7 @@ def sample_weights(labels: np.ndarray, num_classes: int, mode: str, beta: float 
     cw = class_weights(counts, mode, beta)
     per_sample = np.zeros(num_classes)
     np.divide(cw, counts, out=per_sample, where=counts > 0)
-    return per_sample[labels]
+    return np.asarray(per_sample[labels])
 
 
 class BalancedSampler(Sampler[int]):

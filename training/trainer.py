@@ -98,7 +98,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
             raise ValueError("not a DefectOps checkpoint")
         return state
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]}); delete it to resume "
                               f"from the previous epoch") from None
 
@@ -112,7 +112,8 @@ def _cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], 
     return f
 
 
-def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[str], model_cfg: ModelConfig,
+# One function on purpose (the training loop: resume, DDP, selection and checkpoints in one place).
+def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[str], model_cfg: ModelConfig,  # noqa: C901
         cfg: TrainConfig, ckpt_dir: Path, *, seed: int, val: tuple[np.ndarray, np.ndarray] | None = None,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         on_batch: Callable[[int], None] | None = None) -> FitResult:
@@ -222,9 +223,9 @@ def fit(train_images: np.ndarray, train_labels: np.ndarray, classes: Sequence[st
 def sync_batchnorm(model: DefectClassifier) -> DefectClassifier:
     """BatchNorm layers as SyncBatchNorm (timm's converter: it keeps the activation of timm's ``BatchNormAct2d``,
     which ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would drop); same parameters and state-dict keys."""
-    from timm.layers import convert_sync_batchnorm
+    from timm.layers.norm_act import convert_sync_batchnorm
 
-    return cast(DefectClassifier, convert_sync_batchnorm(model))
+    return cast(DefectClassifier, convert_sync_batchnorm(model))  # type: ignore[no-untyped-call]
 
 
 def _resume_state(ckpt_dir: Path, classes: Sequence[str]) -> dict[str, Any] | None:

@@ -99,11 +99,11 @@ def check_image(path: Path, cfg: ValidationConfig, expected_sha: str | None = No
                     return f"{path.name} is {w}x{h}, over validation.max_image_pixels={cfg.max_image_pixels}", digest
                 try:
                     im.verify()
-                except Exception as e:  # the header was fine: the data is damaged
+                except Exception as e:  # noqa: BLE001 - the header was fine: the data is damaged
                     return f"{path.name} is corrupt or truncated ({type(e).__name__}: {str(e)[:80]})", digest
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return f"{path.name} looks like a decompression bomb", digest
-    except Exception as e:  # PIL raises many types for broken files
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         return f"{path.name} is not a readable image ({type(e).__name__})", digest
     try:
         load_image(path, max_pixels=cfg.max_image_pixels)  # the decoder training uses: truncated JPEG, bit depth ...

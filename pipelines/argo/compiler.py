@@ -429,7 +429,7 @@ def compile_objects(s: ArgoSettings) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]
     pass
 
 
@@ -443,7 +443,7 @@ _Dumper.add_representer(str, _str_presenter)
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=4096, default_flow_style=False)
+    return str(yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=4096, default_flow_style=False))
 
 
 def render(s: ArgoSettings) -> dict[str, str]:
@@ -480,7 +480,8 @@ def workflow_from_template(*, namespace: str, template: str, overrides: Sequence
 def template_parameter(template: dict[str, Any], name: str) -> str | None:
     for p in (template.get("spec", {}).get("arguments", {}) or {}).get("parameters", []) or []:
         if p.get("name") == name:
-            return p.get("value", p.get("default"))
+            value = p.get("value", p.get("default"))
+            return None if value is None else str(value)
     return None
 
 

@@ -96,12 +96,12 @@ def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
     report = None
     try:
         report = json.loads(Path(c.download_artifacts(run_id, "onnx/int8.json", str(bench))).read_text())
-    except Exception:  # exported before INT8 existed: reported as such
+    except Exception:  # noqa: BLE001 - exported before INT8 existed: reported as such
         report = None
     dataset = None
     try:
         dataset = json.loads(Path(c.download_artifacts(run_id, "evidence/dataset.json", str(bench))).read_text())
-    except Exception:  # registered before the evidence existed: crops per board unknown
+    except Exception:  # noqa: BLE001 - registered before the evidence existed: crops per board unknown
         dataset = None
     drop, note = _int8_facts(report)
     return BenchModels(resolved.source, net, resolved.onnx_path, int8, resolved.input_size, 3, drop, note,

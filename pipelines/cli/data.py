@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -41,7 +41,7 @@ def _report(snapshot_dir: Path) -> None:
     console.print(f"fingerprint {snap.fingerprint}")
 
 
-def _write(out: Path, samples: list[dict], classes: list[str], files_root: Path) -> None:
+def _write(out: Path, samples: list[dict[str, Any]], classes: list[str], files_root: Path) -> None:
     from defectops.training.snapshot import write_snapshot
 
     write_snapshot(out, samples, classes, files_root=files_root)

@@ -124,6 +124,7 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
     """Submit the retrain through `defectops submit`'s code path (its manifest, client and checks), with the drift
     report as an annotation of the Workflow and, once it has a name, uploaded into the new run root
     (``trigger/drift-report.json``; the register step keeps it under ``drift/`` of the new version's run)."""
+    from defectops.pipelines.argo.client import ArgoError
     from defectops.pipelines.argo.compiler import (
         CompileError,
         dump_yaml,
@@ -131,7 +132,7 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
         template_parameter,
         workflow_from_template,
     )
-    from defectops.pipelines.cli.argo import ArgoError, _client, _local_registry_warning, _q, _user
+    from defectops.pipelines.cli.argo import _client, _local_registry_warning, _q, _user
     from defectops.pipelines.cli.common import load
     from defectops.pipelines.drift_steps import DriftFailure, DriftUsageError, report_annotation, retrain_overrides
 
@@ -183,7 +184,7 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
             s3_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(doc, sort_keys=True).encode(),
                                    ContentType="application/json")
             result["report_uri"] = f"s3://{bucket}/{key}"
-        except Exception as e:  # the workflow runs anyway; its annotation still carries the summary
+        except Exception as e:  # noqa: BLE001 - the workflow runs anyway; its annotation still carries the summary
             err.print(f"[yellow]warning:[/] drift report not uploaded to s3://{bucket}/{key}: {escape(str(e)[:200])}")
     if not quiet:
         console.print(f"retrain submitted: {name} (namespace {namespace}) {result['ui']}", highlight=False)

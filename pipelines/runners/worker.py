@@ -74,7 +74,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         if out:
             out.error(str(e.__cause__ or e))
         return 3 if e.gate_failure else 1
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any crash of a worker process is reported to the launcher
         traceback.print_exc()
         if out:
             out.error(f"{type(e).__name__}: {e}")

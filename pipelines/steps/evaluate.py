@@ -106,7 +106,7 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=c.tracking_uri)
             net = mlflow.pytorch.load_model(local, map_location="cpu")
         logits = predict_logits(net, to_tensor(x), resolve_device("cpu"))
-    except Exception as e:  # an unloadable champion is reported, and the regression gates are then not applied
+    except Exception as e:  # noqa: BLE001 - an unloadable champion is reported, and the regression gates are then not applied
         return None, f"{label} could not be evaluated ({type(e).__name__}: {str(e)[:120]})"
     if logits.shape[1] != len(classes):
         return None, f"{label} has {logits.shape[1]} classes, this run {len(classes)}: not comparable"

@@ -82,7 +82,7 @@ def _shortcut_check(ctx: StepContext, data: DataConfig, snap: Snapshot, crops: S
         rep = shortcut_check(inputs.features, inputs.names, y, crops.classes, folds=cfg.folds, seed=data.split.seed,
                              warn_at=cfg.warn_at, fix=inputs.fix)
         doc: dict[str, Any] = {"metadata": kind, "splits": ["train", "val"], **rep.to_dict()}
-    except Exception as e:  # the check is advice: a failure must not stop the run
+    except Exception as e:  # noqa: BLE001 - the check is advice: a failure must not stop the run
         doc = {"metadata": kind, "warn": False, "score": None, "note": f"not checked: {type(e).__name__}: {e}"}
     write_json(path, doc)
     if doc.get("warn"):

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from repo_paths import REPO
 
 from defectops.training.config import AugmentConfig, ModelConfig, TrainConfig
 from defectops.training.samplers import BalancedSampler, DistributedBalancedSampler, class_weights
+
+REPO = Path(__file__).resolve().parents[2]  # also run as a torchrun script: no tests/ helpers on its path
 
 CLASSES = ("false_call", "open", "short", "spur")
 TOLERANCE = 0.04

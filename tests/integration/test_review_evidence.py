@@ -47,7 +47,7 @@ def test_register_logs_review_evidence(tiny_run: TinyRun) -> None:
     assert index == json.loads((root / "eval" / "misses" / "index.json").read_text()) and len(index) > 0
     dataset = json.loads((root / "register" / "evidence" / "dataset.json").read_text())
     assert set(dataset["crops_per_split"]) == {"train", "val", "test"}
-    c = make_client(f"sqlite:///{Path(tiny_run['home']) / 'mlflow.db'}")
+    c = make_client(f"sqlite:///{Path(tiny_run.home) / 'mlflow.db'}")
     run = c.get_model_version(tiny_run.cfg.registry.model_name, "1").run_id
     logged = {a.path for a in c.list_artifacts(run, "evidence")}
     assert {"evidence/dataset.json", "evidence/misses", "evidence/gates.json", "evidence/report.html"} <= logged

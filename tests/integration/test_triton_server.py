@@ -125,7 +125,7 @@ def test_dynamic_batching_under_concurrent_requests(triton: TritonServer, tiny_r
                 connected.wait(timeout=60)
                 fire.wait(timeout=60)
                 results[i] = c.classify(x[i:i + 1]).logits
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - collected and re-raised by the test
             errors.append(e)
             connected.abort()
             fire.abort()

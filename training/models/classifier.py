@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ class DefectClassifier(nn.Module):
 
     def forward_single(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the crop itself (no TTA): what training optimises and Grad-CAM explains."""
-        return self.backbone((x - self.mean) / self.std)
+        return cast(torch.Tensor, self.backbone((x - self.mean) / self.std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = getattr(self, "views", TTA_VIEWS["none"])  # modules pickled before TTA existed have no views
@@ -91,7 +92,7 @@ class DefectClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer embedding (pooled) of the crop itself, for drift profiles and retrieval."""
         feats = self.backbone.forward_features((x - self.mean) / self.std)  # type: ignore[operator]
-        return self.backbone.forward_head(feats, pre_logits=True)  # type: ignore[operator]
+        return cast(torch.Tensor, self.backbone.forward_head(feats, pre_logits=True))  # type: ignore[operator]
 
 
 @contextmanager

@@ -85,7 +85,7 @@ def weights_file(source: str) -> tuple[Path, WeightsSource | None]:
 def _read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs from the file
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise WeightsError(f"weights file {path} is not a readable state dict ({type(e).__name__}: "
                            f"{str(e)[:100]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -41,7 +41,7 @@ class TritonPythonModel:
         try:
             feeds_per_request = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy().astype(dtype, copy=False)
                                   for name, dtype in self.inputs} for r in requests]
-        except Exception as e:  # a malformed request fails alone
+        except Exception as e:  # noqa: BLE001 - a malformed request fails alone
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {e}")) for _ in requests]
         if self.batched and len(requests) > 1:
             sizes = [len(f[self.inputs[0][0]]) for f in feeds_per_request]

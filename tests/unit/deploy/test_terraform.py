@@ -250,7 +250,7 @@ def validated(tf_init, tf_env: dict[str, str]) -> dict[str, Any]:
     for root, f in futures.items():
         try:
             results[root] = f.result()
-        except BaseException as e:  # pytest.fail() from run(): re-raised by the test of that root
+        except BaseException as e:  # noqa: BLE001 - pytest.fail() from run(): re-raised by the test of that root
             results[root] = e
     return results
 

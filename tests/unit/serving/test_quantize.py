@@ -66,7 +66,7 @@ def test_tiny_run_int8_is_verified_and_recorded(tiny_run: TinyRun) -> None:
     assert set(report) >= {"publish", "macro_recall_drop", "reasons", "parity", "gates", "metrics"}
     assert report["macro_recall_drop"] == pytest.approx(report["reference_macro_recall"] - report["macro_recall"])
     assert report["publish"] == (not report["reasons"])
-    c = make_client(f"sqlite:///{Path(tiny_run['home']) / 'mlflow.db'}")
+    c = make_client(f"sqlite:///{Path(tiny_run.home) / 'mlflow.db'}")
     mv = c.get_model_version(tiny_run.cfg.registry.model_name, "1")
     assert mv.tags["defectops.int8_published"] == str(report["publish"]).lower()
     logged = {a.path for a in c.list_artifacts(mv.run_id, "onnx")}
