@@ -30,7 +30,6 @@ from defectops.evaluation.drift_profile import (
 )
 
 DRIFT = RUN.drift
-TRIGGER_REPORT = RUN.trigger_report  # a drift report that started this run (uploaded by --submit-retrain)
 MAX_BATCH_DEFAULT = 5000
 
 

@@ -12,7 +12,6 @@ checkpoint (evaluation) and the ONNX model (verification, ``defectops predict bo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -185,11 +184,3 @@ class BoardDetector:
     def detect(self, pairs: Iterable[tuple[str, Path, Path]]) -> Iterator[tuple[str, list[Detection]]]:
         for r in self.run(pairs):
             yield r.key, detections_from_probs(r.candidates, r.probs, self.s, r.shape)
-
-
-def timed_detect(detector: BoardDetector, pairs: Sequence[tuple[str, Path, Path]]
-                 ) -> tuple[dict[str, list[Detection]], float]:
-    """Detections for every pair and the end-to-end images/s (decode, candidates, classification)."""
-    t0 = time.perf_counter()
-    out = dict(detector.detect(pairs))
-    return out, len(pairs) / max(time.perf_counter() - t0, 1e-9)

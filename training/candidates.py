@@ -29,21 +29,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from defectops.core.taxonomy import DEFECT_TYPES, Box
+from defectops.training.config import CANDIDATE_PARAMS, CandidateConfig
 
 BINARIZE_AT = 128
 CLEANUP_KERNEL = 3  # side of the cross-shaped opening applied to the difference mask
 MIN_CROP_SIDE = 16
-MAX_SHIFT = 8  # largest template/tested misregistration (px, each axis) that find_candidates corrects
+MAX_SHIFT = CandidateConfig.max_shift  # largest misregistration (px, each axis) that alignment corrects by default
 SPLIT_KERNEL = 5  # side of the square opening that separates a defect from a fused misregistration strip
 DETECTION_MARGIN = 10  # DeepPCB boxes are the defect's tight box plus ~10 px (median margin on each side)
-DEFAULT_PAD = 4
+DEFAULT_PAD = CandidateConfig.pad
 DETECTION_GROW = DETECTION_MARGIN - DEFAULT_PAD  # grows a default-padded candidate box into a detection box
 
 
@@ -325,28 +327,12 @@ def _max_iou(rows: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.asarray((inter / (area_a + area_b - inter)).max(axis=1))
 
 
-def find_candidates(
-    template: np.ndarray,
-    tested: np.ndarray,
-    *,
-    threshold: int = 64,
-    min_area: int = 12,
-    pad: int = DEFAULT_PAD,
-    merge_distance: int = 3,
-    max_candidates: int = 200,
-    align: bool = True,
-    max_shift: int = MAX_SHIFT,
-    split_side: int = 64,
-    tolerance: int = 0,
-    exact_min_area: int = 0,
-    close_min_area: int = 0,
-    close_max_iou: float = 0.3,
-    blob_min_area: int = 0,
-    blob_min_side: int = 60,
-    blob_max_side: int = 250,
-    blob_max_iou: float = 0.5,
-) -> list[Candidate]:
+def find_candidates(template: np.ndarray, tested: np.ndarray, cfg: CandidateConfig | None = None,
+                    **overrides: Any) -> list[Candidate]:
     """Difference blobs between two grayscale images, sorted by (y1, x1).
+
+    Parameters come from ``cfg`` (a :class:`CandidateConfig`, default: its defaults, the only defaults there are)
+    with ``overrides`` (field names of :data:`CANDIDATE_PARAMS`) on top: ``find_candidates(t, s, pad=0)``.
 
     With ``align`` the template is first registered onto the tested image (:func:`estimate_shift`, shifts up to
     ``max_shift`` px). Blobs smaller than ``min_area`` pixels are dropped; blobs separated by at most
@@ -370,6 +356,13 @@ def find_candidates(
     too small to match its defect, is one such blob; the classifier decides whether it is a defect, and the detector
     merges it with its fragments of the same type.
     """
+    c = candidate_settings(cfg, **overrides)
+    threshold, min_area, pad, merge_distance = c.threshold, c.min_area, c.pad, c.merge_distance
+    max_candidates, align, max_shift, split_side, tolerance = (c.max_candidates, c.align, c.max_shift, c.split_side,
+                                                               c.tolerance)
+    exact_min_area, close_min_area, close_max_iou = c.exact_min_area, c.close_min_area, c.close_max_iou
+    blob_min_area, blob_min_side, blob_max_side, blob_max_iou = (c.blob_min_area, c.blob_min_side, c.blob_max_side,
+                                                                 c.blob_max_iou)
     if max_candidates <= 0:
         return []
     _check_pair(template, tested)
@@ -398,6 +391,15 @@ def find_candidates(
     if len(cands) > max_candidates:
         cands = sorted(cands, key=lambda c: (-c.area, c.y1, c.x1))[:max_candidates]
     return sorted(cands, key=lambda c: (c.y1, c.x1, c.y2, c.x2))
+
+
+def candidate_settings(cfg: CandidateConfig | None = None, **overrides: Any) -> CandidateConfig:
+    """``cfg`` (default: :class:`CandidateConfig`'s defaults) with ``overrides``; ValueError names an unknown field."""
+    unknown = set(overrides) - set(CANDIDATE_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown candidate parameter(s) {', '.join(sorted(unknown))}: use "
+                         f"{', '.join(CANDIDATE_PARAMS)}")
+    return replace(cfg or CandidateConfig(), **overrides)
 
 
 def detection_box(

@@ -141,6 +141,15 @@ class CandidateConfig:
     add_missed_to_train: bool = True
 
 
+CANDIDATE_PARAMS: tuple[str, ...] = (
+    "threshold", "min_area", "pad", "merge_distance", "max_candidates", "align", "max_shift", "split_side",
+    "tolerance", "exact_min_area", "close_min_area", "close_max_iou", "blob_min_area", "blob_min_side",
+    "blob_max_side", "blob_max_iou")
+"""The fields of :class:`CandidateConfig` that candidate generation reads (``training.candidates.find_candidates``);
+their defaults are the only defaults. The rest (``crop_size``, ``context``, ``box_margin`` ...) shape crops and
+boxes."""
+
+
 @dataclass
 class ValidationConfig:
     """Snapshot validation limits.

@@ -21,37 +21,33 @@ import numpy as np
 
 from defectops.core.taxonomy import Box
 from defectops.training.candidates import (
-    MAX_SHIFT,
     Candidate,
     align_template,
+    candidate_settings,
     crop,
     find_candidates,
     iou,
     label_candidates,
     read_pair,
 )
-from defectops.training.config import CandidateConfig
+from defectops.training.config import CANDIDATE_PARAMS, CandidateConfig
 from defectops.training.snapshot import Snapshot, write_snapshot
 
 
 def candidate_params(cfg: CandidateConfig) -> dict[str, Any]:
-    """The keyword arguments of :func:`propose` (and of ``find_candidates``) a config stands for."""
-    return {"threshold": cfg.threshold, "min_area": cfg.min_area, "pad": cfg.pad,
-            "merge_distance": cfg.merge_distance, "max_candidates": cfg.max_candidates, "align": cfg.align,
-            "max_shift": cfg.max_shift, "split_side": cfg.split_side, "tolerance": cfg.tolerance,
-            "exact_min_area": cfg.exact_min_area, "close_min_area": cfg.close_min_area,
-            "close_max_iou": cfg.close_max_iou, "blob_min_area": cfg.blob_min_area,
-            "blob_min_side": cfg.blob_min_side, "blob_max_side": cfg.blob_max_side, "blob_max_iou": cfg.blob_max_iou}
+    """The candidate-generation fields of ``cfg`` (:data:`CANDIDATE_PARAMS`) as a JSON-ready dict: what the detector
+    settings and the exported model's metadata carry, and what :func:`propose` takes back."""
+    return {name: getattr(cfg, name) for name in CANDIDATE_PARAMS}
 
 
 def aligned_candidates(template: np.ndarray, tested: np.ndarray, params: dict[str, Any]
                        ) -> tuple[np.ndarray, list[Candidate]]:
     """The template aligned to the tested image (when ``params["align"]``) and the candidates found with it: crops
     must be cut from this template so the classifier sees what the candidate step saw."""
-    p = dict(params)
-    if p.pop("align", True):
-        template, _ = align_template(template, tested, max_shift=int(p.get("max_shift", MAX_SHIFT)))
-    return template, find_candidates(template, tested, align=False, **p)
+    cfg = candidate_settings(None, **params)
+    if cfg.align:
+        template, _ = align_template(template, tested, max_shift=cfg.max_shift)
+    return template, find_candidates(template, tested, cfg, align=False)
 
 
 def propose(template: np.ndarray, tested: np.ndarray, params: dict[str, Any], size: int, context: float

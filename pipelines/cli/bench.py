@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from defectops.core.layout import RUN
-from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, resolve_tracking_uri
 
 bench_app = typer.Typer(help="Measure what a model costs to run.", no_args_is_help=True)
 
@@ -186,7 +186,7 @@ def latency(
         raise fail(f"--triton-protocol must be http or grpc, got {triton_protocol!r}", EXIT_USAGE)
     home = home_dir()
     if model.startswith("models:/"):
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+        uri = resolve_tracking_uri(tracking_uri, home)
         m = _from_registry(model, uri, home / "cache")
         default_name = model.removeprefix("models:/").split("@")[0].split("/")[0]
     else:

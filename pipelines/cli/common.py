@@ -29,6 +29,15 @@ Overrides = Annotated[list[str] | None, typer.Argument(
     show_default=False)]
 
 
+def resolve_tracking_uri(given: str | None, home: Path) -> str:
+    """The registry a command talks to: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the home's SQLite
+    registry (the pipeline's own default, :func:`pipelines.config.tracking_uri`)."""
+    from defectops.pipelines.config import tracking_uri
+    from defectops.registry.config import RegistryConfig
+
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(RegistryConfig(), home)
+
+
 def fail(message: str, code: int) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)

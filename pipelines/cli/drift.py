@@ -11,7 +11,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, console, err, fail
+from defectops.pipelines.cli.common import (
+    EXIT_FAILURE,
+    EXIT_GATES,
+    EXIT_USAGE,
+    console,
+    err,
+    fail,
+    resolve_tracking_uri,
+)
 
 EXIT_DRIFT = EXIT_GATES  # 3: drift detected
 
@@ -70,7 +78,7 @@ def check_cmd(
     if permutations < 1 or max_images < 2:
         raise fail("--permutations must be >= 1 and --max-images >= 2", EXIT_USAGE)
     home = home_dir()
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    uri = resolve_tracking_uri(tracking_uri, home)
     try:
         m = load_checked_model(model, tracking_uri=uri, cache_dir=home / "cache")
         pixels, found = load_batch(images, m.meta, max_images=max_images, seed=seed)

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, image_paths, progress_bars
+from defectops.pipelines.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    console,
+    fail,
+    image_paths,
+    progress_bars,
+    resolve_tracking_uri,
+)
 
 if TYPE_CHECKING:
     from defectops.serving.model_ref import ResolvedModel
@@ -26,13 +34,12 @@ Precision = Annotated[str, typer.Option(help="For models:/ and run roots: served
 
 
 def _resolve(ref: str, tracking_uri: str | None, precision: str = "served") -> ResolvedModel:
-    import os
 
     from defectops.pipelines.config import home_dir
     from defectops.serving.model_ref import ModelRefError, resolve
 
     home = home_dir()
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    uri = resolve_tracking_uri(tracking_uri, home)
     try:
         return resolve(ref, tracking_uri=uri, cache_dir=home / "cache", precision=precision)
     except ModelRefError as e:

@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail
+from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_USAGE, console, fail, resolve_tracking_uri
 
 registry_app = typer.Typer(help="Review, approve, reject and roll back model versions (audited).",
                            no_args_is_help=True)
@@ -46,7 +46,7 @@ def _model(model: str | None) -> str:
 def _client(tracking_uri: str | None) -> Any:
     from defectops.registry.mlflow_registry import client
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_home() / 'mlflow.db'}"
+    uri = resolve_tracking_uri(tracking_uri, _home())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise fail(f"no registry at {uri}: run `defectops run` first, or pass --tracking-uri", EXIT_USAGE)
     return client(uri)

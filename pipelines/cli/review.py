@@ -8,14 +8,13 @@ The app itself is :mod:`registry.review.app`; this module only resolves paths an
 from __future__ import annotations
 
 import getpass
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from defectops.pipelines.cli.common import EXIT_USAGE, console, fail
+from defectops.pipelines.cli.common import EXIT_USAGE, console, fail, resolve_tracking_uri
 
 review_app = typer.Typer(
     help="Serve the review web app: candidates beside the champion, approve/reject with a reason, the audit trail.\n\n"
@@ -81,7 +80,7 @@ def serve(
     from defectops.registry.review.auth import AuthError, ProxyAuth, load_or_create_secret
 
     home = _home()
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    uri = resolve_tracking_uri(tracking_uri, home)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise fail(f"no registry at {uri}: run `defectops run` first, or pass --tracking-uri", EXIT_USAGE)
     users = _users_file(users_file)

@@ -323,3 +323,23 @@ def test_closed_pass_proposes_a_dithered_line_that_the_cleanup_erases() -> None:
     # what a candidate already covers is not proposed again, and blobs under close_min_area are not proposed
     assert find_candidates(template, tested, pad=0, tolerance=1, close_min_area=20, close_max_iou=0.0) == plain
     assert find_candidates(template, tested, pad=0, tolerance=1, close_min_area=10_000) == plain
+
+
+def test_candidate_parameters_have_one_source() -> None:
+    """The config is the only source of candidate defaults: find_candidates with no config is the config's
+    defaults, the detector's dict round-trips, and a misspelt parameter names the valid ones."""
+    from dataclasses import fields
+
+    from defectops.training.candidates import candidate_settings
+    from defectops.training.config import CANDIDATE_PARAMS, CandidateConfig
+    from defectops.training.crops import candidate_params
+
+    assert set(CANDIDATE_PARAMS) <= {f.name for f in fields(CandidateConfig)}
+    cfg = CandidateConfig(min_area=9, pad=2)
+    assert candidate_settings(None, **candidate_params(cfg)) == cfg
+    assert candidate_settings() == CandidateConfig()
+    board = next(generate_boards(1, 3, size=256))
+    assert find_candidates(board.template, board.tested) == find_candidates(board.template, board.tested,
+                                                                            CandidateConfig())
+    with pytest.raises(ValueError, match="unknown candidate parameter.*min_aera.*use threshold, min_area"):
+        find_candidates(board.template, board.tested, min_aera=3)
