@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Self
 
 Advance = Callable[[int], None]
 
@@ -29,6 +30,21 @@ class StepContext:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Base of every step's typed result (each step module defines its own). The runner records ``to_dict()`` in the
+    step marker (``RUN.marker(step)``); optional parts left ``None`` are omitted there."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Self:
+        """Read a recorded result back (unknown keys are ignored, so older markers still load)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
 
 
 class StepError(RuntimeError):

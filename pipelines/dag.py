@@ -1,7 +1,8 @@
 """The one DAG definition shared by the local runner and (later) the Argo compiler.
 
 A step is a typed function in its own module of :mod:`pipelines.steps`; its parameters other than ``ctx`` name the
-config groups it reads, and its module declares the run-root paths it reads and writes.
+config groups it reads, its module declares the run-root paths it reads and writes, and it returns a typed
+:class:`pipelines.context.StepResult`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from defectops.pipelines import steps
 from defectops.pipelines.config import DefectOpsConfig
-from defectops.pipelines.context import StepContext
+from defectops.pipelines.context import StepContext, StepResult
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Step:
     (:data:`core.layout.RUN` values; the runner and the Argo compiler can plan with them)."""
 
     name: str
-    fn: Callable[..., dict[str, Any]]
+    fn: Callable[..., StepResult]
     summary: str
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
@@ -32,7 +33,7 @@ class Step:
     def config_params(self) -> list[str]:
         return [p for p in inspect.signature(self.fn).parameters if p != "ctx"]
 
-    def __call__(self, ctx: StepContext, cfg: DefectOpsConfig) -> dict[str, Any]:
+    def __call__(self, ctx: StepContext, cfg: DefectOpsConfig) -> StepResult:
         kwargs = {p: getattr(cfg, p) for p in self.config_params}
         return self.fn(ctx, **kwargs)
 

@@ -71,7 +71,7 @@ def check_cmd(
     submission could not be carried out).
     """
     from defectops.pipelines.config import home_dir
-    from defectops.pipelines.drift_steps import DriftFailure, DriftUsageError, check, load_batch, load_checked_model
+    from defectops.pipelines.drift import DriftFailure, DriftUsageError, check, load_batch, load_checked_model
 
     if not 0.0 < alpha < 1.0:
         raise fail(f"--alpha must be in (0, 1), got {alpha}", EXIT_USAGE)
@@ -142,7 +142,7 @@ def _submit_retrain(m: Any, doc: dict[str, Any], images: str, data: str | None, 
     )
     from defectops.pipelines.cli.argo import _client, _local_registry_warning, _q, _user
     from defectops.pipelines.cli.common import load
-    from defectops.pipelines.drift_steps import DriftFailure, DriftUsageError, report_annotation, retrain_overrides
+    from defectops.pipelines.drift import DriftFailure, DriftUsageError, report_annotation, retrain_overrides
 
     dry_run = not os.environ.get("ARGO_SERVER", "").strip()
     try:

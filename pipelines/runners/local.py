@@ -42,6 +42,7 @@ class StepOutcome:
     status: str  # "done", "skipped", "failed"
     seconds: float
     result: dict[str, Any] = field(default_factory=dict)
+    """The step's result as recorded in its marker (:meth:`StepResult.to_dict`; read back for a skipped step)."""
 
 
 def ensure_home(home: Path) -> Path:
@@ -86,7 +87,7 @@ def run_step(step: Step, ctx: StepContext, cfg: DefectOpsConfig, *, force: bool 
         return StepOutcome(step.name, "skipped", 0.0, read_json(m).get("result", {}))
     t0 = time.perf_counter()
     try:
-        result = step(ctx, cfg)
+        result = step(ctx, cfg).to_dict()
     except GateFailure as e:
         raise RunError(step.name, str(e), gate_failure=True) from e
     except (StepError, FileNotFoundError, ValueError) as e:

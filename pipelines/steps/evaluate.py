@@ -9,6 +9,7 @@ Reads: ``RUN.crops``, ``RUN.model``, ``RUN.snapshot``, ``RUN.validation``, ``RUN
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from defectops.evaluation.metrics import ClassificationMetrics, classification_m
 from defectops.evaluation.report import render_report, write_miss_tiles
 from defectops.evaluation.report_sections import board_html, gradcam_misses, read_shortcut, split_note
 from defectops.evaluation.scoring import Scored, score_crops
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext, StepError, StepResult
 from defectops.pipelines.tasks import create_task
 from defectops.pipelines.tracking import registry_client
 from defectops.registry.config import RegistryConfig
@@ -35,8 +36,20 @@ WRITES = (RUN.metrics, RUN.gates, RUN.predictions, RUN.report, RUN.misses, RUN.b
           RUN.champion_metrics)
 
 
+@dataclass(frozen=True)
+class EvaluateResult(StepResult):
+    """Whether the gates passed (and which failed), the headline figure, the champion compared with, and the board-level
+    figures for a board task."""
+
+    passed: bool
+    failed: list[str]
+    macro_recall: float
+    champion_version: str
+    board: dict[str, Any] | None = None
+
+
 def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
-             detect: DetectConfig, task: TaskKind) -> dict[str, Any]:
+             detect: DetectConfig, task: TaskKind) -> EvaluateResult:
     """Score the trained model on the test crops (and the task's own evaluation: boards), apply the gates, write
     metrics and the HTML report."""
     import torch
@@ -75,14 +88,14 @@ def evaluate(ctx: StepContext, data: DataConfig, gates: GateConfig, registry: Re
     write_json(ctx.path(RUN.metrics), scored.metrics_doc())
     write_json(ctx.path(RUN.gates), scored.gates.to_dict())
     _write_report(ctx, net, scored, y, x, crops, state, champion_version, board)
-    result: dict[str, Any] = {"passed": scored.gates.passed, "failed": [g.name for g in scored.gates.failed()],
-                              "macro_recall": scored.metrics.macro_recall, "champion_version": champion_version}
+    summary: dict[str, Any] | None = None
     if board and "test" in board:
-        result["board"] = {k: board["test"][k] for k in ("map", "fscore", "precision", "recall", "images_per_s")}
-        result["board"]["score_threshold"] = board["score_threshold"]
+        summary = {k: board["test"][k] for k in ("map", "fscore", "precision", "recall", "images_per_s")}
+        summary["score_threshold"] = board["score_threshold"]
         if board["type_thresholds"]:
-            result["board"]["type_thresholds"] = board["type_thresholds"]
-    return result
+            summary["type_thresholds"] = board["type_thresholds"]
+    return EvaluateResult(scored.gates.passed, [g.name for g in scored.gates.failed()], scored.metrics.macro_recall,
+                          champion_version, summary)
 
 
 def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray, y: np.ndarray,

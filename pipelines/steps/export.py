@@ -7,12 +7,13 @@ Reads: ``RUN.model``, ``RUN.detector``, ``RUN.crops``, ``RUN.snapshot``. Writes:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from defectops.core.fsutil import read_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
-from defectops.pipelines.context import StepContext
+from defectops.pipelines.context import StepContext, StepResult
 from defectops.pipelines.tasks import create_task
 from defectops.serving.config import ExportConfig
 from defectops.training.config import DataConfig
@@ -23,7 +24,17 @@ WRITES = (RUN.onnx, RUN.onnx_int8)
 
 
 # ------------------------------------------------------------------------------------------------------ export
-def export(ctx: StepContext, export: ExportConfig, data: DataConfig, task: TaskKind) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportResult(StepResult):
+    """The ONNX file written and, with ``export.int8.enabled``, the INT8 file and its calibration."""
+
+    onnx_path: str
+    opset: int
+    bytes: int
+    int8: dict[str, Any] | None = None
+
+
+def export(ctx: StepContext, export: ExportConfig, data: DataConfig, task: TaskKind) -> ExportResult:
     """Export the trained model to ONNX (dynamic batch) carrying its classes, input size and detector settings."""
     from defectops.serving.model_ref import model_metadata
     from defectops.serving.onnx_export import export_onnx
@@ -38,11 +49,8 @@ def export(ctx: StepContext, export: ExportConfig, data: DataConfig, task: TaskK
                           candidates=extra.get("candidates"), detector=extra.get("detector") or {},
                           extra={"run_id": ctx.run_id, "dataset_fingerprint": crops_meta.get("board_fingerprint", "")})
     export_onnx(net, ctx.path(RUN.onnx), input_shape=(3, size, size), opset=export.opset, metadata=meta)
-    result: dict[str, Any] = {"onnx_path": str(ctx.path(RUN.onnx)), "opset": export.opset,
-                              "bytes": ctx.path(RUN.onnx).stat().st_size}
-    if export.int8.enabled:
-        result["int8"] = _export_int8(ctx, export)
-    return result
+    return ExportResult(str(ctx.path(RUN.onnx)), export.opset, ctx.path(RUN.onnx).stat().st_size,
+                        _export_int8(ctx, export) if export.int8.enabled else None)
 
 
 def _export_int8(ctx: StepContext, export: ExportConfig) -> dict[str, Any]:

@@ -8,12 +8,13 @@ folder import).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from defectops.core.fsutil import atomic_dir, write_json
 from defectops.core.layout import RUN
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext, StepError, StepResult
 from defectops.pipelines.tasks.verify import task_classes
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import (
@@ -33,8 +34,21 @@ READS: tuple[str, ...] = ()
 WRITES = (RUN.snapshot, RUN.boards, RUN.duplicates)
 
 
+@dataclass(frozen=True)
+class PullDataResult(StepResult):
+    """The snapshot written: its fingerprint, sample counts per split, the classes and the split groups."""
 
-def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
+    fingerprint: str
+    samples: int
+    splits: dict[str, int]
+    files_root: str
+    classes: list[str]
+    groups: dict[str, dict[str, int]]
+    duplicates: dict[str, int] | None = None
+    """Counts of the duplicate groups found at import (``RUN.duplicates`` lists them), when the source checks."""
+
+
+def pull_data(ctx: StepContext, data: DataConfig) -> PullDataResult:
     """Materialise the dataset snapshot: synthetic boards, a DeepPCB-format or folder-per-class dataset read in
     place, or a snapshot (local folder or ``s3://``, cached by fingerprint). The result's ``groups`` counts the
     samples of each group (:func:`sample_group`: a board design) per split.
@@ -77,13 +91,11 @@ def pull_data(ctx: StepContext, data: DataConfig) -> dict[str, Any]:
                              + (", ".join(f"{g} ({n})" for g, n in groups[sp].items()) or "none"))
     snap = write_snapshot(ctx.path(RUN.snapshot), samples, classes, files_root=files_root)
     counts = {sp: sum(1 for x in samples if x["split"] == sp) for sp in SPLITS}
-    result = {"fingerprint": snap.fingerprint, "samples": len(samples), "splits": counts,
-              "files_root": str(files_root), "classes": classes, "groups": groups}
     if duplicates is not None:
         write_json(ctx.path(RUN.duplicates), duplicates.to_dict())
         ctx.reporter.log(f"{duplicates.summary()}; list in {ctx.path(RUN.duplicates)}")
-        result["duplicates"] = duplicates.counts()
-    return result
+    return PullDataResult(snap.fingerprint, len(samples), counts, str(files_root), list(classes), groups,
+                          duplicates.counts() if duplicates is not None else None)
 
 
 def _data_root(data: DataConfig) -> Path:

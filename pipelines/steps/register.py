@@ -14,8 +14,8 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from defectops.core.fsutil import atomic_dir, read_json, write_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateReport
-from defectops.pipelines.context import GateFailure, StepContext, StepError
+from defectops.pipelines.context import GateFailure, StepContext, StepError, StepResult
 from defectops.pipelines.tasks import create_task
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
@@ -62,7 +62,19 @@ def _review_evidence(ctx: StepContext) -> Path:
     return out
 
 
-def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task: TaskKind) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RegisterResult(StepResult):
+    """The registered version (also written to ``RUN.registration``) and whether it passed its gates."""
+
+    registered_model: str
+    version: str
+    aliases: list[str]
+    tracking_uri: str
+    mlflow_run_id: str
+    gates_passed: bool
+
+
+def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task: TaskKind) -> RegisterResult:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     import mlflow.pytorch
 
@@ -115,10 +127,10 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task:
                         lock_dir=ctx.home)
     if gates.passed:
         c.set_registered_model_alias(registry.model_name, registry.challenger_alias, str(mv.version))
-    result = {"registered_model": registry.model_name, "version": str(mv.version),
-              "aliases": reg.aliases_of(c, registry.model_name, str(mv.version)), "tracking_uri": c.tracking_uri,
-              "mlflow_run_id": rid, "gates_passed": gates.passed}
-    write_json(ctx.path(RUN.registration), result)
+    version = str(mv.version)
+    result = RegisterResult(registry.model_name, version, reg.aliases_of(c, registry.model_name, version),
+                            c.tracking_uri, rid, gates.passed)
+    write_json(ctx.path(RUN.registration), result.to_dict())
     if not gates.passed:
         failed = [f"{g.name} ({g.detail})" for g in gates.failed()]
         raise GateFailure(f"gates failed, version {mv.version} registered without '{registry.challenger_alias}': "

@@ -6,13 +6,11 @@ Reads: ``RUN.crops``, ``RUN.snapshot``. Writes: ``RUN.checkpoints``, ``RUN.model
 
 from __future__ import annotations
 
-from typing import Any
-
 from defectops.core.fsutil import read_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
 from defectops.pipelines.context import StepContext, StepError
-from defectops.pipelines.tasks import create_task
+from defectops.pipelines.tasks import TrainResult, create_task
 from defectops.registry.config import RegistryConfig
 from defectops.training.config import DataConfig, ModelConfig, TrainConfig
 from defectops.training.snapshot import load_snapshot
@@ -24,7 +22,7 @@ WORKER_MODULE = "defectops.pipelines.runners.worker"  # what torchrun starts in 
 
 
 def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
-          seed: int, task: TaskKind) -> dict[str, Any]:
+          seed: int, task: TaskKind) -> TrainResult:
     """Train the task's model with checkpoints every epoch; a rerun resumes from the newest checkpoint.
 
     ``train.nproc`` > 1 trains with DistributedDataParallel. Outside torchrun this step starts
@@ -46,7 +44,7 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
             distributed.cleanup()
 
 
-def _train_with_torchrun(ctx: StepContext, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+def _train_with_torchrun(ctx: StepContext, model: ModelConfig, train: TrainConfig) -> TrainResult:
     """Run the train step in ``train.nproc`` processes under ``torchrun --standalone`` and return rank 0's result.
 
     Rank 0's progress and epoch lines are forwarded to this step's reporter; a failure becomes a :class:`StepError`
@@ -75,4 +73,4 @@ def _train_with_torchrun(ctx: StepContext, model: ModelConfig, train: TrainConfi
     launch = supervise(cmd, worker_env(n), advance=advance, log=ctx.reporter.log)
     if launch.code != 0 or not marker.is_file() or marker.stat().st_mtime_ns == before:
         raise StepError(f"distributed training ({n} processes) failed: {launch.detail()}")
-    return dict(read_json(marker)["result"])
+    return TrainResult.from_dict(read_json(marker)["result"])

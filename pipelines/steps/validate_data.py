@@ -6,6 +6,7 @@ Reads: ``RUN.snapshot``. Writes: ``RUN.validation``, ``RUN.crops``, ``RUN.shortc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from defectops.core.fsutil import atomic_dir, write_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.shortcut import shortcut_check
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext, StepError, StepResult
 from defectops.pipelines.tasks import Task, create_task
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import Snapshot, load_snapshot
@@ -23,8 +24,20 @@ READS = (RUN.snapshot,)
 WRITES = (RUN.validation, RUN.crops, RUN.shortcut)
 
 
+@dataclass(frozen=True)
+class ValidateDataResult(StepResult):
+    """Quarantine counts, the training-sample snapshot's fingerprint, what the task made and the shortcut check."""
 
-def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind) -> dict[str, Any]:
+    quarantined: int
+    accepted: int
+    label_conflicts: int
+    crop_fingerprint: str
+    prepared: dict[str, Any]
+    """The task's own counts (:attr:`pipelines.tasks.base.Prepared.summary`: crops per split, candidate recall, ...)."""
+    shortcut: dict[str, Any] | None = None
+
+
+def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind) -> ValidateDataResult:
     """Validate the snapshot (quarantine with reasons), then let the task make its training samples from the accepted
     ones (candidate crops from boards, or fitted images). Fails over ``data.validation.max_bad_fraction`` (unusable
     or leaking samples) or ``data.validation.max_conflict_fraction`` (label conflicts); the result counts
@@ -56,12 +69,8 @@ def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind) -> dict[st
     with atomic_dir(ctx.path(RUN.crops)) as tmp:
         prepared = kind.prepare(snap, report.accepted, tmp, data, advance)
     crops = prepared.crops
-    out = {"quarantined": len(report.quarantined), "accepted": len(report.accepted),
-           "label_conflicts": len(conflicts), **prepared.summary, "crop_fingerprint": crops.fingerprint}
-    shortcut = _shortcut_check(ctx, data, snap, crops, kind)
-    if shortcut is not None:
-        out["shortcut"] = shortcut
-    return out
+    return ValidateDataResult(len(report.quarantined), len(report.accepted), len(conflicts), crops.fingerprint,
+                              prepared.summary, _shortcut_check(ctx, data, snap, crops, kind))
 
 
 def _shortcut_check(ctx: StepContext, data: DataConfig, snap: Snapshot, crops: Snapshot, task: Task

@@ -22,7 +22,7 @@ from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateConfig
 from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.evaluation.scoring import Scored, score_crops
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext, StepError, StepResult
 from defectops.pipelines.tasks import Task, create_task
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
@@ -34,6 +34,19 @@ from defectops.training.snapshot import load_snapshot, resampling_units
 READS = (RUN.crops, RUN.predictions, RUN.onnx, RUN.onnx_int8, RUN.detector, RUN.metrics, RUN.champion_metrics,
          RUN.registration, RUN.snapshot, RUN.validation)
 WRITES = (RUN.parity, RUN.onnx_metrics, RUN.onnx_gates, RUN.onnx_board_metrics, RUN.int8_report, RUN.triton)
+
+
+@dataclass(frozen=True)
+class VerifyExportResult(StepResult):
+    """ONNX-vs-checkpoint parity, the ONNX model's figures, what Triton serves (``fp32`` | ``int8``) and the INT8
+    verdict. :mod:`serving.model_ref` reads ``served`` and ``int8.publish`` back from the step marker."""
+
+    parity: dict[str, Any]
+    onnx_macro_recall: float
+    triton_model: str
+    served: str
+    int8: dict[str, Any] | None = None
+    onnx_board: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ def _check_onnx(ctx: StepContext, model: Path, task: Task, data: DataConfig, gat
 
 
 def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
-                  registry: RegistryConfig, detect: DetectConfig, task: TaskKind) -> dict[str, Any]:
+                  registry: RegistryConfig, detect: DetectConfig, task: TaskKind) -> VerifyExportResult:
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
     from defectops.registry import mlflow_registry as reg
@@ -131,14 +144,12 @@ def verify_export(ctx: StepContext, data: DataConfig, export: ExportConfig, gate
     size = int(x.shape[1])
     model_dir = write_repository(ctx.path(RUN.triton), registry.model_name, served, crops.classes,
                                  (3, size, size), export.triton, version=int(version))
-    result = {"parity": par.to_dict(), "onnx_macro_recall": fp32.scored.metrics.macro_recall,
-              "triton_model": str(model_dir), "served": precision}
-    if int8:
-        result["int8"] = {k: int8[k] for k in ("publish", "macro_recall", "macro_recall_drop", "top1_agreement",
-                                               "reasons")}
-    if fp32.board and "test" in fp32.board:
-        result["onnx_board"] = {k: fp32.board["test"][k] for k in ("map", "fscore", "images_per_s")}
-    return result
+    return VerifyExportResult(
+        par.to_dict(), fp32.scored.metrics.macro_recall, str(model_dir), precision,
+        {k: int8[k] for k in ("publish", "macro_recall", "macro_recall_drop", "top1_agreement", "reasons")}
+        if int8 else None,
+        {k: fp32.board["test"][k] for k in ("map", "fscore", "images_per_s")}
+        if fp32.board and "test" in fp32.board else None)
 
 
 def _verify_int8(ctx: StepContext, task: Task, data: DataConfig, export: ExportConfig, gates: GateConfig,

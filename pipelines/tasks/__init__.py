@@ -8,12 +8,12 @@ A new task: a module here with a :class:`Task` subclass, a :class:`core.taxonomy
 from __future__ import annotations
 
 from defectops.core.taxonomy import TaskKind
-from defectops.pipelines.tasks.base import CropClassifierTask, Prepared, ShortcutInputs, Task
+from defectops.pipelines.tasks.base import CropClassifierTask, Prepared, ShortcutInputs, Task, TrainResult
 from defectops.pipelines.tasks.classify import ClassifyTask
 from defectops.pipelines.tasks.verify import VerifyTask
 
-__all__ = ["TASKS", "ClassifyTask", "CropClassifierTask", "Prepared", "ShortcutInputs", "Task", "VerifyTask",
-           "create_task"]
+__all__ = ["TASKS", "ClassifyTask", "CropClassifierTask", "Prepared", "ShortcutInputs", "Task", "TrainResult",
+           "VerifyTask", "create_task"]
 
 TASKS: dict[TaskKind, type[Task]] = {TaskKind.verify: VerifyTask, TaskKind.classify: ClassifyTask}
 

@@ -23,7 +23,7 @@ import numpy as np
 from defectops.core.fsutil import atomic_path
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext, StepError, StepResult
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig
@@ -39,6 +39,27 @@ class Prepared:
 
     crops: Snapshot
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResult(StepResult):
+    """The train step's result. A task whose fit records more (a memory bank's size, say) subclasses it."""
+
+    epochs: int
+    resumed_from_epoch: int
+    mlflow_run_id: str | None = None
+    selected_epoch: int | None = None
+    select: str | None = None
+    selected: dict[str, float] | None = None
+    """The selected epoch's history row (its validation figures)."""
+    final: dict[str, float] | None = None
+    class_counts: dict[str, int] | None = None
+    pretrained: dict[str, Any] | None = None
+    """Which pretrained weights the backbone started from (file and sha256), when any."""
+    nproc: int | None = None
+    """Processes that trained (DistributedDataParallel), when more than one."""
+    rank: int | None = None
+    """Set only in a non-zero rank's own result (never recorded: rank 0 alone writes the marker)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +99,7 @@ class Task(ABC):
 
     @abstractmethod
     def fit(self, ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig,
-            registry: RegistryConfig, seed: int) -> dict[str, Any]:
+            registry: RegistryConfig, seed: int) -> TrainResult:
         """Train; write ``RUN.model``. Returns the train step's result."""
 
     def detection_scores(self, ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
@@ -97,7 +118,7 @@ class CropClassifierTask(Task, ABC):
     """A task whose model classifies fixed-size crops (candidate verification, folder classification)."""
 
     def fit(self, ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig,
-            registry: RegistryConfig, seed: int) -> dict[str, Any]:
+            registry: RegistryConfig, seed: int) -> TrainResult:
         """Train the crop classifier on ``RUN.crops`` (this process's share under DDP); rank 0 writes
         ``RUN.model`` and logs to the run's MLflow run. Returns the train step's result."""
         import torch
@@ -139,8 +160,7 @@ class CropClassifierTask(Task, ABC):
         except CheckpointError as e:
             raise StepError(str(e)) from None
         if not main:
-            return {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from,
-                    "rank": distributed.rank()}
+            return TrainResult(len(result.history), result.resumed_from, rank=distributed.rank())
         if result.resumed_from:
             advance(result.resumed_from * per_epoch)
         with atomic_path(ctx.path(RUN.model)) as tmp:
@@ -148,18 +168,14 @@ class CropClassifierTask(Task, ABC):
             for k in ("optimizer", "scheduler"):
                 state.pop(k, None)
             torch.save(state, tmp)
-        out = {"epochs": len(result.history), "resumed_from_epoch": result.resumed_from, "mlflow_run_id": rid,
-               "selected_epoch": result.selected_epoch, "select": str(train.select),
-               "selected": result.history[result.selected_epoch - 1] if result.selected_epoch else {},
-               "final": result.history[-1] if result.history else {},
-               "class_counts": class_counts(y_train, crops.classes)}
         weights = state.get("weights_info") or {}
         reg.log_params(c, rid, {"selected_epoch": result.selected_epoch,
                                 "pretrained_weights": weights.get("weights", "none"),
                                 "pretrained_sha256": weights.get("weights_sha256", "none")})
-        if weights:
-            out["pretrained"] = weights
-        if world > 1:
-            out["nproc"] = world
-        return out
+        return TrainResult(len(result.history), result.resumed_from, mlflow_run_id=rid,
+                           selected_epoch=result.selected_epoch, select=str(train.select),
+                           selected=result.history[result.selected_epoch - 1] if result.selected_epoch else {},
+                           final=result.history[-1] if result.history else {},
+                           class_counts=class_counts(y_train, crops.classes), pretrained=weights or None,
+                           nproc=world if world > 1 else None)
 

@@ -4,7 +4,7 @@ No Argo controller or Kubernetes API server can run here, so:
 
 * golden YAML: `defectops compile` output is compared byte for byte with tests/golden/argo/<case>.yaml and, for the
   default case, with the committed deploy/argo/. Regenerate on purpose with
-  ``DEFECTOPS_REGEN_GOLDEN=1 pytest tests/test_argo.py`` and review the diff.
+  ``DEFECTOPS_REGEN_GOLDEN=1 pytest tests/unit/pipelines/test_argo.py`` and review the diff.
 * every Argo object (WorkflowTemplate, the submitted Workflow and the request body, the artifact repository) is
   validated against Argo's official JSON schema (v3.6.19) made strict (``additionalProperties: false`` on every object
   definition), from ``$DEFECTOPS_ARGO_SCHEMA`` (default ../shared/schemas/argo-workflows-v3.6.19.schema.json); those
@@ -164,10 +164,11 @@ def test_compile_matches_golden(compiled: dict[str, dict[str, str]], case: str) 
     if REGEN:
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(bundle, encoding="utf-8")
-    assert golden.is_file(), f"{golden} missing: run DEFECTOPS_REGEN_GOLDEN=1 pytest tests/test_argo.py"
+    assert golden.is_file(), f"{golden} missing: run DEFECTOPS_REGEN_GOLDEN=1 pytest tests/unit/pipelines/test_argo.py"
     assert golden.read_text(encoding="utf-8") == bundle, (
         f"`defectops compile` output changed for case {case!r}. If the change is intended, regenerate with "
-        f"DEFECTOPS_REGEN_GOLDEN=1 pytest tests/test_argo.py and review the diff of tests/golden/ and deploy/argo/")
+        "DEFECTOPS_REGEN_GOLDEN=1 pytest tests/unit/pipelines/test_argo.py and review the diff of tests/golden/ and "
+        "deploy/argo/")
 
 
 def test_deploy_argo_is_the_default_compile(compiled: dict[str, dict[str, str]], tmp_path: Path) -> None:

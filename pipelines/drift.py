@@ -1,4 +1,4 @@
-"""Drift glue between the pipeline, the registry and ``defectops drift check`` (pure tests: ``evaluation.drift``).
+"""Drift-check glue between the registry, image batches and ``defectops drift check`` (pure test: ``evaluation.drift``).
 
 The register step writes the reference profile (``drift/reference.{npz,json}`` of the run root, logged under
 ``drift/`` of the version's run; :mod:`pipelines.steps.register`).
