@@ -8,13 +8,13 @@ folder import).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from defectops.core.fsutil import atomic_dir, write_json
 from defectops.core.layout import RUN
-from defectops.pipelines.context import StepContext, StepError, StepResult
+from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.results import PullDataResult
 from defectops.pipelines.tasks.verify import task_classes
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import (
@@ -32,20 +32,6 @@ if TYPE_CHECKING:
 
 READS: tuple[str, ...] = ()
 WRITES = (RUN.snapshot, RUN.boards, RUN.duplicates)
-
-
-@dataclass(frozen=True)
-class PullDataResult(StepResult):
-    """The snapshot written: its fingerprint, sample counts per split, the classes and the split groups."""
-
-    fingerprint: str
-    samples: int
-    splits: dict[str, int]
-    files_root: str
-    classes: list[str]
-    groups: dict[str, dict[str, int]]
-    duplicates: dict[str, int] | None = None
-    """Counts of the duplicate groups found at import (``RUN.duplicates`` lists them), when the source checks."""
 
 
 def pull_data(ctx: StepContext, data: DataConfig) -> PullDataResult:

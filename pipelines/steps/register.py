@@ -10,21 +10,18 @@ Reads: ``RUN.gates``, ``RUN.model``, ``RUN.metrics``, ``RUN.report``, ``RUN.vali
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from defectops.core import tags as T
 from defectops.core.fsutil import atomic_dir, read_json, write_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateReport
-from defectops.pipelines.context import GateFailure, StepContext, StepError, StepResult
+from defectops.pipelines.context import GateFailure, StepContext, StepError
+from defectops.pipelines.results import RegisterResult
 from defectops.pipelines.tasks import create_task
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
@@ -62,38 +59,16 @@ def _review_evidence(ctx: StepContext) -> Path:
     return out
 
 
-@dataclass(frozen=True)
-class RegisterResult(StepResult):
-    """The registered version (also written to ``RUN.registration``) and whether it passed its gates."""
-
-    registered_model: str
-    version: str
-    aliases: list[str]
-    tracking_uri: str
-    mlflow_run_id: str
-    gates_passed: bool
-
-
 def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task: TaskKind) -> RegisterResult:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
-    import mlflow.pytorch
-
     from defectops.registry import mlflow_registry as reg
-    from defectops.training.trainer import load_trained_model
 
     gates = GateReport.from_dict(read_json(ctx.path(RUN.gates)))
     c, rid = mlflow_run(ctx, registry)
-    net, state = load_trained_model(ctx.path(RUN.model))
     model_dir = ctx.path(RUN.registered_model)
-    # pickle, not pt2: pt2 traces a fixed batch size. MLflow warns about pickle on every save: noise here.
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     if not (model_dir / "MLmodel").is_file():
         with atomic_dir(model_dir) as tmp:
-            shutil.rmtree(tmp)
-            size = int(state["img_size"])
-            mlflow.pytorch.save_model(net, str(tmp), serialization_format="pickle",
-                                      input_example=np.zeros((1, 3, size, size), np.float32),
-                                      pip_requirements=["defectops", "torch==2.14.1", "timm"])
+            create_task(task).save_model(ctx, tmp)
     c.log_artifact(rid, str(ctx.path(RUN.metrics)))
     for evidence in (RUN.gates, RUN.report, RUN.validation, RUN.config):
         c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
@@ -139,33 +114,14 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task:
 
 
 def _drift_reference(ctx: StepContext, data: DataConfig, task: TaskKind) -> Path:
-    """``RUN.drift``: the reference profile of the held-out (val + test) crops through the trained model, which
-    ``defectops drift check`` compares production batches with (computed once; a rerun reuses it). A run started by a
-    drift check keeps that check's report beside it."""
-    from defectops.evaluation.drift_profile import REFERENCE_JSON, profile_from_images, reduce_reference, save_profile
-    from defectops.training.data import load_split
-    from defectops.training.trainer import load_trained_model
+    """``RUN.drift``: the task's reference profile of its held-out data, which ``defectops drift check`` compares
+    production batches with (computed once; a rerun reuses it). A run started by a drift check keeps that check's
+    report beside it."""
+    from defectops.evaluation.drift_profile import REFERENCE_JSON
 
     out = ctx.path(RUN.drift)
     if not (out / REFERENCE_JSON).is_file():
-        crops = load_snapshot(ctx.path(RUN.crops))
-        parts = [p for p in (load_split(crops, sp) for sp in ("val", "test")) if len(p[1])]
-        if not parts:
-            raise StepError("no held-out crops to profile for drift checks: the val and test splits are empty")
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        net, state = load_trained_model(ctx.path(RUN.model))
-        model_task = create_task(task).model_task
-        profile = reduce_reference(profile_from_images(net, images, crops.classes, model_task, labels=labels))
-        meta_file = ctx.path(RUN.crops) / "snapshot.json"
-        fit = (read_json(meta_file).get("fit") or {}) if meta_file.is_file() else {}
-        save_profile(out, profile, {
-            "run_id": ctx.run_id, "model_name": str(state.get("model_name")), "task": model_task,
-            "good_class": data.good_class, "input_size": int(state["img_size"]),
-            "fit_mode": fit.get("mode", data.fit_mode), "splits": ["val", "test"],
-            "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint,
-            "crops_fingerprint": crops.fingerprint,
-            "data": {"source": data.source, "root": data.root or ""}})
+        create_task(task).drift_reference(ctx, data, out)
     trigger = ctx.path(RUN.trigger_report)
     if trigger.is_file():  # this run was started by a drift check: keep its report with the profile
         shutil.copyfile(trigger, out / "trigger-report.json")

@@ -10,7 +10,8 @@ from defectops.core.fsutil import read_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
 from defectops.pipelines.context import StepContext, StepError
-from defectops.pipelines.tasks import TrainResult, create_task
+from defectops.pipelines.results import TrainResult
+from defectops.pipelines.tasks import create_task
 from defectops.registry.config import RegistryConfig
 from defectops.training.config import DataConfig, ModelConfig, TrainConfig
 from defectops.training.snapshot import load_snapshot

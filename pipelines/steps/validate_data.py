@@ -6,7 +6,6 @@ Reads: ``RUN.snapshot``. Writes: ``RUN.validation``, ``RUN.crops``, ``RUN.shortc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,26 +14,14 @@ from defectops.core.fsutil import atomic_dir, write_json
 from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.shortcut import shortcut_check
-from defectops.pipelines.context import StepContext, StepError, StepResult
+from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.results import ValidateDataResult
 from defectops.pipelines.tasks import Task, create_task
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import Snapshot, load_snapshot
 
 READS = (RUN.snapshot,)
 WRITES = (RUN.validation, RUN.crops, RUN.shortcut)
-
-
-@dataclass(frozen=True)
-class ValidateDataResult(StepResult):
-    """Quarantine counts, the training-sample snapshot's fingerprint, what the task made and the shortcut check."""
-
-    quarantined: int
-    accepted: int
-    label_conflicts: int
-    crop_fingerprint: str
-    prepared: dict[str, Any]
-    """The task's own counts (:attr:`pipelines.tasks.base.Prepared.summary`: crops per split, candidate recall, ...)."""
-    shortcut: dict[str, Any] | None = None
 
 
 def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind) -> ValidateDataResult:

@@ -8,8 +8,10 @@ A new task: a module here with a :class:`Task` subclass, a :class:`core.taxonomy
 from __future__ import annotations
 
 from defectops.core.taxonomy import TaskKind
-from defectops.pipelines.tasks.base import CropClassifierTask, Prepared, ShortcutInputs, Task, TrainResult
+from defectops.pipelines.results import TrainResult
+from defectops.pipelines.tasks.base import Prepared, ShortcutInputs, Task
 from defectops.pipelines.tasks.classify import ClassifyTask
+from defectops.pipelines.tasks.crops import CropClassifierTask
 from defectops.pipelines.tasks.verify import VerifyTask
 
 __all__ = ["TASKS", "ClassifyTask", "CropClassifierTask", "Prepared", "ShortcutInputs", "Task", "TrainResult",

@@ -1,13 +1,16 @@
 """The task interface: what a kind of model needs from the pipeline's steps, so that the steps dispatch on the
 configured ``task`` (:class:`core.taxonomy.TaskKind`) instead of branching on what the data files look like.
 
-A task turns a validated snapshot into training samples (``prepare``), says which metadata the shortcut check should
-test (``shortcut_inputs``), trains (``fit``), adds its own evaluation of an artifact beyond the test crops
-(``detection_scores``: the board-level detector for candidate verification), and names itself in the exported model's
-metadata (``model_task``) and the extras that go with it (``export_metadata``).
+One method per stage of the DAG: a task checks a snapshot suits it and turns the validated samples into training
+samples (``check_snapshot``, ``prepare``), says which metadata the shortcut check should test (``shortcut_inputs``),
+trains (``fit``), scores the test split and writes metrics, gates, report and review evidence (``evaluate``), saves
+its model for the registry and profiles its held-out data for drift checks (``save_model``, ``drift_reference``),
+exports (``export``) and re-validates the export before publishing it to Triton (``verify_export``). The steps keep
+what every task shares: reading the configuration, registration and its governance, step markers.
 
-Both tasks of today classify crops: they share :class:`CropClassifierTask` (fit = the crop classifier's training).
-A task that is not a crop classifier (anomaly detection) implements :class:`Task` directly.
+Both tasks of today classify crops: they share :class:`pipelines.tasks.crops.CropClassifierTask`, whose own hooks
+(``detection_scores``, ``export_metadata``) are where candidate verification adds the board detector. A task that is
+not a crop classifier (anomaly detection) implements :class:`Task` directly.
 """
 
 from __future__ import annotations
@@ -20,17 +23,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from defectops.core.fsutil import atomic_path
-from defectops.core.layout import RUN
 from defectops.core.taxonomy import TaskKind
-from defectops.pipelines.context import StepContext, StepError, StepResult
-from defectops.pipelines.tracking import mlflow_run
+from defectops.evaluation.gates import GateConfig
+from defectops.pipelines.context import StepContext
+from defectops.pipelines.results import EvaluateResult, ExportResult, TrainResult, VerifyExportResult
 from defectops.registry.config import RegistryConfig
-from defectops.serving.config import DetectConfig
+from defectops.serving.config import DetectConfig, ExportConfig
 from defectops.training.config import DataConfig, ModelConfig, TrainConfig
-from defectops.training.snapshot import Snapshot, load_snapshot
-
-LogitsFn = Callable[[np.ndarray], np.ndarray]
+from defectops.training.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
@@ -39,27 +39,6 @@ class Prepared:
 
     crops: Snapshot
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TrainResult(StepResult):
-    """The train step's result. A task whose fit records more (a memory bank's size, say) subclasses it."""
-
-    epochs: int
-    resumed_from_epoch: int
-    mlflow_run_id: str | None = None
-    selected_epoch: int | None = None
-    select: str | None = None
-    selected: dict[str, float] | None = None
-    """The selected epoch's history row (its validation figures)."""
-    final: dict[str, float] | None = None
-    class_counts: dict[str, int] | None = None
-    pretrained: dict[str, Any] | None = None
-    """Which pretrained weights the backbone started from (file and sha256), when any."""
-    nproc: int | None = None
-    """Processes that trained (DistributedDataParallel), when more than one."""
-    rank: int | None = None
-    """Set only in a non-zero rank's own result (never recorded: rank 0 alone writes the marker)."""
 
 
 @dataclass(frozen=True)
@@ -102,80 +81,27 @@ class Task(ABC):
             registry: RegistryConfig, seed: int) -> TrainResult:
         """Train; write ``RUN.model``. Returns the train step's result."""
 
-    def detection_scores(self, ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
-                         logits_fn: LogitsFn, confidence: float, chosen: dict[str, Any] | None = None
-                         ) -> dict[str, Any] | None:
-        """The task's own evaluation of an artifact beyond its test crops (``None``: it has none). ``chosen`` holds
-        the settings selected when the checkpoint was evaluated (thresholds), to apply unchanged to an export."""
-        return None
+    @abstractmethod
+    def evaluate(self, ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
+                 detect: DetectConfig) -> EvaluateResult:
+        """Score ``RUN.model`` on the test split against the champion; write ``RUN.metrics`` (with ``macro_recall``,
+        ``escape_rate``, ``false_call_rate``), ``RUN.gates`` (a :class:`evaluation.gates.GateReport`),
+        ``RUN.report`` and ``RUN.misses`` (review evidence)."""
 
-    def export_metadata(self, ctx: StepContext) -> dict[str, Any]:
-        """What the exported model carries besides classes and input size (e.g. the detector's settings)."""
-        return {}
+    @abstractmethod
+    def save_model(self, ctx: StepContext, out: Path) -> None:
+        """Save ``RUN.model`` into ``out`` (a fresh folder) as the registry's ``model`` artifact."""
 
+    @abstractmethod
+    def drift_reference(self, ctx: StepContext, data: DataConfig, out: Path) -> None:
+        """Write the reference profile of the held-out data into ``out`` (:mod:`evaluation.drift_profile`)."""
 
-class CropClassifierTask(Task, ABC):
-    """A task whose model classifies fixed-size crops (candidate verification, folder classification)."""
+    @abstractmethod
+    def export(self, ctx: StepContext, export: ExportConfig, data: DataConfig) -> ExportResult:
+        """Write ``RUN.onnx`` (and ``RUN.onnx_int8`` when configured) carrying what serving needs."""
 
-    def fit(self, ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig,
-            registry: RegistryConfig, seed: int) -> TrainResult:
-        """Train the crop classifier on ``RUN.crops`` (this process's share under DDP); rank 0 writes
-        ``RUN.model`` and logs to the run's MLflow run. Returns the train step's result."""
-        import torch
-
-        from defectops.registry import mlflow_registry as reg
-        from defectops.training import distributed
-        from defectops.training.data import class_counts, load_split
-        from defectops.training.trainer import CheckpointError, fit
-
-        main, world = distributed.rank() == 0, distributed.world_size()
-        crops = load_snapshot(ctx.path(RUN.crops))
-        x_train, y_train, _ = load_split(crops, "train")
-        x_val, y_val, _ = load_split(crops, "val")
-        c: Any = None
-        rid = ""
-        if main:
-            c, rid = mlflow_run(ctx, registry)
-            reg.log_params(c, rid, {"model": model.name, "epochs": train.epochs, "batch_size": train.batch_size,
-                                    "lr": train.lr, "sampler": train.sampler, "loss": train.loss.name,
-                                    "gamma": train.loss.gamma, "seed": seed, "train_samples": len(y_train),
-                                    "nproc": world,
-                                    "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint})
-        n = len(y_train)
-        per_epoch = n // train.batch_size * train.batch_size if n > train.batch_size else n
-        advance = ctx.reporter.task(f"training {model.name}" + (f" on {world} processes" if world > 1 else ""),
-                                    train.epochs * per_epoch) if main else (lambda n: None)
-
-        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-            for k, v in stats.items():
-                if k != "epoch":
-                    c.log_metric(rid, f"train_{k}" if not k.startswith("val_") else k, float(v), step=epoch)
-            ctx.reporter.log(f"epoch {epoch}/{train.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()
-                                                                         if k != "epoch"))
-
-        try:
-            result = fit(x_train, y_train, crops.classes, model, train, ctx.path(RUN.checkpoints), seed=seed,
-                         val=(x_val, y_val), on_epoch=on_epoch, on_batch=advance if world == 1 else
-                         (lambda n: advance(n * world)))
-        except CheckpointError as e:
-            raise StepError(str(e)) from None
-        if not main:
-            return TrainResult(len(result.history), result.resumed_from, rank=distributed.rank())
-        if result.resumed_from:
-            advance(result.resumed_from * per_epoch)
-        with atomic_path(ctx.path(RUN.model)) as tmp:
-            state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
-            for k in ("optimizer", "scheduler"):
-                state.pop(k, None)
-            torch.save(state, tmp)
-        weights = state.get("weights_info") or {}
-        reg.log_params(c, rid, {"selected_epoch": result.selected_epoch,
-                                "pretrained_weights": weights.get("weights", "none"),
-                                "pretrained_sha256": weights.get("weights_sha256", "none")})
-        return TrainResult(len(result.history), result.resumed_from, mlflow_run_id=rid,
-                           selected_epoch=result.selected_epoch, select=str(train.select),
-                           selected=result.history[result.selected_epoch - 1] if result.selected_epoch else {},
-                           final=result.history[-1] if result.history else {},
-                           class_counts=class_counts(y_train, crops.classes), pretrained=weights or None,
-                           nproc=world if world > 1 else None)
-
+    @abstractmethod
+    def verify_export(self, ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
+                      registry: RegistryConfig, detect: DetectConfig) -> VerifyExportResult:
+        """Re-validate the export like the checkpoint (parity, the same gates), tag the version with the verdicts and
+        write ``RUN.triton``; raise :class:`pipelines.context.StepError` when it does not hold."""

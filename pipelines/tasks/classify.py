@@ -12,7 +12,8 @@ from typing import Any
 from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.shortcut import DEFAULT_FIX
 from defectops.pipelines.context import StepError
-from defectops.pipelines.tasks.base import CropClassifierTask, Prepared, ShortcutInputs
+from defectops.pipelines.tasks.base import Prepared, ShortcutInputs
+from defectops.pipelines.tasks.crops import CropClassifierTask
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import SPLITS, Snapshot
 

@@ -13,6 +13,7 @@ from defectops.evaluation.gates import GateConfig, evaluate_gates
 from defectops.evaluation.metrics import classification_metrics, pr_curves
 from defectops.evaluation.report import render_report
 from defectops.evaluation.shortcut import DEFAULT_FIX, ShortcutReport, feature_groups, shortcut_check
+from defectops.pipelines.results import ValidateDataResult
 from defectops.training.crops import box_metadata
 from defectops.training.images import image_metadata
 
@@ -140,7 +141,7 @@ def _folder_dataset(root: Path, sizes: dict[str, tuple[int, int]], n: int = 14) 
     return root
 
 
-def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, dict]:
+def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, ValidateDataResult]:
     from defectops.core.taxonomy import TaskKind
     from defectops.pipelines.context import StepContext
     from defectops.pipelines.steps.pull_data import pull_data
@@ -162,14 +163,15 @@ def test_validate_data_warns_when_the_class_is_the_image_size(tmp_path: Path) ->
     assert doc["warn"] is True and doc["metadata"] == "image files" and doc["splits"] == ["train", "val"]
     assert "data.fit_mode=resize|center_crop" in doc["message"] and "normalise formats" in doc["message"]
     assert doc["top_feature"] in {"width", "height", "aspect"}
-    assert result["shortcut"]["warn"] is True and result["shortcut"]["top_feature"] == doc["top_feature"]
+    assert result.shortcut is not None
+    assert result.shortcut["warn"] is True and result.shortcut["top_feature"] == doc["top_feature"]
     assert ShortcutReport.from_dict(doc).warn
 
 
 def test_validate_data_shortcut_check_can_be_disabled(tmp_path: Path) -> None:
     root = _folder_dataset(tmp_path / "ds", {"good": (32, 32), "bad": (64, 48)}, n=6)
     run, result = _validate(tmp_path, root, enabled=False)
-    assert "shortcut" not in result and not (run / "data" / "shortcut.json").exists()
+    assert result.shortcut is None and not (run / "data" / "shortcut.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- report

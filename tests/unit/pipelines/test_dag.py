@@ -37,8 +37,7 @@ def test_every_step_returns_its_typed_result() -> None:
 
 
 def test_result_records_without_unset_parts_and_reads_back() -> None:
-    from defectops.pipelines.steps.export import ExportResult
-    from defectops.pipelines.tasks import TrainResult
+    from defectops.pipelines.results import ExportResult, TrainResult
 
     plain = ExportResult("/r/export/model.onnx", 17, 1024)
     assert plain.to_dict() == {"onnx_path": "/r/export/model.onnx", "opset": 17, "bytes": 1024}

@@ -157,14 +157,14 @@ def test_pull_and_validate_go_through_duplicates_and_a_conflict(tmp_path: Path) 
     data = DataConfig(source="folder", root=str(root), good_class="normal")
     ctx, log = _ctx(tmp_path, "run")
     pulled = pull_data(ctx, data)
-    assert pulled["samples"] == 121
-    assert pulled["duplicates"] == {"dropped": 10, "groups": 11, "near_groups": 0, "label_conflicts": 1, "leaks": 0}
+    assert pulled.samples == 121
+    assert pulled.duplicates == {"dropped": 10, "groups": 11, "near_groups": 0, "label_conflicts": 1, "leaks": 0}
     listed = json.loads(ctx.path(RUN.duplicates).read_text())
     assert len(listed["dropped_files"]) == 10 and listed["conflicts"][0]["paths"] == ["bridge/b5.png",
                                                                                         "normal/mislabelled.png"]
     assert any("10 copies dropped" in line and "1 label conflicts" in line for line in log.lines)
     validated = validate_data(ctx, data, TaskKind.classify)
-    assert validated["label_conflicts"] == 2 and validated["quarantined"] == 2 and validated["accepted"] == 119
+    assert validated.label_conflicts == 2 and validated.quarantined == 2 and validated.accepted == 119
     assert any("2 label conflicts" in line for line in log.lines)
 
     mostly = tmp_path / "mostly"

@@ -216,10 +216,10 @@ def test_pull_data_reports_groups_per_split(tmp_path: Path) -> None:
                       split=SplitConfig(val=0.15, test=0.0, group_by="design", test_groups=["group44000"]))
     ctx = _ctx(tmp_path)
     result = pull_data(ctx, data)
-    groups = result["groups"]
+    groups = result.groups
     assert groups["test"] == {"group44000": DESIGNS["group44000"]}
     assert {g: n for sp in SPLITS for g, n in groups[sp].items()} == DESIGNS
-    assert {sp: sum(groups[sp].values()) for sp in SPLITS} == result["splits"]
+    assert {sp: sum(groups[sp].values()) for sp in SPLITS} == result.splits
     assert sum(len(groups[sp]) for sp in SPLITS) == len(DESIGNS)  # each design in exactly one split
     log = ctx.reporter.lines  # type: ignore[attr-defined]
     assert any(line.startswith("test groups") and "group44000 (6)" in line for line in log), log
@@ -232,9 +232,9 @@ def test_pull_data_group_by_none_is_quiet_and_unchanged(tmp_path: Path) -> None:
     root = _deeppcb_folder(tmp_path / "ds", DESIGNS)
     ctx = _ctx(tmp_path)
     result = pull_data(ctx, DataConfig(source="deeppcb", root=str(root)))
-    assert set(result["groups"]) == set(SPLITS) and ctx.reporter.lines == []  # type: ignore[attr-defined]
+    assert set(result.groups) == set(SPLITS) and ctx.reporter.lines == []  # type: ignore[attr-defined]
     direct = deeppcb_samples(root, "trainval.txt", SplitConfig(), source=f"deeppcb:{root.name}")
-    assert result["splits"] == {sp: sum(s["split"] == sp for s in direct) for sp in SPLITS}
+    assert result.splits == {sp: sum(s["split"] == sp for s in direct) for sp in SPLITS}
 
 
 @pytest.mark.parametrize(("data", "words"), [
