@@ -3,7 +3,7 @@
 Why moto and not SeaweedFS (tests/s3server.py): Terraform's dev environment needs EC2 (VPC, subnets, NAT, flow logs,
 launch templates), KMS, IAM (OIDC providers, roles, AWS managed policies), CloudWatch Logs, EKS (cluster, node
 groups) and S3 from one endpoint; moto answers all of them. It does not check signatures, so it says nothing about
-credentials, and it stores some settings without acting on them (tests/test_terraform.py says which).
+credentials, and it stores some settings without acting on them (tests/unit/deploy/test_terraform.py says which).
 
 ``MOTO_IAM_LOAD_MANAGED_POLICIES=true`` loads AWS's managed policies, so attaching ``AmazonEKSClusterPolicy`` and the
 node policies works as on AWS. The server runs in a process group of its own, killed on exit. ``moto_server`` comes

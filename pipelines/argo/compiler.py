@@ -3,7 +3,7 @@ Kubernetes objects it needs (namespace, priority class, service accounts and RBA
 
 Pure functions: settings in, dicts and YAML text out; nothing here talks to a cluster (``pipelines.cli_argo`` does).
 
-Shape of the template (every choice is tested in ``tests/test_argo.py``):
+Shape of the template (every choice is tested in ``tests/unit/pipelines/test_argo.py``):
 
 * one container template per DAG step running ``defectops step <name> --run-root <run root>``; the run root is
   ``s3://{{workflow.parameters.bucket}}/{{workflow.parameters.prefix}}/{{workflow.name}}``; image and tag are

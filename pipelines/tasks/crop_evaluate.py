@@ -6,7 +6,8 @@ gate table, the predictions, the worst-miss tiles and the HTML report.
 from __future__ import annotations
 
 import tempfile
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,12 +27,19 @@ from defectops.training.config import DataConfig
 from defectops.training.snapshot import Snapshot, load_snapshot, resampling_units
 from defectops.training.trainer import resolve_device
 
-if TYPE_CHECKING:
-    from defectops.pipelines.tasks.crops import CropClassifierTask
+LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
-def evaluate_crop_classifier(kind: CropClassifierTask, ctx: StepContext, data: DataConfig, gates: GateConfig,
-                             registry: RegistryConfig, detect: DetectConfig) -> EvaluateResult:
+class DetectionScores(Protocol):
+    """:meth:`CropClassifierTask.detection_scores`: a task's evaluation of the classifier beyond its test crops."""
+
+    def __call__(self, ctx: StepContext, data: DataConfig, detect: DetectConfig, classes: tuple[str, ...],
+                 logits_fn: LogitsFn, confidence: float, chosen: dict[str, Any] | None = None
+                 ) -> dict[str, Any] | None: ...
+
+
+def evaluate_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data: DataConfig,
+                             gates: GateConfig, registry: RegistryConfig, detect: DetectConfig) -> EvaluateResult:
     """Score the trained model on the test crops (and the task's own evaluation: boards), apply the gates, write
     metrics and the HTML report."""
     import torch
@@ -56,7 +64,7 @@ def evaluate_crop_classifier(kind: CropClassifierTask, ctx: StepContext, data: D
     def torch_logits(batch: np.ndarray) -> np.ndarray:
         return predict_logits(net, torch.from_numpy(batch), resolve_device("cpu"))
 
-    board = kind.detection_scores(ctx, data, detect, crops.classes, torch_logits, gates.confidence)
+    board = detect_fn(ctx, data, detect, crops.classes, torch_logits, gates.confidence)
     if board is not None:
         write_json(ctx.path(RUN.board_metrics), board)
         write_json(ctx.path(RUN.detector), {"score_threshold": board["score_threshold"],

@@ -6,7 +6,7 @@ copy calibrated on a class-stratified sample of the training crops.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from defectops.core.fsutil import read_json
 from defectops.core.layout import RUN
@@ -16,22 +16,19 @@ from defectops.serving.config import ExportConfig
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import load_snapshot
 
-if TYPE_CHECKING:
-    from defectops.pipelines.tasks.crops import CropClassifierTask
 
-
-def export_crop_classifier(kind: CropClassifierTask, ctx: StepContext, export: ExportConfig,
+def export_crop_classifier(model_task: str, extra: dict[str, Any], ctx: StepContext, export: ExportConfig,
                            data: DataConfig) -> ExportResult:
-    """Export the trained model to ONNX (dynamic batch) carrying its classes, input size and detector settings."""
+    """Export the trained model to ONNX (dynamic batch) carrying its classes, input size, ``model_task`` and the
+    task's ``extra`` metadata (``candidates``, ``detector``)."""
     from defectops.serving.model_ref import model_metadata
     from defectops.serving.onnx_export import export_onnx
     from defectops.training.trainer import load_trained_model
 
     net, state = load_trained_model(ctx.path(RUN.model))
     size = int(state["img_size"])
-    extra = kind.export_metadata(ctx)
     crops_meta = read_json(ctx.path(RUN.crops) / "snapshot.json")
-    meta = model_metadata(list(state["classes"]), data.good_class, size, kind.model_task, fit_mode=data.fit_mode,
+    meta = model_metadata(list(state["classes"]), data.good_class, size, model_task, fit_mode=data.fit_mode,
                           candidates=extra.get("candidates"), detector=extra.get("detector") or {},
                           extra={"run_id": ctx.run_id, "dataset_fingerprint": crops_meta.get("board_fingerprint", "")})
     export_onnx(net, ctx.path(RUN.onnx), input_shape=(3, size, size), opset=export.opset, metadata=meta)

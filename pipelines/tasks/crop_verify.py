@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -20,15 +20,13 @@ from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.evaluation.scoring import Scored, score_crops
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import VerifyExportResult
+from defectops.pipelines.tasks.crop_evaluate import DetectionScores
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
 from defectops.serving.onnx_export import Parity
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import load_snapshot, resampling_units
-
-if TYPE_CHECKING:
-    from defectops.pipelines.tasks.crops import CropClassifierTask
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class _Checked:
     board: dict[str, Any] | None
 
 
-def _check_onnx(ctx: StepContext, model: Path, task: CropClassifierTask, data: DataConfig, gates: GateConfig,
+def _check_onnx(ctx: StepContext, model: Path, detect_fn: DetectionScores, data: DataConfig, gates: GateConfig,
                 detect: DetectConfig, classes: tuple[str, ...], x: np.ndarray, y: np.ndarray, units: list[str],
                 ref_logits: np.ndarray, champion: ClassificationMetrics | None) -> _Checked:
     from defectops.serving.onnx_export import onnx_logits, onnx_session, parity
@@ -50,14 +48,14 @@ def _check_onnx(ctx: StepContext, model: Path, task: CropClassifierTask, data: D
     logits = onnx_logits(session, to_tensor(x).numpy())
     board = None
     if ctx.path(RUN.detector).is_file():  # the settings the checkpoint's evaluation chose, applied unchanged
-        board = task.detection_scores(ctx, data, detect, classes, lambda b: onnx_logits(session, b), gates.confidence,
+        board = detect_fn(ctx, data, detect, classes, lambda b: onnx_logits(session, b), gates.confidence,
                                       chosen=read_json(ctx.path(RUN.detector)))
     scored = score_crops(logits, y, classes, data.good_class, units, gates, champion=champion,
                          board=board.get("test") if board else None)
     return _Checked(parity(ref_logits, logits), scored, board)
 
 
-def verify_crop_classifier(kind: CropClassifierTask, ctx: StepContext, data: DataConfig, export: ExportConfig,
+def verify_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data: DataConfig, export: ExportConfig,
                            gates: GateConfig, registry: RegistryConfig, detect: DetectConfig) -> VerifyExportResult:
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
@@ -71,7 +69,7 @@ def verify_crop_classifier(kind: CropClassifierTask, ctx: StepContext, data: Dat
     baseline = ctx.path(RUN.champion_metrics)
     champion = ClassificationMetrics.from_dict(read_json(baseline)) if baseline.is_file() else None
     units = resampling_units(crops, paths)
-    fp32 = _check_onnx(ctx, ctx.path(RUN.onnx), kind, data, gates, detect, crops.classes, x, y, units, ref,
+    fp32 = _check_onnx(ctx, ctx.path(RUN.onnx), detect_fn, data, gates, detect, crops.classes, x, y, units, ref,
                        champion)
     par, report = fp32.parity, fp32.scored.gates
     if fp32.board is not None:
@@ -104,7 +102,7 @@ def verify_crop_classifier(kind: CropClassifierTask, ctx: StepContext, data: Dat
         raise StepError("exported model failed verification, challenger alias removed: " + "; ".join(problems))
     int8 = None
     if export.int8.enabled and ctx.path(RUN.onnx_int8).is_file():
-        int8 = _verify_int8(ctx, kind, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
+        int8 = _verify_int8(ctx, detect_fn, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
         for k, v in {T.INT8_PUBLISHED: str(int8["publish"]).lower(),
                      T.INT8_MACRO_RECALL_DROP: f"{int8['macro_recall_drop']:.6f}",
                      T.INT8_REFUSED: "; ".join(int8["reasons"]) or "none"}.items():
@@ -133,15 +131,15 @@ def verify_crop_classifier(kind: CropClassifierTask, ctx: StepContext, data: Dat
         if fp32.board and "test" in fp32.board else None)
 
 
-def _verify_int8(ctx: StepContext, task: CropClassifierTask, data: DataConfig, export: ExportConfig, gates: GateConfig,
-                 detect: DetectConfig, x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray, classes: tuple[str, ...],
-                 champion: ClassificationMetrics | None, units: list[str]) -> dict[str, Any]:
+def _verify_int8(ctx: StepContext, detect_fn: DetectionScores, data: DataConfig, export: ExportConfig,
+                 gates: GateConfig, detect: DetectConfig, x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray,
+                 classes: tuple[str, ...], champion: ClassificationMetrics | None, units: list[str]) -> dict[str, Any]:
     """Evaluate the INT8 model like the checkpoint (same crops, same gates, board-level too) and decide whether it may
     be published (:func:`serving.quantize.int8_verdict`); writes ``RUN.int8_report``."""
     from defectops.serving.quantize import int8_verdict
 
-    checked = _check_onnx(ctx, ctx.path(RUN.onnx_int8), task, data, gates, detect, classes, x, y, units, ref_logits,
-                          champion)
+    checked = _check_onnx(ctx, ctx.path(RUN.onnx_int8), detect_fn, data, gates, detect, classes, x, y, units,
+                          ref_logits, champion)
     par, scored, board = checked.parity, checked.scored, checked.board
     reference = ClassificationMetrics.from_dict(read_json(ctx.path(RUN.metrics)))
     verdict = int8_verdict(reference.macro_recall, scored.metrics.macro_recall, par.top1_agreement,

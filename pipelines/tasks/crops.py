@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 from abc import ABC
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ from defectops.evaluation.gates import GateConfig
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import EvaluateResult, ExportResult, TrainResult, VerifyExportResult
 from defectops.pipelines.tasks.base import Task
+from defectops.pipelines.tasks.crop_evaluate import LogitsFn
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
 from defectops.training.config import DataConfig, ModelConfig, TrainConfig
 from defectops.training.snapshot import load_snapshot
-
-LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
 class CropClassifierTask(Task, ABC):
@@ -113,7 +111,7 @@ class CropClassifierTask(Task, ABC):
                  detect: DetectConfig) -> EvaluateResult:
         from defectops.pipelines.tasks.crop_evaluate import evaluate_crop_classifier
 
-        return evaluate_crop_classifier(self, ctx, data, gates, registry, detect)
+        return evaluate_crop_classifier(self.detection_scores, ctx, data, gates, registry, detect)
 
     def save_model(self, ctx: StepContext, out: Path) -> None:
         """An MLflow PyTorch model (pickle, not pt2: pt2 traces a fixed batch size)."""
@@ -156,10 +154,10 @@ class CropClassifierTask(Task, ABC):
     def export(self, ctx: StepContext, export: ExportConfig, data: DataConfig) -> ExportResult:
         from defectops.pipelines.tasks.crop_export import export_crop_classifier
 
-        return export_crop_classifier(self, ctx, export, data)
+        return export_crop_classifier(self.model_task, self.export_metadata(ctx), ctx, export, data)
 
     def verify_export(self, ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
                       registry: RegistryConfig, detect: DetectConfig) -> VerifyExportResult:
         from defectops.pipelines.tasks.crop_verify import verify_crop_classifier
 
-        return verify_crop_classifier(self, ctx, data, export, gates, registry, detect)
+        return verify_crop_classifier(self.detection_scores, ctx, data, export, gates, registry, detect)

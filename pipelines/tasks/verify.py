@@ -14,7 +14,8 @@ from defectops.core.layout import RUN
 from defectops.core.taxonomy import DEFECT_TYPES, TaskKind
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.tasks.base import Prepared, ShortcutInputs
-from defectops.pipelines.tasks.crops import CropClassifierTask, LogitsFn
+from defectops.pipelines.tasks.crop_evaluate import LogitsFn
+from defectops.pipelines.tasks.crops import CropClassifierTask
 from defectops.serving.config import DetectConfig
 from defectops.training.config import DataConfig
 from defectops.training.snapshot import Snapshot, load_snapshot

@@ -56,7 +56,8 @@ KUBE_VERSIONS = ("1.29.0", "1.31.0")
 ARGO_KINDS = {"WorkflowTemplate", "Workflow"}
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "accessKeySecret",
                "secretKeySecret", "secretKeyRef")
-# The Terraform GPU node group (label + taint) and the Helm chart use the same conventions (tests/test_helm_chart.py).
+# The Terraform GPU node group (label + taint) and the Helm chart use the same conventions
+# (tests/unit/deploy/test_helm_chart.py).
 GPU_NODE_LABEL = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
 
@@ -179,7 +180,7 @@ def test_deploy_argo_is_the_default_compile(compiled: dict[str, dict[str, str]],
             (DEPLOY / name).write_text(text, encoding="utf-8")
     committed = {p.name: p.read_text(encoding="utf-8") for p in sorted(DEPLOY.glob("*.yaml"))}
     assert committed == files, ("deploy/argo/ is stale: regenerate with DEFECTOPS_REGEN_GOLDEN=1 pytest "
-                                "tests/test_argo.py (or defectops compile --out deploy/argo)")
+                                "tests/unit/pipelines/test_argo.py (or defectops compile --out deploy/argo)")
     r = CliRunner().invoke(app, ["compile", "--check", "--out", str(DEPLOY)])
     assert r.exit_code == 0 and "up to date" in r.output, r.output
     (tmp_path / "40-workflow-template.yaml").write_text("stale", encoding="utf-8")
@@ -376,7 +377,8 @@ def test_train_runs_on_the_gpu_pool(compiled: dict[str, dict[str, str]]) -> None
 
 def test_train_command_single_process_and_ddp(compiled: dict[str, dict[str, str]]) -> None:
     """One process or N: the pod runs `defectops step train`; with train.nproc=N pinned in the run root's config the
-    step mirrors the s3:// run root once and starts torchrun itself (tests/test_distributed.py runs that path)."""
+    step mirrors the s3:// run root once and starts torchrun itself (tests/integration/test_distributed.py runs that
+    path)."""
     for case, gpus in (("default", None), ("ddp-4gpu", "4")):
         c = _templates(_wt(compiled[case]))["train"]["container"]
         assert c["command"] == ["defectops"] and c["args"] == ["step", "train", "--run-root", A.RUN_ROOT]
