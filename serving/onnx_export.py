@@ -7,7 +7,7 @@ model's normalisation, so every runtime preprocesses the same way.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ OUTPUT_NAME = "logits"
 
 
 def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = 17,
-                metadata: Mapping[str, str] | None = None) -> Path:
+                metadata: Mapping[str, str] | None = None, output_names: Sequence[str] = (OUTPUT_NAME,)) -> Path:
     """Write ``model`` as ONNX with a dynamic batch axis, checked by ``onnx.checker`` before it becomes visible.
+    ``output_names`` names the model's outputs (a crop classifier: ``logits``; an anomaly model: its score and map).
 
     ``metadata`` goes into the model's ``metadata_props``: DefectOps stores there what a consumer needs to use the
     file alone (classes, input size, preprocessing, candidate and detector settings).
@@ -35,9 +36,9 @@ def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, in
     dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
+        torch.onnx.export(model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=list(output_names),
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
         proto = onnx.load(str(tmp))
         for key, value in (metadata or {}).items():
             proto.metadata_props.add(key=key, value=value)

