@@ -46,14 +46,16 @@ def greedy_coreset(features: torch.Tensor, k: int, *, project_dim: int = 128, se
         x = x @ (torch.randn(d, project_dim, generator=gen) / project_dim ** 0.5)
     sq = (x * x).sum(1)
     xt = x.t().contiguous()  # D x N: a row vector times it is ~3x faster than N x D times a column on CPU
+    buf = torch.empty(1, n)
 
-    def dist_to(i: int) -> torch.Tensor:
-        return (sq + sq[i] - 2.0 * (xt[:, i] @ xt)).clamp_(min=0.0)
+    def dist_to(i: int) -> torch.Tensor:  # in place: fresh N-sized temporaries cost more than the product
+        torch.matmul(xt[:, i].unsqueeze(0), xt, out=buf)
+        return buf[0].mul_(-2.0).add_(sq).add_(float(sq[i])).clamp_(min=0.0)
 
     first = int(torch.randint(n, (1,), generator=gen))
     chosen = torch.empty(k, dtype=torch.int64)
     chosen[0] = first
-    nearest = dist_to(first)
+    nearest = dist_to(first).clone()
     step = max(1, k // 100)
     for i in range(1, k):
         idx = int(torch.argmax(nearest))
