@@ -33,6 +33,7 @@ class RunLayout:
     predictions: str = "eval/predictions.npz"
     champion_metrics: str = "eval/champion_metrics.json"
     detector: str = "eval/detector.json"
+    anomaly: str = "eval/anomaly.json"  # task=anomaly: threshold, score normalisation, AUROC of val and test
     misses: str = "eval/misses"
     board_metrics: str = "board_metrics.json"
     metrics: str = "metrics.json"

@@ -30,3 +30,4 @@ class TaskKind(StrEnum):
 
     verify = "verify"  # AOI candidate verification: board pairs -> candidate crops -> false call or defect type
     classify = "classify"  # folder-per-class image classification
+    anomaly = "anomaly"  # an anomaly model fitted on good samples only (PatchCore)

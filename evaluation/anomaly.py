@@ -166,9 +166,12 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, *, max_escape_rate:
                      max_false_call_rate: float) -> Threshold:
     """The operating threshold from validation scores (a sample is called defective when ``score >= threshold``).
 
-    With defective samples: the highest threshold at which no more than ``floor(max_escape_rate * n_defect)``
-    defective samples fall below it (fewest false calls for the escape target). Without: the lowest threshold at
-    which no more than ``floor(max_false_call_rate * n_good)`` good samples reach it.
+    ``high`` = the highest threshold at which no more than ``floor(max_escape_rate * n_defect)`` defective samples
+    fall below it; ``low`` = the lowest at which no more than ``floor(max_false_call_rate * n_good)`` good samples
+    reach it. When ``low <= high`` both targets hold anywhere between, and the threshold is the middle (the most
+    margin on both sides: a few validation defects say little about the lowest a defect can score). When
+    ``low > high`` they conflict and the escape target wins (``high``; the note says so). Without defective samples
+    the threshold is ``low``.
     """
     for name, v in (("max_escape_rate", max_escape_rate), ("max_false_call_rate", max_false_call_rate)):
         if not 0.0 <= v < 1.0:
@@ -176,15 +179,19 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, *, max_escape_rate:
     good, bad = _split(labels, scores)
     if len(good) == 0:
         raise ValueError("the validation split has no good samples: an anomaly threshold cannot be chosen")
+    allowed_fc = math.floor(max_false_call_rate * len(good))
+    low = float(np.nextafter(np.sort(good)[::-1][allowed_fc], np.inf))
     if len(bad):
-        allowed = math.floor(max_escape_rate * len(bad))
-        value = float(np.sort(bad)[allowed])
-        rule, target, note = "escape_rate", max_escape_rate, ""
+        high = float(np.sort(bad)[math.floor(max_escape_rate * len(bad))])
+        if low <= high:
+            value, rule, target = (low + high) / 2, "escape_rate", max_escape_rate
+            note = ""
+        else:
+            value, rule, target = high, "escape_rate", max_escape_rate
+            note = (f"the escape target and the false-call budget conflict on validation: the escape target wins "
+                    f"(the false-call budget {max_false_call_rate} is exceeded)")
     else:
-        allowed = math.floor(max_false_call_rate * len(good))
-        above = np.sort(good)[::-1]
-        value = float(np.nextafter(above[allowed], np.inf))
-        rule, target = "false_call_rate", max_false_call_rate
+        value, rule, target = low, "false_call_rate", max_false_call_rate
         note = "validation has no defective samples: threshold set by the false-call budget on good samples only"
     escape = float((bad < value).mean()) if len(bad) else None
     return Threshold(value, rule, target, escape, float((good >= value).mean()), len(good), len(bad), note)

@@ -25,7 +25,7 @@ from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateConfig
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
-from defectops.training.config import DataConfig, ModelConfig, TrainConfig
+from defectops.training.config import AnomalyConfig, DataConfig, ModelConfig, TrainConfig
 
 HOME_ENV = "DEFECTOPS_HOME"
 DEFAULT_HOME = "defectops-home"
@@ -42,7 +42,8 @@ class RunConfig:
 @dataclass
 class DefectOpsConfig:
     """The whole configuration: the run's identity, the task it trains (``verify``: AOI candidate verification on
-    boards; ``classify``: folder-per-class images) and one sub-config per group."""
+    boards; ``classify``: folder-per-class images; ``anomaly``: an anomaly model fitted on good samples) and one
+    sub-config per group."""
 
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -54,6 +55,7 @@ class DefectOpsConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
 
 
 class ConfigError(ValueError):

@@ -53,8 +53,11 @@ def check_model_name(name: str) -> str:
 
 
 def triton_config(model_name: str, input_shape: tuple[int, int, int], num_classes: int, cfg: TritonConfig,
-                  keep_versions: int = 2, parameters: Mapping[str, str] | None = None) -> str:
-    """The ``config.pbtxt`` text for an exported classifier (``parameters``: extra string parameters)."""
+                  keep_versions: int = 2, parameters: Mapping[str, str] | None = None,
+                  outputs: Sequence[tuple[str, tuple[int, ...]]] | None = None) -> str:
+    """The ``config.pbtxt`` text for an exported classifier (``parameters``: extra string parameters). ``outputs``
+    replaces the classifier's one ``logits`` output (with its label file) by named outputs of the given per-sample
+    dims (an anomaly model: ``scores`` (1,) and ``anomaly_map`` (1, H, W))."""
     check_model_name(model_name)
     if cfg.max_batch_size < 1:
         raise ValueError(f"export.triton.max_batch_size={cfg.max_batch_size}: dynamic batching needs at least 1")
@@ -69,6 +72,12 @@ def triton_config(model_name: str, input_shape: tuple[int, int, int], num_classe
     c, h, w = input_shape
     preferred = sorted({int(b) for b in cfg.preferred_batch_sizes if 1 <= int(b) <= cfg.max_batch_size})
     preferred_line = f"\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
+    if outputs is None:
+        output_text = (f'  {{\n    name: "{OUTPUT_NAME}"\n    data_type: TYPE_FP32\n    dims: [ {num_classes} ]\n'
+                       f'    label_filename: "{LABELS_FILE}"\n  }}')
+    else:
+        output_text = ",\n".join(f'  {{\n    name: "{name}"\n    data_type: TYPE_FP32\n'
+                                  f'    dims: [ {", ".join(map(str, dims))} ]\n  }}' for name, dims in outputs)
     params = "".join(f"parameters {{\n  key: {_pbtxt_str(k)}\n  value: {{ string_value: {_pbtxt_str(v)} }}\n}}\n"
                      for k, v in sorted((parameters or {}).items()))
     return f'''name: {_pbtxt_str(model_name)}
@@ -84,12 +93,7 @@ input [
   }}
 ]
 output [
-  {{
-    name: "{OUTPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {num_classes} ]
-    label_filename: "{LABELS_FILE}"
-  }}
+{output_text}
 ]
 dynamic_batching {{{preferred_line}
   max_queue_delay_microseconds: {cfg.max_queue_delay_us}
@@ -110,7 +114,8 @@ def onnx_parameters(onnx_path: Path) -> dict[str, str]:
 
 def write_repository(repo_root: Path, model_name: str, onnx_path: Path, labels: Sequence[str],
                      input_shape: tuple[int, int, int], cfg: TritonConfig, version: int = 1,
-                     parameters: Mapping[str, str] | None = None, keep_versions: int = 2) -> Path:
+                     parameters: Mapping[str, str] | None = None, keep_versions: int = 2,
+                     outputs: Sequence[tuple[str, tuple[int, ...]]] | None = None) -> Path:
     """Create or replace ``repo_root/model_name`` with one version of the model; returns the model folder.
 
     Other versions already in the folder are kept. ``parameters`` defaults to the ONNX file's ``defectops.*``
@@ -121,7 +126,8 @@ def write_repository(repo_root: Path, model_name: str, onnx_path: Path, labels: 
     if not labels or any(not str(lab) or "\n" in str(lab) or "\r" in str(lab) for lab in labels):
         raise ValueError(f"labels {list(labels)!r} must be non-empty single-line strings")
     params = onnx_parameters(Path(onnx_path)) if parameters is None else dict(parameters)
-    text = triton_config(model_name, input_shape, len(labels), cfg, keep_versions=keep_versions, parameters=params)
+    text = triton_config(model_name, input_shape, len(labels), cfg, keep_versions=keep_versions, parameters=params,
+                         outputs=outputs)
     dest = Path(repo_root) / model_name
     with atomic_dir(dest) as tmp:
         if dest.exists():  # keep other versions already written

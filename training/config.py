@@ -19,6 +19,7 @@ class DataSource(StrEnum):
     synth = "synth"
     deeppcb = "deeppcb"
     folder = "folder"
+    yolo_seg = "yolo_seg"
     snapshot = "snapshot"
 
 
@@ -199,8 +200,9 @@ class ShortcutConfig:
 
 @dataclass
 class DataConfig:
-    """Where the data comes from (``synth``, ``deeppcb``, ``folder`` or ``snapshot`` with ``root``), how candidates
-    are made from boards, how snapshots are validated and how a folder dataset's duplicates are grouped (``dedup``).
+    """Where the data comes from (``synth``, ``deeppcb``, ``folder``, ``yolo_seg`` or ``snapshot`` with ``root``), how
+    candidates are made from boards, how snapshots are validated and how a folder dataset's duplicates are grouped
+    (``dedup``).
 
     ``shortcut`` configures the pre-training check that metadata (image size, file type, box size) does not predict
     the class: see :class:`ShortcutConfig`.
@@ -217,6 +219,32 @@ class DataConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+
+
+@dataclass
+class AnomalyConfig:
+    """``task=anomaly``: the anomaly model (:data:`training.models.patchcore.ANOMALY_MODELS`), its input, its memory
+    bank and its operating point.
+
+    Images are resized to ``height`` x ``width`` (no letterbox: masks and maps stay aligned). The memory bank keeps a
+    greedy coreset of ``coreset_ratio`` of the good training patches, at most ``max_bank``. The threshold is chosen on
+    the val split for ``target_escape_rate`` (or, without defective val samples, ``false_call_budget``); the test split
+    is then gated like a classifier's (``gates.max_escape_rate`` ...). An export is refused when an image score
+    differs from the checkpoint's by more than ``max_score_rel_diff`` (relative) or a decision flips.
+    """
+
+    model: str = "patchcore_effnet_lite0"
+    weights: str | None = None
+    layers: list[str] = field(default_factory=list)
+    height: int = 256
+    width: int = 256
+    coreset_ratio: float = 0.01
+    max_bank: int = 10000
+    num_neighbors: int = 9
+    batch_size: int = 8
+    target_escape_rate: float = 0.02
+    false_call_budget: float = 0.1
+    max_score_rel_diff: float = 1e-3
 
 
 @dataclass

@@ -4,17 +4,29 @@
 good (defect-free) sample; a missing one is an error, not a guess.
 
 For anomaly detection only "good or defective, and where" matters: :func:`read_yolo_seg` returns each image with its
-polygons; :func:`rasterize` turns polygons into a mask at any size (pixel AUROC, boxes for recall at IoU).
+polygons; :func:`rasterize` turns polygons into a mask at any size (pixel AUROC, boxes for recall at IoU);
+:func:`yolo_seg_samples` makes snapshot manifest entries of them (``data.source=yolo_seg``).
+
+Splits: the dataset's split folders are kept (``train``; ``val``, ``valid`` or ``validation``; ``test``). A dataset
+without a test folder gets one carved from its train folder, ``data.split.test`` of it, keyed by each file's SHA-256
+(:func:`training.snapshot.assign_split`), so byte-identical files always share a split.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "SegSample", "YoloSegError", "rasterize", "read_yolo_seg"]
+from defectops.training.snapshot import assign_split
+
+__all__ = ["CLASSES", "IMAGE_SUFFIXES", "SegSample", "YoloSegError", "rasterize", "read_yolo_seg", "yolo_seg_samples"]
+
+CLASSES = ("good", "defect")
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -85,3 +97,24 @@ def rasterize(polygons: tuple[tuple[tuple[float, float], ...], ...], width: int,
         pts = np.round(np.array(poly, np.float64) * [width, height]).astype(np.int32)
         cv2.fillPoly(mask, [pts.reshape(-1, 1, 2)], 1)
     return mask.astype(bool)
+
+
+def yolo_seg_samples(root: Path, *, test: float, seed: int) -> list[dict[str, Any]]:
+    """Snapshot manifest entries of a YOLO segmentation dataset read in place: ``path`` (relative to ``root``),
+    ``sha256``, ``label`` (``good`` or ``defect``), ``split``, ``source`` and ``polygons`` (normalised x, y pairs)."""
+    root = Path(root)
+    found = read_yolo_seg(root)
+    unknown = sorted({s.split for s in found} - set(SPLIT_NAMES))
+    if unknown:
+        raise YoloSegError(f"{root / 'images'} has split folders {', '.join(unknown)}: name them train, val or test")
+    carve = not any(SPLIT_NAMES[s.split] == "test" for s in found)
+    samples = []
+    for s in found:
+        digest = hashlib.sha256(s.path.read_bytes()).hexdigest()
+        split = SPLIT_NAMES[s.split]
+        if carve and split == "train":
+            split = "test" if assign_split(digest, 0.0, test, seed) == "test" else "train"
+        samples.append({"path": s.path.relative_to(root).as_posix(), "sha256": digest,
+                        "label": CLASSES[1] if s.defective else CLASSES[0], "split": split,
+                        "source": f"yolo_seg:{root.name}", "polygons": [list(map(list, p)) for p in s.polygons]})
+    return samples

@@ -118,8 +118,12 @@ def _print_results(root: Path) -> None:
             ("summary", str(root / RUN.summary))]
     if s.get("onnx_parity"):
         p = s["onnx_parity"]
-        rows.append(("ONNX parity", f"top-1 agreement {p['top1_agreement']:.4f}, "
-                                    f"max |logit diff| {p['max_abs_logit_diff']:.2e}"))
+        if "max_rel_diff" in p:  # an anomaly model: image scores, not logits
+            rows.append(("ONNX parity", f"decisions agree {p['top1_agreement']:.4f}, "
+                                        f"max relative score diff {p['max_rel_diff']:.2e}"))
+        else:
+            rows.append(("ONNX parity", f"top-1 agreement {p['top1_agreement']:.4f}, "
+                                        f"max |logit diff| {p['max_abs_logit_diff']:.2e}"))
     for k, v in rows:
         w.add_row(k, v)
     console.print(w)

@@ -12,12 +12,13 @@ from defectops.pipelines.context import StepContext
 from defectops.pipelines.results import ExportResult
 from defectops.pipelines.tasks import create_task
 from defectops.serving.config import ExportConfig
-from defectops.training.config import DataConfig
+from defectops.training.config import AnomalyConfig, DataConfig
 
-READS = (RUN.model, RUN.detector, RUN.crops, RUN.snapshot)
+READS = (RUN.model, RUN.detector, RUN.crops, RUN.snapshot, RUN.anomaly)
 WRITES = (RUN.onnx, RUN.onnx_int8)
 
 
-def export(ctx: StepContext, export: ExportConfig, data: DataConfig, task: TaskKind) -> ExportResult:
+def export(ctx: StepContext, export: ExportConfig, data: DataConfig, task: TaskKind,
+           anomaly: AnomalyConfig) -> ExportResult:
     """Export the trained model to ONNX (dynamic batch) carrying its classes, input size and detector settings."""
-    return create_task(task).export(ctx, export, data)
+    return create_task(task, anomaly=anomaly).export(ctx, export, data)

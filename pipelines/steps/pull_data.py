@@ -50,7 +50,7 @@ def pull_data(ctx: StepContext, data: DataConfig) -> PullDataResult:
         raise StepError(str(e)) from None
     if source == "synth":
         samples, classes, files_root = _synth_samples(ctx, data)
-    elif source in ("deeppcb", "folder"):
+    elif source in ("deeppcb", "folder", "yolo_seg"):
         root = _data_root(data)
         samples, classes, files_root, duplicates = import_source(source, root, data)
     elif source == "snapshot":
@@ -62,7 +62,7 @@ def pull_data(ctx: StepContext, data: DataConfig) -> PullDataResult:
             ctx.reporter.log(f"data.split.group_by={data.split.group_by} is not applied to a snapshot: its manifest "
                              "carries the splits")
     else:
-        raise StepError(f"unknown data.source {source!r}: use synth, deeppcb, folder or snapshot")
+        raise StepError(f"unknown data.source {source!r}: use synth, deeppcb, folder, yolo_seg or snapshot")
     if data.good_class not in classes:
         raise StepError(f"data.good_class={data.good_class} is not a class of this dataset (classes: "
                         f"{', '.join(classes)}): set data.good_class=<the non-defect class>")
@@ -139,9 +139,16 @@ def import_source(kind: str, root: Path, data: DataConfig, *, list_file: str | N
             found = import_folder(root, val=split.val, test=split.test, seed=split.seed,
                                   good_class=data.good_class if data.good_class else None, dedup=data.dedup)
             return Imported(found.samples, found.classes, root, found.duplicates)
+        if kind == "yolo_seg":
+            from defectops.training.yolo_seg import CLASSES, yolo_seg_samples
+
+            if data.good_class != CLASSES[0]:
+                raise StepError(f"a YOLO segmentation dataset has the classes {', '.join(CLASSES)}: set "
+                                f"data.good_class={CLASSES[0]}")
+            return Imported(yolo_seg_samples(root, test=split.test, seed=split.seed), list(CLASSES), root, None)
     except (FileNotFoundError, ValueError) as e:
         raise StepError(str(e)) from None
-    raise StepError(f"unknown dataset kind {kind!r}: use deeppcb or folder")
+    raise StepError(f"unknown dataset kind {kind!r}: use deeppcb, folder or yolo_seg")
 
 
 def fetch_snapshot(ref: str, home: Path) -> Snapshot:

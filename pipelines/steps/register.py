@@ -22,14 +22,14 @@ from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateReport
 from defectops.pipelines.context import GateFailure, StepContext, StepError
 from defectops.pipelines.results import RegisterResult
-from defectops.pipelines.tasks import create_task
+from defectops.pipelines.tasks import Task, create_task
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
-from defectops.training.config import DataConfig
+from defectops.training.config import AnomalyConfig, DataConfig
 from defectops.training.snapshot import load_snapshot
 
 READS = (RUN.gates, RUN.model, RUN.metrics, RUN.report, RUN.validation, RUN.config, RUN.crops, RUN.snapshot,
-         RUN.misses)
+         RUN.misses, RUN.anomaly)
 WRITES = (RUN.registered_model, RUN.review_evidence, RUN.drift, RUN.registration)
 
 
@@ -59,7 +59,8 @@ def _review_evidence(ctx: StepContext) -> Path:
     return out
 
 
-def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task: TaskKind) -> RegisterResult:
+def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task: TaskKind,
+             anomaly: AnomalyConfig) -> RegisterResult:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     from defectops.registry import mlflow_registry as reg
 
@@ -68,13 +69,13 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task:
     model_dir = ctx.path(RUN.registered_model)
     if not (model_dir / "MLmodel").is_file():
         with atomic_dir(model_dir) as tmp:
-            create_task(task).save_model(ctx, tmp)
+            create_task(task, anomaly=anomaly).save_model(ctx, tmp)
     c.log_artifact(rid, str(ctx.path(RUN.metrics)))
     for evidence in (RUN.gates, RUN.report, RUN.validation, RUN.config):
         c.log_artifact(rid, str(ctx.path(evidence)), "evidence")
     c.log_artifacts(rid, str(_review_evidence(ctx)), "evidence")
     c.log_artifacts(rid, str(model_dir), "model")
-    c.log_artifacts(rid, str(_drift_reference(ctx, data, task)), "drift")
+    c.log_artifacts(rid, str(_drift_reference(ctx, data, create_task(task, anomaly=anomaly))), "drift")
     metrics = read_json(ctx.path(RUN.metrics))
     for k in ("accuracy", "macro_recall", "escape_rate", "false_call_rate"):
         if metrics.get(k) is not None:
@@ -113,7 +114,7 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task:
     return result
 
 
-def _drift_reference(ctx: StepContext, data: DataConfig, task: TaskKind) -> Path:
+def _drift_reference(ctx: StepContext, data: DataConfig, task: Task) -> Path:
     """``RUN.drift``: the task's reference profile of its held-out data, which ``defectops drift check`` compares
     production batches with (computed once; a rerun reuses it). A run started by a drift check keeps that check's
     report beside it."""
@@ -121,7 +122,7 @@ def _drift_reference(ctx: StepContext, data: DataConfig, task: TaskKind) -> Path
 
     out = ctx.path(RUN.drift)
     if not (out / REFERENCE_JSON).is_file():
-        create_task(task).drift_reference(ctx, data, out)
+        task.drift_reference(ctx, data, out)
     trigger = ctx.path(RUN.trigger_report)
     if trigger.is_file():  # this run was started by a drift check: keep its report with the profile
         shutil.copyfile(trigger, out / "trigger-report.json")

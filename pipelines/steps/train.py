@@ -13,7 +13,7 @@ from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import TrainResult
 from defectops.pipelines.tasks import create_task
 from defectops.registry.config import RegistryConfig
-from defectops.training.config import DataConfig, ModelConfig, TrainConfig
+from defectops.training.config import AnomalyConfig, DataConfig, ModelConfig, TrainConfig
 from defectops.training.snapshot import load_snapshot
 from defectops.training.trainer import resolve_device
 
@@ -23,7 +23,7 @@ WORKER_MODULE = "defectops.pipelines.runners.worker"  # what torchrun starts in 
 
 
 def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig, registry: RegistryConfig,
-          seed: int, task: TaskKind) -> TrainResult:
+          seed: int, task: TaskKind, anomaly: AnomalyConfig) -> TrainResult:
     """Train the task's model with checkpoints every epoch; a rerun resumes from the newest checkpoint.
 
     ``train.nproc`` > 1 trains with DistributedDataParallel. Outside torchrun this step starts
@@ -39,7 +39,7 @@ def train(ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainCo
     owned = not distributed.is_initialized()
     distributed.init_from_env(train.device)
     try:
-        return create_task(task).fit(ctx, data, model, train, registry, seed)
+        return create_task(task, anomaly=anomaly).fit(ctx, data, model, train, registry, seed)
     finally:
         if owned:
             distributed.cleanup()

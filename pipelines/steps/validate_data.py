@@ -17,14 +17,14 @@ from defectops.evaluation.shortcut import shortcut_check
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import ValidateDataResult
 from defectops.pipelines.tasks import Task, create_task
-from defectops.training.config import DataConfig
+from defectops.training.config import AnomalyConfig, DataConfig
 from defectops.training.snapshot import Snapshot, load_snapshot
 
 READS = (RUN.snapshot,)
 WRITES = (RUN.validation, RUN.crops, RUN.shortcut)
 
 
-def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind) -> ValidateDataResult:
+def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind, anomaly: AnomalyConfig) -> ValidateDataResult:
     """Validate the snapshot (quarantine with reasons), then let the task make its training samples from the accepted
     ones (candidate crops from boards, or fitted images). Fails over ``data.validation.max_bad_fraction`` (unusable
     or leaking samples) or ``data.validation.max_conflict_fraction`` (label conflicts); the result counts
@@ -32,7 +32,7 @@ def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind) -> Validat
     from defectops.training.validation import CONFLICT, validate_snapshot
 
     snap = load_snapshot(ctx.path(RUN.snapshot))
-    kind = create_task(task)
+    kind = create_task(task, anomaly=anomaly)
     kind.check_snapshot(snap)
     advance = ctx.reporter.task("validating samples", len(snap.samples))
     report = validate_snapshot(snap, data.validation, progress=advance)

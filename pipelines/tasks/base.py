@@ -29,7 +29,7 @@ from defectops.pipelines.context import StepContext
 from defectops.pipelines.results import EvaluateResult, ExportResult, TrainResult, VerifyExportResult
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
-from defectops.training.config import DataConfig, ModelConfig, TrainConfig
+from defectops.training.config import AnomalyConfig, DataConfig, ModelConfig, TrainConfig
 from defectops.training.snapshot import Snapshot
 
 
@@ -62,6 +62,12 @@ class Task(ABC):
     """Progress-bar text of ``prepare``."""
     shortcut_metadata: ClassVar[str]
     """What the shortcut check's features describe, in words."""
+
+    @classmethod
+    def from_config(cls, *, anomaly: AnomalyConfig) -> Task:
+        """The task with the settings it takes from the configuration (the crop classifiers take none here: their
+        settings reach them through the steps' sub-configs)."""
+        return cls()
 
     @abstractmethod
     def check_snapshot(self, snap: Snapshot) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectops.training.config import AugmentConfig, ModelConfig, TrainConfig
+from defectops.training.config import AnomalyConfig, AugmentConfig, ModelConfig, TrainConfig
 from defectops.training.samplers import BalancedSampler, DistributedBalancedSampler, class_weights
 
 REPO = Path(__file__).resolve().parents[2]  # also run as a torchrun script: no tests/ helpers on its path
@@ -168,7 +168,7 @@ def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
     ctx = StepContext(run_id="r", root=tmp_path, home=tmp_path, config_hash="h")
     with pytest.raises(StepError, match="train.batch_size=33 does not split evenly over train.nproc=2"):
         train(ctx, DataConfig(), ModelConfig(), TrainConfig(nproc=2, batch_size=33, device="cpu"), RegistryConfig(),
-              0, TaskKind.verify)
+              0, TaskKind.verify, AnomalyConfig())
 
 
 # -------------------------------------------------------------------------------------------- 2-process training

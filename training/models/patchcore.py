@@ -18,8 +18,10 @@ anomaly map at input resolution). What DefectOps adds around it:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +29,8 @@ from torch import nn
 from defectops.training.coreset import coreset_size, greedy_coreset
 from defectops.training.models.pretrained import load_backbone_weights
 
-__all__ = ["ANOMALY_MODELS", "AnomalySpec", "FitStats", "PatchCore", "create_anomaly_model"]
+__all__ = ["ANOMALY_MODELS", "FORMAT", "AnomalySpec", "FitStats", "PatchCore", "PatchCoreExport",
+           "create_anomaly_model", "load_anomaly_model", "save_anomaly_model"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,6 +148,19 @@ class PatchCore(nn.Module):
         return out.pred_score.reshape(-1), out.anomaly_map
 
 
+class PatchCoreExport(nn.Module):
+    """What the ONNX export runs: ``scores`` as ``(N, 1)`` (a per-sample tensor of one value, as Triton's batched
+    outputs need) and ``anomaly_map`` ``(N, 1, H, W)``, both raw."""
+
+    def __init__(self, model: PatchCore) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps = self.model(images)
+        return scores.reshape(-1, 1), maps
+
+
 def create_anomaly_model(name: str, *, num_neighbors: int = 9, pretrained: bool = True, weights: str | None = None,
                          layers: tuple[str, ...] | None = None) -> PatchCore:
     """Build anomaly model ``name`` of :data:`ANOMALY_MODELS` (``layers`` overrides the entry's feature layers);
@@ -154,8 +170,50 @@ def create_anomaly_model(name: str, *, num_neighbors: int = 9, pretrained: bool 
         raise ValueError(f"unknown anomaly model {name!r}: choose one of {', '.join(sorted(ANOMALY_MODELS))}")
     spec = ANOMALY_MODELS[name]
     if layers:
+        import timm
+
+        probe: Any = timm.create_model(spec.timm_name, pretrained=False, features_only=True)
+        stages = list(probe.feature_info.module_name())
+        unknown = [layer for layer in layers if layer not in stages]
+        if unknown:
+            raise ValueError(f"layers {', '.join(unknown)} are not feature stages of {spec.timm_name}: choose from "
+                             f"{', '.join(stages)} (anomaly.layers)")
         spec = AnomalySpec(spec.timm_name, tuple(layers), spec.weights, spec.description)
     model = PatchCore(spec, num_neighbors=num_neighbors)
     if pretrained:
         model.load_backbone(weights)
     return model
+
+
+FORMAT = "defectops-patchcore-v1"
+
+
+def save_anomaly_model(model: PatchCore, path: Path, *, name: str, input_hw: tuple[int, int],
+                       classes: Sequence[str], extra: dict[str, Any] | None = None) -> None:
+    """Write ``model`` to ``path`` (atomically) as tensors and plain values only, so that :func:`load_anomaly_model`
+    reads it with ``torch.load(weights_only=True)``: no code runs from the file."""
+    from defectops.core.fsutil import atomic_path
+
+    state = {"format": FORMAT, "model_name": name, "layers": list(model.spec.layers),
+             "num_neighbors": int(model.model.num_neighbors), "input_hw": [int(input_hw[0]), int(input_hw[1])],
+             "classes": list(classes), "weights_info": dict(model.weights_info), "extra": dict(extra or {}),
+             "state_dict": model.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_anomaly_model(path: Path) -> tuple[PatchCore, dict[str, Any]]:
+    """The model saved by :func:`save_anomaly_model` and its record (``state_dict`` removed)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"anomaly model {path} not found: run the train step first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad or foreign file
+        raise ValueError(f"{path} is not a DefectOps anomaly model ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file: retrain with task=anomaly")
+    model = create_anomaly_model(state["model_name"], num_neighbors=int(state["num_neighbors"]), pretrained=False,
+                                 layers=tuple(state["layers"]))
+    model.load_state_dict(state.pop("state_dict"))
+    model.weights_info = dict(state.get("weights_info") or {})
+    return model.eval(), state

@@ -57,15 +57,28 @@ def test_interval_covers_the_point_and_narrows_with_data() -> None:
 
 
 @pytest.mark.parametrize("target", [0.0, 0.05, 0.1, 0.3])
-def test_threshold_meets_its_escape_target_with_fewest_false_calls(target: float) -> None:
-    y, s = _scores(200, 60, 2.0, seed=3)
-    t = choose_threshold(y, s, max_escape_rate=target, max_false_call_rate=0.2)
+def test_threshold_meets_its_escape_target_when_the_targets_conflict(target: float) -> None:
+    """Overlapping scores: the escape target wins, at the highest threshold that meets it (fewest false calls)."""
+    y, s = _scores(200, 60, 1.0, seed=3)
+    t = choose_threshold(y, s, max_escape_rate=target, max_false_call_rate=0.01)
     bad, good = s[y], s[~y]
-    assert t.rule == "escape_rate" and t.val_escape_rate is not None
+    assert t.rule == "escape_rate" and t.val_escape_rate is not None and "conflict" in t.note
     assert (bad < t.value).mean() <= target and t.val_escape_rate <= target
-    higher = np.nextafter(t.value, np.inf)  # any higher threshold lets one more defect escape
-    assert (bad < higher).mean() > target
-    assert t.val_false_call_rate == pytest.approx((good >= t.value).mean())
+    assert (bad < np.nextafter(t.value, np.inf)).mean() > target  # any higher threshold lets one more defect escape
+    assert t.val_false_call_rate == pytest.approx((good >= t.value).mean()) and t.val_false_call_rate > 0.01
+
+
+def test_threshold_sits_in_the_middle_when_both_targets_hold() -> None:
+    """Separated scores (a constructed case): every threshold between the top good score and the lowest defect meets
+    both targets; the chosen one leaves the same margin to each."""
+    good = np.linspace(0.0, 1.0, 50)
+    bad = np.linspace(3.0, 5.0, 10)
+    y = np.concatenate([np.zeros(50, bool), np.ones(10, bool)])
+    t = choose_threshold(y, np.concatenate([good, bad]), max_escape_rate=0.0, max_false_call_rate=0.0)
+    assert t.note == "" and t.val_escape_rate == 0.0 and t.val_false_call_rate == 0.0
+    assert t.value == pytest.approx(2.0)
+    budget = choose_threshold(y, np.concatenate([good, bad]), max_escape_rate=0.0, max_false_call_rate=0.1)
+    assert (good >= budget.value).mean() <= 0.1 and budget.value < t.value  # the budget lowers the low end
 
 
 def test_threshold_from_the_false_call_budget_when_validation_has_no_defects() -> None:

@@ -146,14 +146,14 @@ def _validate(tmp_path: Path, data_root: Path, **shortcut: bool) -> tuple[Path, 
     from defectops.pipelines.context import StepContext
     from defectops.pipelines.steps.pull_data import pull_data
     from defectops.pipelines.steps.validate_data import validate_data
-    from defectops.training.config import CandidateConfig, DataConfig, ShortcutConfig
+    from defectops.training.config import AnomalyConfig, CandidateConfig, DataConfig, ShortcutConfig
 
     data = DataConfig(source="folder", root=str(data_root), good_class="good",
                       candidates=CandidateConfig(crop_size=16), shortcut=ShortcutConfig(**shortcut))
     run = tmp_path / "run"
     ctx = StepContext(run_id="r", root=run, home=tmp_path / "home", config_hash="h")
     pull_data(ctx, data)
-    return run, validate_data(ctx, data, TaskKind.classify)
+    return run, validate_data(ctx, data, TaskKind.classify, AnomalyConfig())
 
 
 def test_validate_data_warns_when_the_class_is_the_image_size(tmp_path: Path) -> None:

@@ -29,8 +29,8 @@ def test_every_task_kind_has_one_implementation() -> None:
     for kind in TaskKind:
         task = create_task(kind.value)
         assert isinstance(task, Task) and task.kind is kind
-        assert task.model_task in ("aoi", "folder") and task.prepare_label and task.shortcut_metadata
-    with pytest.raises(ValueError, match="task=anomly is unknown: use one of verify, classify"):
+        assert task.model_task in ("aoi", "folder", "anomaly") and task.prepare_label and task.shortcut_metadata
+    with pytest.raises(ValueError, match="task=anomly is unknown: use one of verify, classify, anomaly"):
         create_task("anomly")
 
 

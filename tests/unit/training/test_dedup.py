@@ -19,7 +19,7 @@ from defectops.core.taxonomy import TaskKind
 from defectops.pipelines.context import Reporter, StepContext, StepError
 from defectops.pipelines.steps.pull_data import pull_data
 from defectops.pipelines.steps.validate_data import validate_data
-from defectops.training.config import DataConfig, DedupConfig, ValidationConfig
+from defectops.training.config import AnomalyConfig, DataConfig, DedupConfig, ValidationConfig
 from defectops.training.dedup import hamming, near_components, phash
 from defectops.training.importers import FolderImport, import_folder
 from defectops.training.snapshot import fingerprint, load_snapshot, write_snapshot
@@ -163,7 +163,7 @@ def test_pull_and_validate_go_through_duplicates_and_a_conflict(tmp_path: Path) 
     assert len(listed["dropped_files"]) == 10 and listed["conflicts"][0]["paths"] == ["bridge/b5.png",
                                                                                         "normal/mislabelled.png"]
     assert any("10 copies dropped" in line and "1 label conflicts" in line for line in log.lines)
-    validated = validate_data(ctx, data, TaskKind.classify)
+    validated = validate_data(ctx, data, TaskKind.classify, AnomalyConfig())
     assert validated.label_conflicts == 2 and validated.quarantined == 2 and validated.accepted == 119
     assert any("2 label conflicts" in line for line in log.lines)
 
@@ -174,7 +174,7 @@ def test_pull_and_validate_go_through_duplicates_and_a_conflict(tmp_path: Path) 
     ctx, _ = _ctx(tmp_path, "mostly")
     pull_data(ctx, data)
     with pytest.raises(StepError, match=r"label conflicts.*data\.validation\.max_conflict_fraction=0\.02"):
-        validate_data(ctx, data, TaskKind.classify)
+        validate_data(ctx, data, TaskKind.classify, AnomalyConfig())
 
 
 def _near_copy(src: Image.Image, path: Path) -> Path:
@@ -213,7 +213,7 @@ def test_crops_keep_the_group_for_the_bootstrap(tmp_path: Path) -> None:
     data = DataConfig(source="folder", root=str(root), good_class="normal", dedup=DedupConfig(near=True))
     ctx, _ = _ctx(tmp_path, "run")
     pull_data(ctx, data)
-    validate_data(ctx, data, TaskKind.classify)
+    validate_data(ctx, data, TaskKind.classify, AnomalyConfig())
     by_source = {c["source"]: c for c in load_snapshot(ctx.path(RUN.crops)).samples}
     group = by_source["normal/3.png"]["group"]
     assert by_source["normal/3 brighter.jpg"]["group"] == group

@@ -36,6 +36,8 @@ def test_registry_entries_load_their_weights_from_a_package_file() -> None:
     assert model.weights_info["weights_sha256"] == SOURCES["efficientnet-lite0"].sha256
     with pytest.raises(ValueError, match="unknown anomaly model"):
         create_anomaly_model("patchcore_nope")
+    with pytest.raises(ValueError, match=r"blocks\.3 are not feature stages .* choose from .*blocks\.4"):
+        create_anomaly_model("patchcore_effnet_lite0", layers=("blocks.2", "blocks.3"), pretrained=False)
 
 
 def test_a_users_weights_file_that_does_not_fit_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,313 @@
+"""Anomaly detection from good samples only (``task=anomaly``): PatchCore (:mod:`training.models.patchcore`) through the
+same steps, gates, registry and export checks as the classifiers.
+
+- **prepare**: every accepted image resized to ``anomaly.height`` x ``anomaly.width`` (PNG, lossless); labels become
+  ``data.good_class`` or ``defect`` (any other class); defect polygons (``data.source=yolo_seg``) are kept for pixel
+  AUROC. Defective samples of the train split move to test: the model is fitted on good samples only.
+- **fit**: the memory bank from the good train images (:meth:`PatchCore.fit`), saved as tensors
+  (:func:`training.models.patchcore.save_anomaly_model`, loadable with ``weights_only=True``).
+- **evaluate**: image scores and anomaly maps of val and test; the threshold chosen on val
+  (:func:`evaluation.anomaly.choose_threshold`), the versioned normalisation fitted on val's good scores, and the
+  test split judged at that threshold as a two-class problem (``good`` / ``defect``) by the same gates and intervals as
+  a classifier; image AUROC (bootstrap interval) and pixel AUROC where masks exist; a report with the score
+  histogram, the ROC curve and heat maps of the worst misses and the highest-scoring good parts.
+- **export**: ONNX with two outputs, ``scores`` (N x 1) and ``anomaly_map`` (N x 1 x H x W), raw: threshold and
+  normalisation travel in the metadata (``defectops.anomaly``), not in the graph.
+- **verify_export**: the ONNX scores on val and test against the checkpoint's (relative difference within
+  ``anomaly.max_score_rel_diff``, no decision flipped) and the same gates on test, else refused with the reason.
+
+Not yet: board pairs (templates as the good data, boxes from anomaly maps) and INT8 (the export step says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectops.core.fsutil import atomic_path, read_json, write_json
+from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
+from defectops.evaluation.gates import GateConfig
+from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.results import EvaluateResult, ExportResult, TrainResult, VerifyExportResult
+from defectops.pipelines.tasks.anomaly_scoring import DEFECT, OUTPUTS, Judged, Scores, judge, score_split, torch_scorer
+from defectops.pipelines.tasks.base import Prepared, ShortcutInputs, Task
+from defectops.pipelines.tracking import mlflow_run
+from defectops.registry.config import RegistryConfig
+from defectops.serving.config import DetectConfig, ExportConfig
+from defectops.training.config import AnomalyConfig, DataConfig, ModelConfig, TrainConfig
+from defectops.training.snapshot import SPLITS, Snapshot, load_snapshot
+
+
+@dataclass(frozen=True)
+class AnomalyTrainResult(TrainResult):
+    """The train step of an anomaly model: its memory bank and what it was chosen from."""
+
+    bank_size: int = 0
+    patches: int = 0
+    embedding_dim: int = 0
+    fit_images: int = 0
+
+
+class AnomalyTask(Task):
+    kind = TaskKind.anomaly
+    model_task = "anomaly"
+    prepare_label = "resizing images for the anomaly model"
+    shortcut_metadata = "image files"
+
+    def __init__(self, cfg: AnomalyConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def from_config(cls, *, anomaly: AnomalyConfig) -> AnomalyTask:
+        return cls(anomaly)
+
+    # ------------------------------------------------------------------------------------------------ data
+    def check_snapshot(self, snap: Snapshot) -> None:
+        if any("template" in x for x in snap.samples):
+            raise StepError("task=anomaly on board pairs (templates as the good data) is not available yet: use "
+                            "data.source=folder or data.source=yolo_seg with images of good and defective parts, or "
+                            "pass task=verify to verify candidates on boards")
+        c = self.cfg
+        if min(c.height, c.width) < 32 or max(c.height, c.width) > 2048:
+            raise StepError(f"anomaly.height={c.height}, anomaly.width={c.width}: use 32 to 2048 pixels")
+
+    def prepare(self, snap: Snapshot, accepted: Sequence[int], out: Path, data: DataConfig,
+                progress: Callable[[int], None]) -> Prepared:
+        import cv2
+
+        from defectops.training.images import encode_png, load_image
+        from defectops.training.snapshot import write_snapshot
+
+        if data.good_class not in snap.classes:
+            raise StepError(f"data.good_class={data.good_class} is not a class of this dataset "
+                            f"({', '.join(snap.classes)}): set it to the class of good parts")
+        h, w = self.cfg.height, self.cfg.width
+        samples: list[dict[str, Any]] = []
+        moved = 0
+        for i in accepted:
+            s = snap.samples[i]
+            img = load_image(snap.file(s["path"]), max_pixels=data.validation.max_image_pixels)
+            data_png = encode_png(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
+            label = data.good_class if s["label"] == data.good_class else DEFECT
+            split = s["split"]
+            if split == "train" and label == DEFECT:
+                split, moved = "test", moved + 1
+            rel = f"images/{split}/{i}.png"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data_png)
+            entry = {"path": rel, "sha256": hashlib.sha256(data_png).hexdigest(), "label": label, "split": split,
+                     "source": s["path"], "origin": "image", "original_label": s["label"]}
+            for key in ("group", "polygons"):
+                if s.get(key):
+                    entry[key] = s[key]
+            samples.append(entry)
+            progress(1)
+        if not any(x["split"] == "train" and x["label"] == data.good_class for x in samples):
+            raise StepError(f"no good ({data.good_class}) image in the train split: the anomaly model is fitted on "
+                            "good samples only")
+        crops = write_snapshot(out, samples, (data.good_class, DEFECT),
+                               extra={"board_fingerprint": snap.fingerprint, "fit": {"size": [h, w], "mode": "resize"}})
+        per_split = {sp: dict(Counter(x["label"] for x in samples if x["split"] == sp)) for sp in SPLITS}
+        return Prepared(crops, {"images": per_split, "defective_train_moved_to_test": moved,
+                                "masks": sum(1 for x in samples if x.get("polygons"))})
+
+    def shortcut_inputs(self, snap: Snapshot, used: Sequence[dict[str, Any]]) -> ShortcutInputs:
+        from defectops.evaluation.shortcut import DEFAULT_FIX
+        from defectops.training.images import image_metadata
+
+        feats, names = image_metadata([snap.file(x["source"]) for x in used])
+        return ShortcutInputs(feats, names, DEFAULT_FIX)
+
+    # ------------------------------------------------------------------------------------------------ fit
+    def _batches(self, images: np.ndarray) -> Iterator[Any]:
+        from defectops.training.data import to_tensor
+
+        for i in range(0, len(images), self.cfg.batch_size):
+            yield to_tensor(images[i:i + self.cfg.batch_size])
+
+    def fit(self, ctx: StepContext, data: DataConfig, model: ModelConfig, train: TrainConfig,
+            registry: RegistryConfig, seed: int) -> AnomalyTrainResult:
+        """Fit the memory bank on the good train images; write ``RUN.model``."""
+        from defectops.registry import mlflow_registry as reg
+        from defectops.training.data import load_split
+        from defectops.training.models.patchcore import create_anomaly_model, save_anomaly_model
+        from defectops.training.models.pretrained import WeightsError
+
+        if train.nproc > 1:
+            raise StepError("task=anomaly fits its memory bank in one process: set train.nproc=1")
+        c = self.cfg
+        crops = load_snapshot(ctx.path(RUN.crops))
+        x, y, _ = load_split(crops, "train")
+        good = x[y == crops.classes.index(data.good_class)]
+        try:
+            net = create_anomaly_model(c.model, num_neighbors=c.num_neighbors, weights=c.weights,
+                                       layers=tuple(c.layers) or None)
+        except (WeightsError, ValueError) as e:
+            raise StepError(str(e)) from None
+        client, rid = mlflow_run(ctx, registry)
+        reg.log_params(client, rid, {"task": "anomaly", "model": c.model, "layers": ",".join(net.spec.layers),
+                                     "input": f"{c.height}x{c.width}", "coreset_ratio": c.coreset_ratio,
+                                     "max_bank": c.max_bank, "num_neighbors": c.num_neighbors, "seed": seed,
+                                     "train_samples": len(good),
+                                     "pretrained_sha256": net.weights_info.get("weights_sha256", "none"),
+                                     "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint})
+        advance = ctx.reporter.task(f"embedding {len(good)} good images ({c.model})", len(good))
+        progress: dict[str, Callable[[int], None]] = {}
+
+        def coreset_progress(total: int, patches: int) -> Callable[[int], None]:
+            progress["coreset"] = ctx.reporter.task(f"coreset: {total} of {patches} patches", total)
+            return progress["coreset"]
+
+        stats = net.fit(self._batches(good), coreset_ratio=c.coreset_ratio, max_bank=c.max_bank, seed=seed,
+                        on_batch=advance, coreset_progress=coreset_progress)
+        save_anomaly_model(net, ctx.path(RUN.model), name=c.model, input_hw=(c.height, c.width),
+                           classes=crops.classes, extra={"good_class": data.good_class, "fit": stats.__dict__})
+        reg.log_params(client, rid, {"bank_size": stats.bank_size, "patches": stats.patches})
+        ctx.reporter.log(f"memory bank: {stats.bank_size} of {stats.patches} patches x {stats.embedding_dim}")
+        return AnomalyTrainResult(1, 0, mlflow_run_id=rid, pretrained=net.weights_info or None,
+                                  class_counts={data.good_class: len(good)}, bank_size=stats.bank_size,
+                                  patches=stats.patches, embedding_dim=stats.embedding_dim, fit_images=stats.images)
+
+    # ------------------------------------------------------------------------------------------------ evaluate
+    def evaluate(self, ctx: StepContext, data: DataConfig, gates: GateConfig, registry: RegistryConfig,
+                 detect: DetectConfig) -> EvaluateResult:
+        net, state = self._load(ctx)
+        crops = load_snapshot(ctx.path(RUN.crops))
+        val = score_split(crops, "val", torch_scorer(net), self.cfg)
+        test = score_split(crops, "test", torch_scorer(net), self.cfg)
+        if len(test.labels) == 0:
+            raise StepError("the test split has no images: raise data.split.test")
+        judged = judge(val, test, crops, self.cfg, data.good_class, gates)
+        with atomic_path(ctx.path(RUN.predictions)) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, logits=judged.logits, labels=test.labels, paths=np.asarray(test.paths),
+                                scores=test.scores, val_scores=val.scores, val_labels=val.labels)
+        write_json(ctx.path(RUN.metrics), {**judged.scored.metrics_doc(), "anomaly": judged.doc})
+        write_json(ctx.path(RUN.gates), judged.scored.gates.to_dict())
+        write_json(ctx.path(RUN.anomaly), judged.doc)
+        _write_report(ctx, crops, state, val, test, judged, data.good_class)
+        scored = judged.scored
+        return EvaluateResult(scored.gates.passed, [g.name for g in scored.gates.failed()],
+                              scored.metrics.macro_recall, "none (anomaly champions are not compared yet)", None)
+
+    def _load(self, ctx: StepContext) -> tuple[Any, dict[str, Any]]:
+        from defectops.training.models.patchcore import load_anomaly_model
+
+        try:
+            return load_anomaly_model(ctx.path(RUN.model))
+        except (FileNotFoundError, ValueError) as e:
+            raise StepError(str(e)) from None
+
+    # ------------------------------------------------------------------------------------------------ register
+    def save_model(self, ctx: StepContext, out: Path) -> None:
+        """An MLflow PyTorch model of the fitted PatchCore (pickle, as the classifiers; its own file format is
+        ``RUN.model``, tensors only)."""
+        import logging
+        import shutil
+
+        import mlflow.pytorch
+
+        net, _ = self._load(ctx)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        shutil.rmtree(out)
+        mlflow.pytorch.save_model(net, str(out), serialization_format="pickle",
+                                  pip_requirements=["defectops", "torch==2.14.1", "timm", "anomalib==2.7.0"])
+
+    def drift_reference(self, ctx: StepContext, data: DataConfig, out: Path) -> None:
+        """Image statistics, mean patch embeddings and decision probabilities of the held-out (val + test) images."""
+        from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
+        from defectops.evaluation.drift import Profile, channel_names, image_stats
+        from defectops.evaluation.drift_profile import reduce_reference, save_profile
+        from defectops.training.data import load_split
+
+        net, state = self._load(ctx)
+        crops = load_snapshot(ctx.path(RUN.crops))
+        parts = [p for p in (load_split(crops, sp) for sp in ("val", "test")) if len(p[1])]
+        if not parts:
+            raise StepError("no held-out images to profile for drift checks: the val and test splits are empty")
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        norm = ScoreNormalization.from_dict(read_json(ctx.path(RUN.anomaly))["normalization"])
+        embs, scores = [], []
+        for batch in self._batches(images):
+            emb, (fh, fw) = net.embed(batch)
+            embs.append(emb.reshape(len(batch), fh * fw, -1).mean(1).numpy())
+            scores.append(net(batch)[0].detach().numpy())
+        feats, hist = image_stats(images)
+        profile = Profile(features=feats, histograms=hist, embeddings=np.concatenate(embs).astype(np.float32),
+                          probs=anomaly_probabilities(np.concatenate(scores), norm).astype(np.float32),
+                          classes=crops.classes, channels=channel_names(self.model_task, images.shape[-1]),
+                          labels=labels)
+        save_profile(out, reduce_reference(profile), {
+            "run_id": ctx.run_id, "model_name": state["model_name"], "task": self.model_task,
+            "good_class": data.good_class, "input_size": state["input_hw"], "fit_mode": "resize",
+            "splits": ["val", "test"], "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint,
+            "crops_fingerprint": crops.fingerprint, "data": {"source": data.source, "root": data.root or ""}})
+
+    # ------------------------------------------------------------------------------------------------ export
+    def export(self, ctx: StepContext, export: ExportConfig, data: DataConfig) -> ExportResult:
+        """ONNX with raw ``scores`` (N x 1) and ``anomaly_map`` (N x 1 x H x W); threshold and normalisation in the
+        metadata."""
+        from defectops.serving.model_ref import model_metadata
+        from defectops.serving.onnx_export import export_onnx
+        from defectops.training.models.patchcore import PatchCoreExport
+
+        net, state = self._load(ctx)
+        h, w = state["input_hw"]
+        judged = read_json(ctx.path(RUN.anomaly))
+        fingerprint = read_json(ctx.path(RUN.crops) / "snapshot.json").get("board_fingerprint", "")
+        anomaly = {"threshold": judged["threshold"]["value"], "normalization": judged["normalization"],
+                   "model": state["model_name"], "layers": state["layers"],
+                   "backbone_sha256": (state.get("weights_info") or {}).get("weights_sha256")}
+        meta = model_metadata(list(state["classes"]), data.good_class, int(h), self.model_task, fit_mode="resize",
+                              extra={"run_id": ctx.run_id, "dataset_fingerprint": fingerprint,
+                                     "input_hw": json.dumps([h, w]), "anomaly": json.dumps(anomaly)})
+        export_onnx(PatchCoreExport(net), ctx.path(RUN.onnx), input_shape=(3, int(h), int(w)), opset=export.opset,
+                    metadata=meta, output_names=OUTPUTS)
+        if export.int8.enabled:
+            ctx.reporter.log("export.int8: not built for anomaly models yet; the FP32 model is exported and served")
+        return ExportResult(str(ctx.path(RUN.onnx)), export.opset, ctx.path(RUN.onnx).stat().st_size, None)
+
+    def verify_export(self, ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
+                      registry: RegistryConfig, detect: DetectConfig) -> VerifyExportResult:
+        from defectops.pipelines.tasks.anomaly_verify import verify_anomaly_export
+
+        return verify_anomaly_export(self.cfg, ctx, data, export, gates, registry)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val: Scores, test: Scores,
+                  judged: Judged, good_class: str) -> None:
+    """``RUN.report`` (metrics, gates, the anomaly section, heat maps) and ``RUN.misses`` (the same tiles)."""
+    from defectops.evaluation.anomaly_report import anomaly_section, heatmap_tiles
+    from defectops.evaluation.metrics import pr_curves
+    from defectops.evaluation.report import render_report, write_miss_tiles
+    from defectops.evaluation.report_sections import read_shortcut, split_note
+    from defectops.training.data import load_split
+
+    good = crops.classes.index(good_class)
+    x, _, _ = load_split(crops, "test")
+    threshold = float(judged.doc["threshold"]["value"])
+    tiles = heatmap_tiles(x, test.maps, test.labels != good, test.scores, threshold, crops.classes)
+    write_miss_tiles(ctx.path(RUN.misses), tiles)
+    scored = judged.scored
+    fit = (state.get("extra") or {}).get("fit") or {}
+    info = {"run id": ctx.run_id, "model": f"{state['model_name']} ({', '.join(state['layers'])})",
+            "input": "x".join(map(str, state["input_hw"])), "memory bank": f"{fit.get('bank_size')} of "
+            f"{fit.get('patches')} patches", "backbone sha256": str((state.get("weights_info") or {})
+                                                                    .get("weights_sha256", ""))[:16],
+            "dataset fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint[:16],
+            "test images": str(len(test.labels)), "champion compared": "none (not yet for anomaly models)"}
+    section = anomaly_section((val.labels != good, val.scores), (test.labels != good, test.scores), judged.doc)
+    render_report(ctx.path(RUN.report), title=f"DefectOps anomaly evaluation: {ctx.run_id}", metrics=scored.metrics,
+                  gates=scored.gates, curves=pr_curves(test.labels, scored.probs, crops.classes), info=info,
+                  misses=tiles, sections=[("Anomaly scores, threshold and AUROC", section)],
+                  intervals=scored.intervals, split_note=split_note(len(test.labels), scored.intervals),
+                  shortcut=read_shortcut(ctx.path(RUN.shortcut)))

@@ -1,0 +1,118 @@
+"""What the anomaly task's evaluate and verify_export share: scoring a split through PyTorch or onnxruntime, and
+judging the test split at the threshold chosen on val (:func:`judge`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from defectops.evaluation.gates import GateConfig
+from defectops.pipelines.context import StepError
+from defectops.training.config import AnomalyConfig
+from defectops.training.snapshot import Snapshot, resampling_units
+
+DEFECT = "defect"
+OUTPUTS = ("scores", "anomaly_map")
+Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Image scores, anomaly maps, labels and paths of one split."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+
+def score_split(crops: Snapshot, split: str, scorer: Scorer, cfg: AnomalyConfig) -> Scores:
+    """Scores and maps of every image of ``split`` through ``scorer`` (PyTorch or onnxruntime)."""
+    from defectops.training.data import load_split
+
+    x, y, paths = load_split(crops, split)
+    if len(y) == 0:
+        return Scores(np.zeros(0), np.zeros((0, cfg.height, cfg.width), np.float32), y, paths)
+    scores, maps = [], []
+    for i in range(0, len(x), cfg.batch_size):
+        s, m = scorer(x[i:i + cfg.batch_size])
+        scores.append(s.reshape(-1))
+        maps.append(m.reshape(len(s), *m.shape[-2:]).astype(np.float32))
+    return Scores(np.concatenate(scores).astype(np.float64), np.concatenate(maps), y, paths)
+
+
+
+def torch_scorer(net: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    import torch
+
+    from defectops.training.data import to_tensor
+
+    def score(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            s, m = net(to_tensor(images))
+        return s.numpy(), m.numpy()
+
+    return score
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The operating point from val and the test split judged at it."""
+
+    scored: Any  # evaluation.scoring.Scored
+    logits: np.ndarray
+    doc: dict[str, Any]
+
+
+def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_class: str,
+           gates: GateConfig) -> Judged:
+    from defectops.evaluation.anomaly import (
+        ScoreNormalization,
+        anomaly_probabilities,
+        auroc_interval,
+        choose_threshold,
+        pixel_auroc,
+    )
+    from defectops.evaluation.scoring import score_crops
+
+    good = crops.classes.index(good_class)
+    val_bad = val.labels != good
+    if len(val.labels) == 0:
+        raise StepError("the val split has no images: the anomaly threshold is chosen there; raise data.split.val")
+    try:
+        thr = choose_threshold(val_bad, val.scores, max_escape_rate=cfg.target_escape_rate,
+                               max_false_call_rate=cfg.false_call_budget)
+    except ValueError as e:
+        raise StepError(f"{e} (anomaly.target_escape_rate / anomaly.false_call_budget)") from None
+    norm = ScoreNormalization.fit(thr.value, val.scores[~val_bad])
+    probs = anomaly_probabilities(test.scores, norm)
+    logits = np.log(np.clip(probs, 1e-300, 1.0)).astype(np.float64)
+    if good != 0:
+        logits = logits[:, ::-1]
+    units = resampling_units(crops, test.paths)
+    scored = score_crops(logits, test.labels, crops.classes, good_class, units, gates)
+    test_bad = test.labels != good
+    masks = masks_for(crops, test.paths, test.maps.shape[-2:])
+    doc = {"threshold": thr.to_dict(), "normalization": norm.to_dict(),
+           "val": {"image_auroc": auroc_interval(val_bad, val.scores, confidence=gates.confidence).to_dict(),
+                   "n_good": int((~val_bad).sum()), "n_defect": int(val_bad.sum())},
+           "test": {"image_auroc": auroc_interval(test_bad, test.scores, confidence=gates.confidence).to_dict(),
+                    "pixel_auroc": pixel_auroc(masks, test.maps) if masks is not None else None,
+                    "n_good": int((~test_bad).sum()), "n_defect": int(test_bad.sum())}}
+    return Judged(scored, logits, doc)
+
+
+def masks_for(crops: Snapshot, paths: Sequence[str], hw: tuple[int, ...]) -> np.ndarray | None:
+    """Ground-truth masks of the test images at map resolution, when the dataset has polygons (else None)."""
+    from defectops.training.yolo_seg import rasterize
+
+    by_path = {s["path"]: s for s in crops.samples}
+    defective = [p for p in paths if by_path[p]["label"] == DEFECT]
+    if not defective or not all(by_path[p].get("polygons") for p in defective):
+        return None  # pixel AUROC needs the outline of every defect
+    h, w = int(hw[0]), int(hw[1])
+    return np.stack([rasterize(tuple(tuple(map(tuple, poly)) for poly in by_path[p].get("polygons") or ()), w, h)
+                     for p in paths])

@@ -1,0 +1,132 @@
+"""task=anomaly end to end: PatchCore fitted on good parts only goes through the same DAG, gates, registry, ONNX
+verification and Triton repository as the classifiers; an export whose scores drift is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from defectops.core.layout import RUN
+from defectops.core.taxonomy import TaskKind
+from defectops.pipelines.config import DefectOpsConfig, load_config
+from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.dag import STEP_NAMES
+from defectops.pipelines.runners.local import run_pipeline
+from defectops.pipelines.tasks import create_task
+from defectops.registry.mlflow_registry import client
+
+OVERRIDES = ["task=anomaly", "data.source=folder", "data.good_class=good", "anomaly.height=64", "anomaly.width=96",
+             "data.dedup.near=false", "anomaly.batch_size=16", "data.split.val=0.3", "data.split.test=0.3"]
+
+
+@dataclass
+class AnomalyRun:
+    home: Path
+    root: Path
+    cfg: DefectOpsConfig
+    ctx: StepContext
+
+
+def _parts(root: Path, seed: int = 0) -> Path:
+    """Good parts (a lit gradient with sensor noise) and scratched ones (a dark line somewhere on the part)."""
+    rng = np.random.default_rng(seed)
+    for cls, n in (("good", 48), ("scratch", 16)):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.tile(np.linspace(60, 190, 120), (80, 1)) + rng.normal(0, 6, (80, 120))
+            if cls == "scratch":
+                y, x = rng.integers(10, 60), rng.integers(10, 90)
+                img[y:y + 4, x:x + 20] = 20
+            cv2.imwrite(str(root / cls / f"{cls}{i:03d}.png"), np.clip(img, 0, 255).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def anomaly_run(tmp_path_factory: pytest.TempPathFactory) -> AnomalyRun:
+    data = _parts(tmp_path_factory.mktemp("parts"))
+    home = tmp_path_factory.mktemp("anomaly-home")
+    cfg = load_config([*OVERRIDES, f"data.root={data}"])
+    ctx, outcomes = run_pipeline(cfg, home=home)
+    assert [o.name for o in outcomes] == list(STEP_NAMES)
+    return AnomalyRun(home, ctx.root, cfg, ctx)
+
+
+def test_a_gated_challenger_is_registered(anomaly_run: AnomalyRun) -> None:
+    s = json.loads((anomaly_run.root / RUN.summary).read_text())
+    assert s["gates_passed"] is True and s["aliases"] == ["challenger"]
+    assert s["metrics"]["escape_rate"] is not None and s["metrics"]["false_call_rate"] is not None
+    train = json.loads((anomaly_run.root / RUN.marker("train")).read_text())["result"]
+    assert train["bank_size"] > 0 and train["fit_images"] == train["class_counts"]["good"]
+    validated = json.loads((anomaly_run.root / RUN.marker("validate_data")).read_text())["result"]
+    assert validated["prepared"]["images"]["train"] == {"good": train["fit_images"]}  # good parts only
+    mv = client(s["tracking_uri"]).get_model_version(s["registered_model"], s["version"])
+    assert mv.tags["defectops.export_verified"] == "true" and mv.tags["defectops.gates_passed"] == "true"
+
+
+def test_threshold_normalisation_and_auroc_are_recorded_beside_the_model(anomaly_run: AnomalyRun) -> None:
+    doc = json.loads((anomaly_run.root / RUN.anomaly).read_text())
+    assert doc["normalization"]["version"] == "anomaly-score-v1"
+    assert doc["val"]["n_defect"] > 0 and doc["val"]["n_good"] > 0
+    assert doc["threshold"]["rule"] == "escape_rate" and doc["threshold"]["val_escape_rate"] == 0.0
+    assert doc["test"]["image_auroc"]["point"] >= 0.9 and doc["test"]["n_defect"] > 0
+    metrics = json.loads((anomaly_run.root / RUN.metrics).read_text())
+    assert metrics["anomaly"]["threshold"] == doc["threshold"]
+    report = (anomaly_run.root / RUN.report).read_text()
+    assert "Anomaly scores, threshold and AUROC" in report and "ROC" in report
+    tiles = json.loads((anomaly_run.root / RUN.misses / "index.json").read_text())
+    assert tiles and all("score" in t["caption"] for t in tiles)
+
+
+def test_the_model_file_loads_without_unpickling(anomaly_run: AnomalyRun) -> None:
+    state = torch.load(anomaly_run.root / RUN.model, map_location="cpu", weights_only=True)
+    assert state["format"] == "defectops-patchcore-v1" and state["input_hw"] == [64, 96]
+    assert state["weights_info"]["weights_sha256"]
+
+
+def test_onnx_carries_raw_outputs_and_the_operating_point_as_metadata(anomaly_run: AnomalyRun) -> None:
+    model = onnx.load(str(anomaly_run.root / RUN.onnx), load_external_data=False)
+    assert [o.name for o in model.graph.output] == ["scores", "anomaly_map"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    anomaly = json.loads(meta["defectops.anomaly"])
+    doc = json.loads((anomaly_run.root / RUN.anomaly).read_text())
+    assert anomaly["threshold"] == doc["threshold"]["value"] and anomaly["normalization"] == doc["normalization"]
+    assert json.loads(meta["defectops.input_hw"]) == [64, 96] and meta["defectops.task"] == "anomaly"
+    parity = json.loads((anomaly_run.root / RUN.parity).read_text())
+    assert parity["decision_flips"] == 0 and parity["max_rel_diff"] <= anomaly_run.cfg.anomaly.max_score_rel_diff
+    config = next((anomaly_run.root / RUN.triton).glob("*/config.pbtxt")).read_text()
+    assert 'name: "scores"' in config and 'name: "anomaly_map"' in config and "dims: [ 1, 64, 96 ]" in config
+
+
+def test_board_pairs_are_refused_with_the_fix(tmp_path: Path) -> None:
+    cfg = load_config(["task=anomaly", "+experiment=tiny"])
+    with pytest.raises(Exception, match="board pairs .* not available yet"):
+        run_pipeline(cfg, home=tmp_path)
+
+
+def test_an_export_whose_scores_drift_is_refused(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
+    """A copy of the run whose ONNX memory bank was nudged: verify_export refuses it and removes the challenger."""
+    root = tmp_path / "run"
+    shutil.copytree(anomaly_run.root, root)
+    model = onnx.load(str(root / RUN.onnx))
+    bank = next(i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[1] == 152)
+    values = onnx.numpy_helper.to_array(bank).copy()
+    values *= 1.01
+    bank.CopyFrom(onnx.numpy_helper.from_array(values, bank.name))
+    onnx.save(model, str(root / RUN.onnx))
+    ctx = StepContext(anomaly_run.ctx.run_id, root, anomaly_run.home, anomaly_run.ctx.config_hash)
+    cfg = anomaly_run.cfg
+    task = create_task(TaskKind.anomaly, anomaly=cfg.anomaly)
+    with pytest.raises(StepError, match="image scores differ from the checkpoint's .* challenger alias removed|"
+                                        "challenger alias removed: image scores differ"):
+        task.verify_export(ctx, cfg.data, cfg.export, cfg.gates, cfg.registry, cfg.detect)
+    s = json.loads((anomaly_run.root / RUN.summary).read_text())
+    mv = client(s["tracking_uri"]).get_model_version(s["registered_model"], s["version"])
+    assert mv.tags["defectops.export_verified"] == "false" and "challenger" not in mv.aliases
