@@ -7,9 +7,10 @@ good samples scored at or above it); the test split is then judged at that thres
 classifier (:func:`anomaly_probabilities` turns scores into two-class probabilities whose 0.5 is the threshold, so
 :func:`evaluation.metrics.classification_metrics` and :func:`evaluation.gates.evaluate_gates` apply unchanged).
 
-Normalisation ``anomaly-score-v1``: ``normalised = (raw - threshold) / scale`` with ``scale`` the interquartile range
-of the validation good scores (1.0 when that is zero), so 0 is the decision boundary and a unit is a typical spread of
-good parts; ``p(defect) = sigmoid(normalised)``. The exported graph outputs raw scores; this mapping travels as
+Normalisation ``anomaly-score-v1``: ``normalised = (raw - threshold) / scale`` with ``scale`` the distance from the
+median validation good score to the threshold (the interquartile range of the good scores when that is not positive,
+1.0 when that is zero too), so 0 is the decision boundary and a typical good part scores -1;
+``p(defect) = sigmoid(normalised)`` (a typical good part: 0.27). The exported graph outputs raw scores; this mapping travels as
 metadata (:meth:`ScoreNormalization.to_dict`).
 """
 
@@ -70,9 +71,13 @@ class ScoreNormalization:
     @classmethod
     def fit(cls, threshold: float, good_scores: np.ndarray) -> ScoreNormalization:
         good = np.asarray(good_scores, np.float64)
-        q1, q3 = np.percentile(good, [25, 75]) if len(good) else (0.0, 0.0)
-        scale = float(q3 - q1)
-        return cls(float(threshold), scale if scale > 0 and math.isfinite(scale) else 1.0)
+        if not len(good):
+            return cls(float(threshold), 1.0)
+        q1, median, q3 = np.percentile(good, [25, 50, 75])
+        for scale in (float(threshold - median), float(q3 - q1)):
+            if scale > 0 and math.isfinite(scale):
+                return cls(float(threshold), scale)
+        return cls(float(threshold), 1.0)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from defectops.evaluation.anomaly import ScoreNormalization
 from defectops.evaluation.drift import Profile, channel_names, subsample
 
 REFERENCE_NPZ = "reference.npz"
@@ -47,6 +48,30 @@ def profile_from_images(net: Any, images: np.ndarray, classes: Sequence[str], ta
         emb = emb[subsample(len(emb), max_embedding_rows, seed)]
     return Profile(features=feats, histograms=hist, embeddings=emb, probs=probs.astype(np.float32),
                    classes=tuple(classes), channels=channel_names(task, images.shape[-1]), labels=labels)
+
+
+def profile_from_anomaly_model(net: Any, images: np.ndarray, classes: Sequence[str], norm: ScoreNormalization, *,
+                                labels: np.ndarray | None = None, batch_size: int = 8) -> Profile:
+    """The profile of ``images`` (N, H, W, 3) uint8 seen through an anomaly model (``task=anomaly``): image statistics,
+    the mean patch embedding of each image, and the decision probabilities at the model's threshold."""
+    import torch
+
+    from defectops.evaluation.anomaly import anomaly_probabilities
+    from defectops.evaluation.drift import image_stats
+    from defectops.training.data import to_tensor
+
+    feats, hist = image_stats(images)
+    embs, scores = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = to_tensor(images[i:i + batch_size])
+            emb, (fh, fw) = net.embed(x)
+            embs.append(emb.reshape(len(x), fh * fw, -1).mean(1).numpy())
+            scores.append(net(x)[0].numpy())
+    emb_all = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
+    probs = anomaly_probabilities(np.concatenate(scores), norm) if scores else np.zeros((0, len(classes)))
+    return Profile(features=feats, histograms=hist, embeddings=emb_all, probs=probs.astype(np.float32),
+                   classes=tuple(classes), channels=channel_names("anomaly", images.shape[-1]), labels=labels)
 
 
 def reduce_reference(profile: Profile, seed: int = 0) -> Profile:

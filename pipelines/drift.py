@@ -73,7 +73,13 @@ def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> Check
                               f"the reference profile)") from None
     except ValueError as e:
         raise DriftFailure(str(e)) from None
-    net, _ = load_trained_model(root / RUN.model)
+    net: Any
+    if meta.get("task") == "anomaly":
+        from defectops.training.models.patchcore import load_anomaly_model
+
+        net, _ = load_anomaly_model(root / RUN.model)
+    else:
+        net, _ = load_trained_model(root / RUN.model)
     return CheckedModel(net, reference, meta, str(root), {"run_root": str(root)})
 
 
@@ -154,10 +160,13 @@ def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH
     AOI models take crops as the candidate step writes them (RGB = tested, template, difference); other sizes are
     resized. Folder-per-class models take any image, fitted to the square like in training.
     """
-    from defectops.training.images import ImageError, square_image
+    from defectops.training.images import ImageError, resized_image, square_image
     from defectops.training.importers import IMAGE_EXTENSIONS
 
-    size = int(meta["input_size"])
+    if isinstance(meta["input_size"], list):  # an anomaly model: the whole image resized to (height, width)
+        h, w = (int(v) for v in meta["input_size"])
+    else:
+        h = w = int(meta["input_size"])
     mode = "resize" if meta.get("task") == "aoi" else str(meta.get("fit_mode", "letterbox"))
     with tempfile.TemporaryDirectory(prefix="defectops-drift-") as tmp:
         if source.startswith("s3://"):
@@ -176,10 +185,10 @@ def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH
                                                                                       replace=False))]
         if not paths:
             raise DriftUsageError(f"no images found in {source}")
-        out = np.empty((len(paths), size, size, 3), np.uint8)
+        out = np.empty((len(paths), h, w, 3), np.uint8)
         for k, p in enumerate(paths):
             try:
-                out[k] = square_image(p, size, mode)
+                out[k] = resized_image(p, h, w) if h != w or meta.get("task") == "anomaly" else square_image(p, h, mode)
             except ImageError as e:
                 raise DriftUsageError(str(e)) from None
     return out, found
@@ -191,7 +200,14 @@ def check(model: CheckedModel, images: np.ndarray, *, alpha: float, n_perm: int,
     from defectops.evaluation.drift import compare
 
     task = str(model.meta.get("task", "aoi"))
-    batch = profile_from_images(model.net, images, model.reference.classes, task)
+    if task == "anomaly":
+        from defectops.evaluation.anomaly import ScoreNormalization
+        from defectops.evaluation.drift_profile import profile_from_anomaly_model
+
+        norm = ScoreNormalization.from_dict(model.meta["normalization"])
+        batch = profile_from_anomaly_model(model.net, images, model.reference.classes, norm)
+    else:
+        batch = profile_from_images(model.net, images, model.reference.classes, task)
     return compare(model.reference, batch, alpha=alpha, n_perm=n_perm, seed=seed, min_psi=min_psi), batch
 
 

@@ -40,6 +40,10 @@ def greedy_coreset(features: torch.Tensor, k: int, *, project_dim: int = 128, se
         raise ValueError(f"features must be a non-empty N x D matrix, got shape {tuple(features.shape)}")
     n, d = features.shape
     k = min(k, n)
+    if k == n:  # everything is kept: no selection to make
+        if progress is not None:
+            progress(n)
+        return torch.arange(n, dtype=torch.int64)
     gen = torch.Generator().manual_seed(seed)
     x = features.detach().to("cpu", torch.float32)
     if project_dim and d > project_dim:

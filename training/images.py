@@ -224,6 +224,12 @@ def square_image(path: Path, size: int, mode: str, *, max_pixels: int = DEFAULT_
     return fit_to_square(load_image(path, max_pixels=max_pixels), size, mode)
 
 
+def resized_image(path: Path, height: int, width: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The uint8 ``(height, width, 3)`` RGB pixels an anomaly model sees: the whole image resized (area filter), the
+    same in training, evaluation, drift checks and prediction."""
+    return cv2.resize(load_image(path, max_pixels=max_pixels), (width, height), interpolation=cv2.INTER_AREA)
+
+
 def encode_png(img: np.ndarray) -> bytes:
     """Lossless PNG bytes of a uint8 RGB image (what :func:`training.data.load_split` decodes back to ``img``)."""
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(img[:, :, ::-1]))

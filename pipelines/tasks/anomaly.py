@@ -81,9 +81,7 @@ class AnomalyTask(Task):
 
     def prepare(self, snap: Snapshot, accepted: Sequence[int], out: Path, data: DataConfig,
                 progress: Callable[[int], None]) -> Prepared:
-        import cv2
-
-        from defectops.training.images import encode_png, load_image
+        from defectops.training.images import encode_png, resized_image
         from defectops.training.snapshot import write_snapshot
 
         if data.good_class not in snap.classes:
@@ -94,8 +92,8 @@ class AnomalyTask(Task):
         moved = 0
         for i in accepted:
             s = snap.samples[i]
-            img = load_image(snap.file(s["path"]), max_pixels=data.validation.max_image_pixels)
-            data_png = encode_png(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
+            data_png = encode_png(resized_image(snap.file(s["path"]), h, w,
+                                                max_pixels=data.validation.max_image_pixels))
             label = data.good_class if s["label"] == data.good_class else DEFECT
             split = s["split"]
             if split == "train" and label == DEFECT:
@@ -221,34 +219,31 @@ class AnomalyTask(Task):
                                   pip_requirements=["defectops", "torch==2.14.1", "timm", "anomalib==2.7.0"])
 
     def drift_reference(self, ctx: StepContext, data: DataConfig, out: Path) -> None:
-        """Image statistics, mean patch embeddings and decision probabilities of the held-out (val + test) images."""
-        from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
-        from defectops.evaluation.drift import Profile, channel_names, image_stats
-        from defectops.evaluation.drift_profile import reduce_reference, save_profile
+        """Image statistics, mean patch embeddings and decision probabilities of the held-out (val + test) **good**
+        images: production is mostly good parts, so a batch of them should look like this, and a rise of flagged
+        parts shows as a shift of the prediction mix. The meta carries the score normalisation, so a drift check
+        decides like the model."""
+        from defectops.evaluation.anomaly import ScoreNormalization
+        from defectops.evaluation.drift_profile import profile_from_anomaly_model, reduce_reference, save_profile
         from defectops.training.data import load_split
 
         net, state = self._load(ctx)
         crops = load_snapshot(ctx.path(RUN.crops))
-        parts = [p for p in (load_split(crops, sp) for sp in ("val", "test")) if len(p[1])]
+        good = crops.classes.index(data.good_class)
+        parts = [(x[y == good], y[y == good]) for x, y, _ in (load_split(crops, sp) for sp in ("val", "test"))]
+        parts = [p for p in parts if len(p[1])]
         if not parts:
-            raise StepError("no held-out images to profile for drift checks: the val and test splits are empty")
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        norm = ScoreNormalization.from_dict(read_json(ctx.path(RUN.anomaly))["normalization"])
-        embs, scores = [], []
-        for batch in self._batches(images):
-            emb, (fh, fw) = net.embed(batch)
-            embs.append(emb.reshape(len(batch), fh * fw, -1).mean(1).numpy())
-            scores.append(net(batch)[0].detach().numpy())
-        feats, hist = image_stats(images)
-        profile = Profile(features=feats, histograms=hist, embeddings=np.concatenate(embs).astype(np.float32),
-                          probs=anomaly_probabilities(np.concatenate(scores), norm).astype(np.float32),
-                          classes=crops.classes, channels=channel_names(self.model_task, images.shape[-1]),
-                          labels=labels)
+            raise StepError("no held-out good images to profile for drift checks: the val and test splits have none")
+        normalization = read_json(ctx.path(RUN.anomaly))["normalization"]
+        profile = profile_from_anomaly_model(net, np.concatenate([p[0] for p in parts]), crops.classes,
+                                             ScoreNormalization.from_dict(normalization),
+                                             labels=np.concatenate([p[1] for p in parts]),
+                                             batch_size=self.cfg.batch_size)
         save_profile(out, reduce_reference(profile), {
             "run_id": ctx.run_id, "model_name": state["model_name"], "task": self.model_task,
             "good_class": data.good_class, "input_size": state["input_hw"], "fit_mode": "resize",
-            "splits": ["val", "test"], "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint,
+            "normalization": normalization, "splits": ["val", "test"], "labels": [data.good_class],
+            "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint,
             "crops_fingerprint": crops.fingerprint, "data": {"source": data.source, "root": data.root or ""}})
 
     # ------------------------------------------------------------------------------------------------ export

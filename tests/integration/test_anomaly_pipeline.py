@@ -105,6 +105,28 @@ def test_onnx_carries_raw_outputs_and_the_operating_point_as_metadata(anomaly_ru
     assert 'name: "scores"' in config and 'name: "anomaly_map"' in config and "dims: [ 1, 64, 96 ]" in config
 
 
+def test_drift_check_of_an_anomaly_model(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
+    """Good parts like those it was profiled on: no drift; the same parts photographed much darker: drift."""
+    from typer.testing import CliRunner
+
+    from defectops.pipelines.cli import app
+
+    same = _parts(tmp_path / "same", seed=7) / "good"
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    for f in sorted(same.glob("*.png"))[:40]:
+        cv2.imwrite(str(dark / f.name), (cv2.imread(str(f)) * 0.4).astype(np.uint8))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["drift", "check", "--model", str(anomaly_run.root), "--images", str(same), "--json",
+                             "--permutations", "500"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["drifted"] is False
+    drifted = runner.invoke(app, ["drift", "check", "--model", str(anomaly_run.root), "--images", str(dark), "--json",
+                                  "--permutations", "500"])
+    assert drifted.exit_code == 3, drifted.output
+    assert json.loads(drifted.output)["drifted"] is True
+
+
 def test_board_pairs_are_refused_with_the_fix(tmp_path: Path) -> None:
     cfg = load_config(["task=anomaly", "+experiment=tiny"])
     with pytest.raises(Exception, match="board pairs .* not available yet"):

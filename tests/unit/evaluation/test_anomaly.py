@@ -108,7 +108,9 @@ def test_probabilities_decide_exactly_at_the_threshold_and_feed_classification_m
 
 def test_normalisation_is_versioned() -> None:
     norm = ScoreNormalization.fit(3.0, np.array([1.0, 2.0, 3.0, 4.0]))
-    assert norm.scale == pytest.approx(1.5) and norm.normalise(np.array([3.0]))[0] == 0.0
+    assert norm.scale == pytest.approx(0.5) and norm.normalise(np.array([3.0]))[0] == 0.0  # median 2.5 -> -1
+    assert norm.normalise(np.array([2.5]))[0] == pytest.approx(-1.0)
+    assert ScoreNormalization.fit(1.0, np.array([1.0, 2.0, 3.0, 4.0])).scale == pytest.approx(1.5)  # IQR
     doc = norm.to_dict()
     assert doc["version"] == NORMALIZATION_VERSION and ScoreNormalization.from_dict(doc) == norm
     with pytest.raises(ValueError, match="another DefectOps version"):

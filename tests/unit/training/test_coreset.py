@@ -69,3 +69,9 @@ def test_size_from_ratio_and_cap() -> None:
         coreset_size(10, 0.0, None)
     with pytest.raises(ValueError, match="N x D"):
         greedy_coreset(torch.empty(0, 3), 1)
+
+
+def test_keeping_everything_selects_every_row_in_order() -> None:
+    seen: list[int] = []
+    assert greedy_coreset(torch.randn(7, 3), 10, progress=seen.append).tolist() == list(range(7))
+    assert sum(seen) == 7
