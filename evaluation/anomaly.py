@@ -10,8 +10,8 @@ classifier (:func:`anomaly_probabilities` turns scores into two-class probabilit
 Normalisation ``anomaly-score-v1``: ``normalised = (raw - threshold) / scale`` with ``scale`` the distance from the
 median validation good score to the threshold (the interquartile range of the good scores when that is not positive,
 1.0 when that is zero too), so 0 is the decision boundary and a typical good part scores -1;
-``p(defect) = sigmoid(normalised)`` (a typical good part: 0.27). The exported graph outputs raw scores; this mapping travels as
-metadata (:meth:`ScoreNormalization.to_dict`).
+``p(defect) = sigmoid(normalised)`` (a typical good part: 0.27). The exported graph outputs raw scores; this mapping
+travels as metadata (:meth:`ScoreNormalization.to_dict`).
 """
 
 from __future__ import annotations
