@@ -44,6 +44,10 @@ class ResolvedModel:
     candidates: dict[str, Any] = field(default_factory=dict)
     detector: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    input_hw: tuple[int, int] | None = None
+    """An anomaly model's input (height, width); ``None``: a square of ``input_size``."""
+    anomaly: dict[str, Any] = field(default_factory=dict)
+    """An anomaly model's operating point: ``threshold``, ``normalization`` (versioned), model and backbone."""
 
 
 def model_metadata(classes: list[str], good_class: str, input_size: int, task: str, *, fit_mode: str = "letterbox",
@@ -66,7 +70,9 @@ def from_onnx(path: Path, source: str = "") -> ResolvedModel:
                          input_size=int(meta["input_size"]), task=meta.get("task", "aoi"),
                          fit_mode=meta.get("fit_mode", "letterbox"),
                          candidates=json.loads(meta.get("candidates", "{}")),
-                         detector=json.loads(meta.get("detector", "{}")), source=source or str(path))
+                         detector=json.loads(meta.get("detector", "{}")), source=source or str(path),
+                         input_hw=tuple(json.loads(meta["input_hw"])) if "input_hw" in meta else None,
+                         anomaly=json.loads(meta.get("anomaly", "{}")))
 
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")

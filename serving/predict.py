@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from defectops.core.fsutil import write_text
 from defectops.evaluation.deeppcb import DeepPCBScore, GroundTruth, format_result_lines, score
 from defectops.serving.detector import BoardDetector, DetectorSettings, detections_from_probs
@@ -115,5 +117,63 @@ def predict_images(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *
         if progress:
             progress(len(chunk))
     seconds = time.perf_counter() - t0
+    write_text(out_csv, buf.getvalue())
+    return len(paths), len(paths) / max(seconds, 1e-9)
+
+
+def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *, maps_dir: Path | None = None,
+                    batch_size: int = 16, threads: int = 2,
+                    progress: Callable[[int], None] | None = None) -> tuple[int, float]:
+    """Score images with an anomaly model (``task=anomaly``), preprocessed as in training (whole image resized).
+
+    One CSV row per image: ``path, decision, score, normalised, p_defect`` (the decision at the model's threshold,
+    the score raw and normalised as its metadata says). With ``maps_dir``: per image ``<n>-<stem>.npy`` (the raw
+    anomaly map, float32, at input resolution) and ``<n>-<stem>.png`` (the map over the image, one colour scale:
+    0 to twice the threshold). Returns (rows, images/s).
+    """
+    from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
+    from defectops.evaluation.gradcam import overlay
+    from defectops.training.images import encode_png, resized_image
+
+    if model.task != "anomaly" or model.input_hw is None or not model.anomaly:
+        raise ValueError(f"{model.source} is not an anomaly model (task {model.task}): use predict_images")
+    h, w = model.input_hw
+    threshold = float(model.anomaly["threshold"])
+    norm = ScoreNormalization.from_dict(model.anomaly["normalization"])
+    good = model.good_class
+    bad = next(c for c in model.classes if c != good)
+    session = onnx_session(model.onnx_path, threads=threads)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "decision", "score", "normalised", "p_defect"])
+    staged: list[tuple[str, bytes]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        chunk = list(paths[i:i + batch_size])
+        images = np.stack([resized_image(p, h, w) for p in chunk])
+        x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        scores, maps = session.run(["scores", "anomaly_map"], {"images": x})
+        scores = np.asarray(scores, np.float64).reshape(-1)
+        probs = anomaly_probabilities(scores, norm)
+        for k, (p, s) in enumerate(zip(chunk, scores, strict=True)):
+            writer.writerow([str(p), bad if s >= threshold else good, f"{s:.6f}",
+                             f"{norm.normalise(np.array([s]))[0]:.6f}", f"{probs[k, 1]:.6f}"])
+            if maps_dir is not None:
+                stem = f"{i + k:06d}-{p.stem}"
+                m = np.asarray(maps[k, 0], np.float32)
+                npy = io.BytesIO()
+                np.save(npy, m)
+                staged.append((f"{stem}.npy", npy.getvalue()))
+                heat = overlay(images[k], np.clip(m / (2 * threshold), 0, 1)) if threshold > 0 else images[k]
+                staged.append((f"{stem}.png", encode_png(heat)))
+        if progress:
+            progress(len(chunk))
+    seconds = time.perf_counter() - t0
+    if maps_dir is not None:
+        from defectops.core.fsutil import atomic_dir
+
+        with atomic_dir(maps_dir) as tmp:
+            for name, data in staged:
+                (tmp / name).write_bytes(data)
     write_text(out_csv, buf.getvalue())
     return len(paths), len(paths) / max(seconds, 1e-9)

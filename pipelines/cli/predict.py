@@ -95,20 +95,30 @@ def images(
     tracking_uri: TrackingUri = None,
     threads: Threads = 2,
     precision: Precision = "served",
+    maps: Annotated[Path | None, typer.Option("--maps", help="Anomaly models: also write each image's anomaly map "
+                                                             "here (raw .npy and a .png heat map).")] = None,
 ) -> None:
-    """Classify images with a folder-per-class model, preprocessed exactly as in training (same fit to square)."""
-    from defectops.serving.predict import predict_images
+    """Classify images with a folder-per-class model, preprocessed exactly as in training (same fit to square); or
+    score them with an anomaly model (CSV: path, decision, score, normalised, p_defect; --maps for the maps)."""
+    from defectops.serving.predict import predict_anomaly, predict_images
     from defectops.training.images import ImageError
 
     m = _resolve(model, tracking_uri, precision)
     paths = image_paths(list(input), "--input")
+    if maps is not None and m.task != "anomaly":
+        raise fail(f"--maps is for anomaly models; {m.source} is a {m.task} classifier", EXIT_USAGE)
     try:
         with progress_bars() as progress:
-            tid = progress.add_task("classifying", total=len(paths))
-            n, ips = predict_images(m, paths, out, threads=threads, progress=lambda k: progress.advance(tid, k))
+            tid = progress.add_task("scoring" if m.task == "anomaly" else "classifying", total=len(paths))
+            if m.task == "anomaly":
+                n, ips = predict_anomaly(m, paths, out, maps_dir=maps, threads=threads,
+                                         progress=lambda k: progress.advance(tid, k))
+            else:
+                n, ips = predict_images(m, paths, out, threads=threads, progress=lambda k: progress.advance(tid, k))
     except ImageError as e:
         raise fail(str(e), EXIT_FAILURE) from None
-    console.print(f"{n} images classified at {ips:.1f} images/s; results in {out}")
+    console.print(f"{n} images {'scored' if m.task == 'anomaly' else 'classified'} at {ips:.1f} images/s; results "
+                  f"in {out}" + (f", maps in {maps}" if maps else ""))
 
 
 def register(app: typer.Typer) -> None:

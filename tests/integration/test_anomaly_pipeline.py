@@ -105,6 +105,34 @@ def test_onnx_carries_raw_outputs_and_the_operating_point_as_metadata(anomaly_ru
     assert 'name: "scores"' in config and 'name: "anomaly_map"' in config and "dims: [ 1, 64, 96 ]" in config
 
 
+def test_predict_images_returns_score_decision_and_map(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
+    """`defectops predict images` on the run's ONNX export: the decisions and scores the checkpoint gave, the maps."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from defectops.pipelines.cli import app
+
+    data = _parts(tmp_path / "new", seed=11)
+    files = sorted((data / "good").glob("*.png"))[:4] + sorted((data / "scratch").glob("*.png"))[:4]
+    out, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    inputs = [arg for f in files for arg in ("--input", str(f))]
+    r = CliRunner().invoke(app, ["predict", "images", "--model", str(anomaly_run.root), *inputs, "--out", str(out),
+                                 "--maps", str(maps)])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert [row["decision"] for row in rows] == ["good"] * 4 + ["defect"] * 4
+    threshold = json.loads((anomaly_run.root / RUN.anomaly).read_text())["threshold"]["value"]
+    assert all((float(row["score"]) >= threshold) == (row["decision"] == "defect") for row in rows)
+    assert all((float(row["normalised"]) >= 0) == (row["decision"] == "defect") for row in rows)
+    arrays = sorted(maps.glob("*.npy"))
+    assert len(arrays) == 8 and len(list(maps.glob("*.png"))) == 8
+    assert np.load(arrays[0]).shape == (64, 96)
+    classifier = CliRunner().invoke(app, ["predict", "images", "--model", str(anomaly_run.root), "--input",
+                                          str(files[0]), "--out", str(tmp_path / "x.csv")])
+    assert classifier.exit_code == 0  # without --maps: scores only
+
+
 def test_drift_check_of_an_anomaly_model(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
     """Good parts like those it was profiled on: no drift; the same parts photographed much darker: drift."""
     from typer.testing import CliRunner
