@@ -116,3 +116,31 @@ def test_normalisation_is_versioned() -> None:
     with pytest.raises(ValueError, match="another DefectOps version"):
         ScoreNormalization.from_dict({**doc, "version": "anomaly-score-v0"})
     assert ScoreNormalization.fit(1.0, np.ones(4)).scale == 1.0
+
+
+def test_heatmap_tiles_show_escapes_then_false_calls_then_the_highest_good() -> None:
+    from defectops.evaluation.anomaly_report import heatmap_tiles
+
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    maps = np.random.default_rng(0).random((6, 8, 8)).astype(np.float32)
+    is_defect = np.array([True, True, False, False, False, True])
+    scores = np.array([0.2, 0.9, 0.8, 0.1, 0.4, 0.3])  # threshold 0.5: defects 0 and 5 escape, good 2 is a false call
+    tiles = heatmap_tiles(images, maps, is_defect, scores, 0.5, ("good", "defect"), limit=4)
+    assert [t.confidence for t in tiles] == [0.2, 0.3, 0.8, 0.4]
+    assert [t.caption.split(":")[0] for t in tiles] == ["escaped defect", "escaped defect", "false call",
+                                                        "good part, high score"]
+    assert tiles[0].true_label == "defect" and tiles[0].predicted == "good" and tiles[2].predicted == "defect"
+
+
+def test_anomaly_section_names_the_rule_and_embeds_the_plots() -> None:
+    from defectops.evaluation.anomaly_report import anomaly_section
+
+    y, s = _scores(40, 10, 2.0)
+    t = choose_threshold(y, s, max_escape_rate=0.1, max_false_call_rate=0.2)
+    doc = {"threshold": t.to_dict(), "normalization": ScoreNormalization.fit(t.value, s[~y]).to_dict(),
+           "val": {"image_auroc": auroc_interval(y, s, n_resamples=50).to_dict(), "n_good": 40, "n_defect": 10},
+           "test": {"image_auroc": auroc_interval(y, s, n_resamples=50).to_dict(), "pixel_auroc": None,
+                    "n_good": 40, "n_defect": 10}}
+    html = anomaly_section((y, s), (y, s), doc)
+    assert "chosen on val for escape_rate &lt;= 0.1" in html and html.count("data:image/png;base64,") == 3
+    assert "<td>n/a</td>" in html  # no masks: no pixel AUROC
