@@ -22,6 +22,7 @@ from defectops.core.fsutil import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+ANOMALY_OUTPUTS = ("scores", "anomaly_map")  # an anomaly model's raw image scores (N, 1) and maps (N, 1, H, W)
 
 
 def export_onnx(model: nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = 17,

@@ -133,6 +133,7 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
     """
     from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
     from defectops.evaluation.gradcam import overlay
+    from defectops.serving.onnx_export import ANOMALY_OUTPUTS
     from defectops.training.images import encode_png, resized_image
 
     if model.task != "anomaly" or model.input_hw is None or not model.anomaly:
@@ -152,7 +153,7 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
         chunk = list(paths[i:i + batch_size])
         images = np.stack([resized_image(p, h, w) for p in chunk])
         x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        scores, maps = session.run(["scores", "anomaly_map"], {"images": x})
+        scores, maps = session.run(list(ANOMALY_OUTPUTS), {"images": x})
         scores = np.asarray(scores, np.float64).reshape(-1)
         probs = anomaly_probabilities(scores, norm)
         for k, (p, s) in enumerate(zip(chunk, scores, strict=True)):

@@ -24,7 +24,7 @@ from typing import Any
 
 from defectops.core.fsutil import atomic_dir, atomic_path
 from defectops.serving.config import TritonConfig
-from defectops.serving.onnx_export import INPUT_NAME, OUTPUT_NAME, read_metadata
+from defectops.serving.onnx_export import ANOMALY_OUTPUTS, INPUT_NAME, OUTPUT_NAME, read_metadata
 
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
@@ -126,6 +126,9 @@ def write_repository(repo_root: Path, model_name: str, onnx_path: Path, labels: 
     if not labels or any(not str(lab) or "\n" in str(lab) or "\r" in str(lab) for lab in labels):
         raise ValueError(f"labels {list(labels)!r} must be non-empty single-line strings")
     params = onnx_parameters(Path(onnx_path)) if parameters is None else dict(parameters)
+    if outputs is None and params.get(PARAM_PREFIX + "task") == "anomaly":  # raw scores and map, no labels
+        _, h, w = input_shape
+        outputs = ((ANOMALY_OUTPUTS[0], (1,)), (ANOMALY_OUTPUTS[1], (1, h, w)))
     text = triton_config(model_name, input_shape, len(labels), cfg, keep_versions=keep_versions, parameters=params,
                          outputs=outputs)
     dest = Path(repo_root) / model_name

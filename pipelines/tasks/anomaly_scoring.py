@@ -11,11 +11,12 @@ import numpy as np
 
 from defectops.evaluation.gates import GateConfig
 from defectops.pipelines.context import StepError
+from defectops.serving.onnx_export import ANOMALY_OUTPUTS
 from defectops.training.config import AnomalyConfig
 from defectops.training.snapshot import Snapshot, resampling_units
 
 DEFECT = "defect"
-OUTPUTS = ("scores", "anomaly_map")
+OUTPUTS = ANOMALY_OUTPUTS
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 

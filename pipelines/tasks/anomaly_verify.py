@@ -88,8 +88,7 @@ def verify_anomaly_export(cfg: AnomalyConfig, ctx: StepContext, data: DataConfig
         raise StepError("exported anomaly model failed verification, challenger alias removed: " + "; ".join(problems))
     h, w = (int(v) for v in task_input_hw(ctx))
     model_dir = write_repository(ctx.path(RUN.triton), registry.model_name, ctx.path(RUN.onnx), crops.classes,
-                                 (3, h, w), export.triton, version=int(version),
-                                 outputs=((OUTPUTS[0], (1,)), (OUTPUTS[1], (1, h, w))))
+                                 (3, h, w), export.triton, version=int(version))  # outputs from the ONNX file
     return VerifyExportResult(par, judged.scored.metrics.macro_recall, str(model_dir), "fp32")
 
 

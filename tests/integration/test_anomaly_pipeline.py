@@ -133,6 +133,34 @@ def test_predict_images_returns_score_decision_and_map(anomaly_run: AnomalyRun, 
     assert classifier.exit_code == 0  # without --maps: scores only
 
 
+def test_triton_serves_the_scores_and_maps_onnxruntime_gives(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
+    """The verify step's Triton repository loaded by a real tritonserver (its onnxruntime backend is the test
+    stand-in of tests/triton_backend): both outputs, batched, equal to onnxruntime on the same file."""
+    import tritonclient.http as httpclient
+    from triton_backend.server import triton_server
+
+    from defectops.serving.onnx_export import onnx_session
+    from defectops.training.data import load_split
+    from defectops.training.snapshot import load_snapshot
+
+    x, _, _ = load_split(load_snapshot(anomaly_run.root / RUN.crops), "test")
+    images = (x[:5].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    ref_scores, ref_maps = onnx_session(anomaly_run.root / RUN.onnx).run(["scores", "anomaly_map"], {"images": images})
+    with triton_server(anomaly_run.root / RUN.triton, tmp_path / "server") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        name = anomaly_run.cfg.registry.model_name
+        meta = client.get_model_metadata(name)
+        assert [o["name"] for o in meta["outputs"]] == ["scores", "anomaly_map"]
+        inp = httpclient.InferInput("images", list(images.shape), "FP32")
+        inp.set_data_from_numpy(images)
+        res = client.infer(name, [inp], outputs=[httpclient.InferRequestedOutput("scores"),
+                                                 httpclient.InferRequestedOutput("anomaly_map")])
+        assert np.allclose(res.as_numpy("scores"), ref_scores, rtol=1e-5, atol=1e-5)
+        assert res.as_numpy("anomaly_map").shape == (5, 1, 64, 96)
+        assert np.allclose(res.as_numpy("anomaly_map"), ref_maps, rtol=1e-5, atol=1e-4)
+        client.close()
+
+
 def test_drift_check_of_an_anomaly_model(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
     """Good parts like those it was profiled on: no drift; the same parts photographed much darker: drift."""
     from typer.testing import CliRunner
