@@ -183,17 +183,61 @@ class AnomalyTask(Task):
         test = score_split(crops, "test", torch_scorer(net), self.cfg)
         if len(test.labels) == 0:
             raise StepError("the test split has no images: raise data.split.test")
-        judged = judge(val, test, crops, self.cfg, data.good_class, gates)
+        champion, champion_version = self._champion(ctx, registry, crops, test, data.good_class)
+        if champion is not None:
+            write_json(ctx.path(RUN.champion_metrics), champion.to_dict())
+        judged = judge(val, test, crops, self.cfg, data.good_class, gates, champion)
         with atomic_path(ctx.path(RUN.predictions)) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, logits=judged.logits, labels=test.labels, paths=np.asarray(test.paths),
                                 scores=test.scores, val_scores=val.scores, val_labels=val.labels)
         write_json(ctx.path(RUN.metrics), {**judged.scored.metrics_doc(), "anomaly": judged.doc})
         write_json(ctx.path(RUN.gates), judged.scored.gates.to_dict())
         write_json(ctx.path(RUN.anomaly), judged.doc)
-        _write_report(ctx, crops, state, val, test, judged, data.good_class)
+        _write_report(ctx, crops, state, val, test, judged, data.good_class, champion_version)
         scored = judged.scored
         return EvaluateResult(scored.gates.passed, [g.name for g in scored.gates.failed()],
-                              scored.metrics.macro_recall, "none (anomaly champions are not compared yet)", None)
+                              scored.metrics.macro_recall, champion_version, None)
+
+    def _champion(self, ctx: StepContext, registry: RegistryConfig, crops: Snapshot, test: Scores,
+                  good_class: str) -> tuple[Any, str]:
+        """The champion scored on this run's test images at its own threshold and normalisation (its registered
+        ``metrics.json``): a like-for-like baseline for the no-regression gates. Only an anomaly champion with the
+        same input size is comparable."""
+        import tempfile
+
+        import mlflow.artifacts
+        import mlflow.pytorch
+
+        from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
+        from defectops.evaluation.metrics import classification_metrics
+        from defectops.pipelines.tracking import registry_client
+        from defectops.registry import mlflow_registry as reg
+
+        c, _ = registry_client(ctx, registry)
+        mv = reg.alias_version(c, registry.model_name, registry.champion_alias)
+        if mv is None:
+            return None, "none (no champion yet)"
+        label = f"version {mv.version}"
+        params = c.get_run(mv.run_id).data.params
+        if params.get("task") != "anomaly":
+            return None, f"{label} is not an anomaly model: not comparable"
+        if params.get("input") != f"{self.cfg.height}x{self.cfg.width}":
+            return None, f"{label} takes {params.get('input')} images, this run {self.cfg.height}x{self.cfg.width}: " \
+                         "not comparable"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                doc = json.loads(Path(mlflow.artifacts.download_artifacts(
+                    run_id=mv.run_id, artifact_path="metrics.json", dst_path=tmp,
+                    tracking_uri=c.tracking_uri)).read_text())["anomaly"]
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=c.get_model_version_download_uri(registry.model_name, str(mv.version)),
+                    dst_path=tmp, tracking_uri=c.tracking_uri)
+                net = mlflow.pytorch.load_model(local, map_location="cpu")
+            scores = score_split(crops, "test", torch_scorer(net), self.cfg).scores
+            probs = anomaly_probabilities(scores, ScoreNormalization.from_dict(doc["normalization"]))
+        except Exception as e:  # noqa: BLE001 - an unloadable champion is reported; the regression gates are skipped
+            return None, f"{label} could not be evaluated ({type(e).__name__}: {str(e)[:120]})"
+        return classification_metrics(test.labels, probs, crops.classes, good_class), label
 
     def _load(self, ctx: StepContext) -> tuple[Any, dict[str, Any]]:
         from defectops.training.models.patchcore import load_anomaly_model
@@ -279,7 +323,7 @@ class AnomalyTask(Task):
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val: Scores, test: Scores,
-                  judged: Judged, good_class: str) -> None:
+                  judged: Judged, good_class: str, champion_version: str) -> None:
     """``RUN.report`` (metrics, gates, the anomaly section, heat maps) and ``RUN.misses`` (the same tiles)."""
     from defectops.evaluation.anomaly_report import anomaly_section, heatmap_tiles
     from defectops.evaluation.metrics import pr_curves
@@ -299,7 +343,7 @@ def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val:
             f"{fit.get('patches')} patches", "backbone sha256": str((state.get("weights_info") or {})
                                                                     .get("weights_sha256", ""))[:16],
             "dataset fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint[:16],
-            "test images": str(len(test.labels)), "champion compared": "none (not yet for anomaly models)"}
+            "test images": str(len(test.labels)), "champion compared": champion_version}
     section = anomaly_section((val.labels != good, val.scores), (test.labels != good, test.scores), judged.doc)
     render_report(ctx.path(RUN.report), title=f"DefectOps anomaly evaluation: {ctx.run_id}", metrics=scored.metrics,
                   gates=scored.gates, curves=pr_curves(test.labels, scored.probs, crops.classes), info=info,

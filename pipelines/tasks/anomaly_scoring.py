@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from defectops.evaluation.gates import GateConfig
+from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.pipelines.context import StepError
 from defectops.serving.onnx_export import ANOMALY_OUTPUTS
 from defectops.training.config import AnomalyConfig
@@ -69,7 +70,9 @@ class Judged:
 
 
 def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_class: str,
-           gates: GateConfig) -> Judged:
+           gates: GateConfig, champion: ClassificationMetrics | None = None) -> Judged:
+    """Choose the threshold on ``val``, judge ``test`` at it with the gates (against ``champion``'s metrics on the
+    same test images when given), and record AUROCs."""
     from defectops.evaluation.anomaly import (
         ScoreNormalization,
         anomaly_probabilities,
@@ -94,7 +97,7 @@ def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_c
     if good != 0:
         logits = logits[:, ::-1]
     units = resampling_units(crops, test.paths)
-    scored = score_crops(logits, test.labels, crops.classes, good_class, units, gates)
+    scored = score_crops(logits, test.labels, crops.classes, good_class, units, gates, champion=champion)
     test_bad = test.labels != good
     masks = masks_for(crops, test.paths, test.maps.shape[-2:])
     doc = {"threshold": thr.to_dict(), "normalization": norm.to_dict(),

@@ -15,6 +15,7 @@ from defectops.core import tags as T
 from defectops.core.fsutil import read_json, write_json
 from defectops.core.layout import RUN
 from defectops.evaluation.gates import GateConfig
+from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import VerifyExportResult
 from defectops.pipelines.tasks.anomaly_scoring import OUTPUTS, judge, score_split
@@ -59,7 +60,9 @@ def verify_anomaly_export(cfg: AnomalyConfig, ctx: StepContext, data: DataConfig
     threshold = float(judged_doc["threshold"]["value"])
     par = score_parity(np.concatenate([pred["val_scores"], pred["scores"]]), np.concatenate([val.scores, test.scores]),
                        threshold)
-    judged = judge(val, test, crops, cfg, data.good_class, gates)
+    baseline = ctx.path(RUN.champion_metrics)
+    champion = ClassificationMetrics.from_dict(read_json(baseline)) if baseline.is_file() else None
+    judged = judge(val, test, crops, cfg, data.good_class, gates, champion)
     write_json(ctx.path(RUN.parity), par)
     write_json(ctx.path(RUN.onnx_metrics), {**judged.scored.metrics_doc(), "anomaly": judged.doc})
     write_json(ctx.path(RUN.onnx_gates), judged.scored.gates.to_dict())

@@ -183,6 +183,23 @@ def test_drift_check_of_an_anomaly_model(anomaly_run: AnomalyRun, tmp_path: Path
     assert json.loads(drifted.output)["drifted"] is True
 
 
+def test_the_champion_is_scored_on_the_same_test_images(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
+    """With version 1 as champion, a second run compares itself with it on its own test images (no-regression
+    gates), at the champion's own threshold."""
+    s = json.loads((anomaly_run.root / RUN.summary).read_text())
+    c = client(s["tracking_uri"])
+    c.set_registered_model_alias(s["registered_model"], "champion", s["version"])
+    cfg = load_config([*OVERRIDES, f"data.root={anomaly_run.cfg.data.root}", "seed=1", "run.name=second"])
+    ctx, _ = run_pipeline(cfg, home=anomaly_run.home)
+    evaluate = json.loads((ctx.root / RUN.marker("evaluate")).read_text())["result"]
+    assert evaluate["champion_version"] == f"version {s['version']}"
+    champion = json.loads((ctx.root / RUN.champion_metrics).read_text())
+    assert champion["n"] == json.loads((ctx.root / RUN.metrics).read_text())["n"]
+    gates = [g["name"] for g in json.loads((ctx.root / RUN.gates).read_text())["results"]]
+    assert any("regression" in g for g in gates), gates
+    c.delete_registered_model_alias(s["registered_model"], "champion")
+
+
 def test_board_pairs_are_refused_with_the_fix(tmp_path: Path) -> None:
     cfg = load_config(["task=anomaly", "+experiment=tiny"])
     with pytest.raises(Exception, match="board pairs .* not available yet"):
