@@ -101,7 +101,10 @@ def rasterize(polygons: tuple[tuple[tuple[float, float], ...], ...], width: int,
 
 def yolo_seg_samples(root: Path, *, test: float, seed: int) -> list[dict[str, Any]]:
     """Snapshot manifest entries of a YOLO segmentation dataset read in place: ``path`` (relative to ``root``),
-    ``sha256``, ``label`` (``good`` or ``defect``), ``split``, ``source`` and ``polygons`` (normalised x, y pairs)."""
+    ``sha256``, ``label`` (``good`` or ``defect``), ``split``, ``source`` and ``polygons`` (normalised x, y pairs).
+
+    Byte-identical copies are kept once (the first in split-folder and name order), as the folder importer does:
+    KolektorSDD holds 16 such pairs, which validation would otherwise quarantine as duplicates."""
     root = Path(root)
     found = read_yolo_seg(root)
     unknown = sorted({s.split for s in found} - set(SPLIT_NAMES))
@@ -109,8 +112,12 @@ def yolo_seg_samples(root: Path, *, test: float, seed: int) -> list[dict[str, An
         raise YoloSegError(f"{root / 'images'} has split folders {', '.join(unknown)}: name them train, val or test")
     carve = not any(SPLIT_NAMES[s.split] == "test" for s in found)
     samples = []
+    seen: set[str] = set()
     for s in found:
         digest = hashlib.sha256(s.path.read_bytes()).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
         split = SPLIT_NAMES[s.split]
         if carve and split == "train":
             split = "test" if assign_split(digest, 0.0, test, seed) == "test" else "train"

@@ -52,6 +52,23 @@ def test_missing_label_file_and_missing_folder(tmp_path: Path) -> None:
         read_yolo_seg(tmp_path / "empty")
 
 
+def test_samples_keep_one_of_each_content_and_carve_a_test_split(tmp_path: Path) -> None:
+    from defectops.training.yolo_seg import yolo_seg_samples
+
+    root = _dataset(tmp_path, {f"train/{i:02d}": "" for i in range(40)} | {"val/v": ""})
+    for i in range(40):  # distinct contents
+        cv2.imwrite(str(root / "images" / "train" / f"{i:02d}.png"), np.full((8, 8, 3), i, np.uint8))
+    cv2.imwrite(str(root / "images" / "val" / "v.png"), np.full((8, 8, 3), 200, np.uint8))
+    (root / "images" / "train" / "copy.png").write_bytes((root / "images" / "train" / "03.png").read_bytes())
+    (root / "labels" / "train" / "copy.txt").write_text("")
+    samples = yolo_seg_samples(root, test=0.3, seed=0)
+    assert len(samples) == 41 and "images/train/copy.png" not in {s["path"] for s in samples}
+    splits = {s["split"] for s in samples}
+    assert splits == {"train", "val", "test"}
+    assert sum(s["split"] == "test" for s in samples) == sum(
+        s["split"] == "test" for s in yolo_seg_samples(root, test=0.3, seed=0))  # deterministic
+
+
 @pytest.mark.skipif(not KOLEKTOR.is_dir(), reason="needs ../shared/datasets/kolektorsdd")
 def test_kolektorsdd_counts_match_its_datasheet() -> None:
     samples = read_yolo_seg(KOLEKTOR)
