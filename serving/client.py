@@ -12,6 +12,7 @@ when the fix is in the caller's arguments (an unknown model name, a bad URL or a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,20 @@ class Classification:
         if not len(self.probabilities):
             return np.zeros(0, np.float32)
         return np.asarray(self.probabilities[np.arange(len(self.probabilities)), self.indices])
+
+
+@dataclass(frozen=True)
+class AnomalyScores:
+    """An anomaly model's answer: raw image scores, raw maps (N, 1, H, W), the threshold and the normalisation."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    threshold: float
+    normalization: dict[str, Any]
+
+    @property
+    def defective(self) -> np.ndarray:
+        return self.scores >= self.threshold
 
 
 def _one_line(e: BaseException) -> str:
@@ -195,6 +210,12 @@ class TritonClient:
         self.input_shape: tuple[int, ...] = tuple(shape[1:] if self.max_batch_size > 0 else shape)
         self.parameters = read_config_parameters(_snake_params(cfg))
         self.fit_mode = self.parameters.get(PARAM_PREFIX + "fit_mode", "letterbox")
+        self.task = self.parameters.get(PARAM_PREFIX + "task", "")
+        self.anomaly: dict[str, Any] = json.loads(self.parameters.get(PARAM_PREFIX + "anomaly", "{}") or "{}")
+        if self.task == "anomaly" and not self.anomaly:
+            raise TritonClientError(f"model {self.model!r} at {self.where} is an anomaly model without its operating "
+                                    f"point (parameter {PARAM_PREFIX}anomaly): republish it with defectops serve "
+                                    f"publish", usage=True)
         self.labels: tuple[str, ...] = tuple(classes_from_parameters(self.parameters) or self._labels_from_server())
 
     def _labels_from_server(self) -> list[str]:
@@ -292,6 +313,36 @@ class TritonClient:
             raise TritonClientError(f"model {self.model!r} at {self.where} returned shape {logits.shape} for "
                                     f"{len(self.labels)} labels: its labels file does not match the model")
         return Classification(self.labels, logits, softmax(logits).astype(np.float32))
+
+    def score_files(self, paths: Sequence[Path]) -> AnomalyScores:
+        """An anomaly model's raw image scores and maps for image files, read and resized exactly as
+        ``defectops predict images`` does, with the decisions at the model's threshold."""
+        from defectops.serving.onnx_export import ANOMALY_OUTPUTS
+        from defectops.training.images import resized_image
+
+        if self.task != "anomaly":
+            raise TritonClientError(f"model {self.model!r} at {self.where} is not an anomaly model: classify it",
+                                    usage=True)
+        _, h, w = self.input_shape
+        x = np.stack([resized_image(Path(p), int(h), int(w)) for p in paths]).transpose(0, 3, 1, 2)
+        x = np.ascontiguousarray(x, np.float32) / np.float32(255.0)
+        step = self.max_batch_size if self.max_batch_size > 0 else len(x)
+        scores, maps = [], []
+        for i in range(0, len(x), max(step, 1)):
+            chunk = x[i:i + step]
+            inp = self._mod.InferInput(self.input_name, list(chunk.shape), self.input_datatype)
+            if self.protocol == "http":
+                inp.set_data_from_numpy(chunk, binary_data=True)
+                req = [self._mod.InferRequestedOutput(n, binary_data=True) for n in ANOMALY_OUTPUTS]
+            else:
+                inp.set_data_from_numpy(chunk)
+                req = [self._mod.InferRequestedOutput(n) for n in ANOMALY_OUTPUTS]
+            res = self._call("run the model", self._client.infer, self.model, [inp], model_version=self.version,
+                             outputs=req)
+            scores.append(np.asarray(res.as_numpy(ANOMALY_OUTPUTS[0]), np.float64).reshape(-1))
+            maps.append(np.asarray(res.as_numpy(ANOMALY_OUTPUTS[1]), np.float32))
+        return AnomalyScores(np.concatenate(scores), np.concatenate(maps), float(self.anomaly["threshold"]),
+                             dict(self.anomaly["normalization"]))
 
     def classify_files(self, paths: Sequence[Path]) -> Classification:
         """Read, fit and scale image files exactly as ``defectops predict images`` does, then :meth:`classify`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -117,10 +117,11 @@ def infer(
     batch_size: Annotated[int, typer.Option(help="Images per request.", min=1)] = 64,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.", min=0.1)] = 30.0,
 ) -> None:
-    """Classify images with a model served by Triton, preprocessed exactly as the model expects.
+    """Classify images with a model served by Triton, preprocessed exactly as the model expects; or score them with
+    an anomaly model (decision at its threshold, raw and normalised score).
 
-    Prints path, class and confidence; exit 2 on usage errors (bad arguments, unknown model), 1 on failures
-    (server unreachable, model not ready, unreadable image).
+    Prints path, class and confidence (anomaly models: path, decision, score, normalised); exit 2 on usage errors (bad
+    arguments, unknown model), 1 on failures (server unreachable, model not ready, unreadable image).
     """
     import csv
     import io
@@ -136,6 +137,9 @@ def infer(
     paths = image_paths(images)
     try:
         with TritonClient(url, model, protocol, timeout=timeout) as client:
+            if client.task == "anomaly":
+                _infer_anomaly(client, paths, batch_size, url, protocol, out)
+                return
             probs, rows = [], []
             for i in range(0, len(paths), batch_size):
                 r = client.classify_files(paths[i:i + batch_size])
@@ -161,6 +165,42 @@ def infer(
         w.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in labels]])
         for path, (cls, conf), row in zip(paths, rows, p, strict=True):
             w.writerow([str(path), cls, f"{conf:.6f}", *[f"{v:.6f}" for v in row]])
+        write_text(out, buf.getvalue())
+        console.print(f"{len(paths)} images; results in {escape(str(out))}")
+
+
+def _infer_anomaly(client: Any, paths: list[Path], batch_size: int, url: str, protocol: str,
+                   out: Path | None) -> None:
+    """``defectops infer`` for an anomaly model: decision, raw and normalised score (CSV as ``predict images``)."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from defectops.core.fsutil import write_text
+    from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
+
+    scores = np.concatenate([client.score_files(paths[i:i + batch_size]).scores
+                             for i in range(0, len(paths), batch_size)]) if paths else np.zeros(0)
+    threshold = float(client.anomaly["threshold"])
+    norm = ScoreNormalization.from_dict(client.anomaly["normalization"])
+    normalised = norm.normalise(scores)
+    p_defect = anomaly_probabilities(scores, norm)[:, 1]
+    good = client.labels[0]
+    bad = next((c for c in client.labels if c != good), "defect")
+    decisions = [bad if s >= threshold else good for s in scores]
+    t = Table(title=f"{client.model} at {url} ({protocol}), anomaly threshold {threshold:.5g}", title_justify="left")
+    for col, justify in (("path", "left"), ("decision", "left"), ("score", "right"), ("normalised", "right")):
+        t.add_column(col, justify=justify, overflow="fold" if col == "path" else "ellipsis")  # type: ignore[arg-type]
+    for path, d, s, z in zip(paths, decisions, scores, normalised, strict=True):
+        t.add_row(escape(str(path)), d, f"{s:.5g}", f"{z:+.3f}")
+    console.print(t)
+    if out is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "decision", "score", "normalised", "p_defect"])
+        for path, d, s, z, p in zip(paths, decisions, scores, normalised, p_defect, strict=True):
+            w.writerow([str(path), d, f"{s:.6f}", f"{z:.6f}", f"{p:.6f}"])
         write_text(out, buf.getvalue())
         console.print(f"{len(paths)} images; results in {escape(str(out))}")
 

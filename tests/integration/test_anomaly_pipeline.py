@@ -160,6 +160,27 @@ def test_triton_serves_the_scores_and_maps_onnxruntime_gives(anomaly_run: Anomal
         assert np.allclose(res.as_numpy("anomaly_map"), ref_maps, rtol=1e-5, atol=1e-4)
         client.close()
 
+        import csv
+
+        from typer.testing import CliRunner
+
+        from defectops.pipelines.cli import app
+
+        data = _parts(tmp_path / "parts", seed=5)
+        chosen = sorted((data / "good").glob("*.png"))[:3] + sorted((data / "scratch").glob("*.png"))[:3]
+        files = [str(f) for f in chosen]
+        out = tmp_path / "infer.csv"
+        r = CliRunner().invoke(app, ["infer", *files, "--url", server.http_url, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        local = tmp_path / "local.csv"
+        assert CliRunner().invoke(app, ["predict", "images", "--model", str(anomaly_run.root), "--out", str(local),
+                                        *[a for f in files for a in ("--input", f)]]).exit_code == 0
+        served, direct = list(csv.DictReader(out.open())), list(csv.DictReader(local.open()))
+        assert [row["decision"] for row in served] == ["good"] * 3 + ["defect"] * 3
+        assert [row["decision"] for row in served] == [row["decision"] for row in direct]
+        assert np.allclose([float(row["score"]) for row in served], [float(row["score"]) for row in direct],
+                           rtol=1e-5)
+
 
 def test_drift_check_of_an_anomaly_model(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
     """Good parts like those it was profiled on: no drift; the same parts photographed much darker: drift."""
