@@ -163,10 +163,8 @@ def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH
     from defectops.training.images import ImageError, resized_image, square_image
     from defectops.training.importers import IMAGE_EXTENSIONS
 
-    if isinstance(meta["input_size"], list):  # an anomaly model: the whole image resized to (height, width)
-        h, w = (int(v) for v in meta["input_size"])
-    else:
-        h = w = int(meta["input_size"])
+    whole = isinstance(meta["input_size"], list)  # an anomaly model: the whole image resized to (height, width)
+    h, w = (int(v) for v in meta["input_size"]) if whole else (int(meta["input_size"]),) * 2
     mode = "resize" if meta.get("task") == "aoi" else str(meta.get("fit_mode", "letterbox"))
     with tempfile.TemporaryDirectory(prefix="defectops-drift-") as tmp:
         if source.startswith("s3://"):
@@ -188,7 +186,7 @@ def load_batch(source: str, meta: dict[str, Any], *, max_images: int = MAX_BATCH
         out = np.empty((len(paths), h, w, 3), np.uint8)
         for k, p in enumerate(paths):
             try:
-                out[k] = resized_image(p, h, w) if h != w or meta.get("task") == "anomaly" else square_image(p, h, mode)
+                out[k] = resized_image(p, h, w) if whole else square_image(p, h, mode)
             except ImageError as e:
                 raise DriftUsageError(str(e)) from None
     return out, found

@@ -3,13 +3,14 @@ MLflow run however many processes or pods its steps ran in (its id is recorded i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from defectops.core import tags as T
 from defectops.core.fsutil import read_json, write_json
 from defectops.core.layout import RUN
 from defectops.pipelines.config import artifact_location, tracking_uri
-from defectops.pipelines.context import StepContext
+from defectops.pipelines.context import StepContext, StepError
 from defectops.registry.config import RegistryConfig
 
 
@@ -33,3 +34,23 @@ def mlflow_run(ctx: StepContext, registry: RegistryConfig) -> tuple[Any, str]:
     if rid != existing:
         write_json(f, {"run_id": rid, "tracking_uri": c.tracking_uri})
     return c, rid
+
+
+def record_export_verdict(ctx: StepContext, registry: RegistryConfig, tags: Mapping[str, str],
+                          problems: Sequence[str], what: str = "exported model") -> tuple[Any, str, str]:
+    """Tag the run's registered version with its export's verdicts (``tags``) and log the ONNX file and its parity
+    record; with ``problems``, remove the challenger alias and raise :class:`StepError` listing them. Returns the
+    client, the MLflow run id and the version (every task's verify_export ends this way)."""
+    from defectops.registry import mlflow_registry as reg
+
+    version = str(read_json(ctx.path(RUN.registration))["version"])
+    c, rid = mlflow_run(ctx, registry)
+    for k, v in tags.items():
+        c.set_model_version_tag(registry.model_name, version, k, v)
+    c.log_artifact(rid, str(ctx.path(RUN.onnx)), "onnx")
+    c.log_artifact(rid, str(ctx.path(RUN.parity)), "onnx")
+    if problems:
+        if registry.challenger_alias in reg.aliases_of(c, registry.model_name, version):
+            c.delete_registered_model_alias(registry.model_name, registry.challenger_alias)
+        raise StepError(f"{what} failed verification, challenger alias removed: " + "; ".join(problems))
+    return c, rid, version

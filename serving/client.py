@@ -283,26 +283,32 @@ class TritonClient:
                                     usage=True)
         return x
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """Raw model outputs for ``images`` (see :meth:`prepare`), in chunks of the model's ``max_batch_size``."""
-        x = self.prepare(images)
+    def _infer(self, x: np.ndarray, outputs: Sequence[str]) -> list[list[np.ndarray]]:
+        """Run the model on the float input ``x`` in chunks of its ``max_batch_size``: per output, the chunks'
+        arrays."""
         step = self.max_batch_size if self.max_batch_size > 0 else len(x)
-        outs = []
+        outs: list[list[np.ndarray]] = [[] for _ in outputs]
         for i in range(0, len(x), max(step, 1)):
             chunk = x[i:i + step]
             inp = self._mod.InferInput(self.input_name, list(chunk.shape), self.input_datatype)
             if self.protocol == "http":
                 inp.set_data_from_numpy(chunk, binary_data=True)
-                req = [self._mod.InferRequestedOutput(self.output_name, binary_data=True)]
+                req = [self._mod.InferRequestedOutput(n, binary_data=True) for n in outputs]
             else:
                 inp.set_data_from_numpy(chunk)
-                req = [self._mod.InferRequestedOutput(self.output_name)]
+                req = [self._mod.InferRequestedOutput(n) for n in outputs]
             res = self._call("run the model", self._client.infer, self.model, [inp], model_version=self.version,
                              outputs=req)
-            outs.append(np.asarray(res.as_numpy(self.output_name), np.float32))
+            for k, n in enumerate(outputs):
+                outs[k].append(np.asarray(res.as_numpy(n)))
+        return outs
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Raw model outputs for ``images`` (see :meth:`prepare`), in chunks of the model's ``max_batch_size``."""
+        (outs,) = self._infer(self.prepare(images), [self.output_name])
         if not outs:
             return np.zeros((0, len(self.labels)), np.float32)
-        return np.concatenate(outs)
+        return np.concatenate(outs).astype(np.float32, copy=False)
 
     def classify(self, images: np.ndarray) -> Classification:
         """Probabilities (softmax of the logits) and labels for ``images`` (see :meth:`prepare`)."""
@@ -326,22 +332,9 @@ class TritonClient:
         _, h, w = self.input_shape
         x = np.stack([resized_image(Path(p), int(h), int(w)) for p in paths]).transpose(0, 3, 1, 2)
         x = np.ascontiguousarray(x, np.float32) / np.float32(255.0)
-        step = self.max_batch_size if self.max_batch_size > 0 else len(x)
-        scores, maps = [], []
-        for i in range(0, len(x), max(step, 1)):
-            chunk = x[i:i + step]
-            inp = self._mod.InferInput(self.input_name, list(chunk.shape), self.input_datatype)
-            if self.protocol == "http":
-                inp.set_data_from_numpy(chunk, binary_data=True)
-                req = [self._mod.InferRequestedOutput(n, binary_data=True) for n in ANOMALY_OUTPUTS]
-            else:
-                inp.set_data_from_numpy(chunk)
-                req = [self._mod.InferRequestedOutput(n) for n in ANOMALY_OUTPUTS]
-            res = self._call("run the model", self._client.infer, self.model, [inp], model_version=self.version,
-                             outputs=req)
-            scores.append(np.asarray(res.as_numpy(ANOMALY_OUTPUTS[0]), np.float64).reshape(-1))
-            maps.append(np.asarray(res.as_numpy(ANOMALY_OUTPUTS[1]), np.float32))
-        return AnomalyScores(np.concatenate(scores), np.concatenate(maps), float(self.anomaly["threshold"]),
+        scores, maps = self._infer(x, ANOMALY_OUTPUTS)
+        return AnomalyScores(np.concatenate(scores).astype(np.float64).reshape(-1),
+                             np.concatenate(maps).astype(np.float32, copy=False), float(self.anomaly["threshold"]),
                              dict(self.anomaly["normalization"]))
 
     def classify_files(self, paths: Sequence[Path]) -> Classification:

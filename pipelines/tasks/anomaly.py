@@ -329,12 +329,10 @@ def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val:
     from defectops.evaluation.metrics import pr_curves
     from defectops.evaluation.report import render_report, write_miss_tiles
     from defectops.evaluation.report_sections import read_shortcut, split_note
-    from defectops.training.data import load_split
 
     good = crops.classes.index(good_class)
-    x, _, _ = load_split(crops, "test")
     threshold = float(judged.doc["threshold"]["value"])
-    tiles = heatmap_tiles(x, test.maps, test.labels != good, test.scores, threshold, crops.classes)
+    tiles = heatmap_tiles(test.images, test.maps, test.labels != good, test.scores, threshold, crops.classes)
     write_miss_tiles(ctx.path(RUN.misses), tiles)
     scored = judged.scored
     fit = (state.get("extra") or {}).get("fit") or {}

@@ -23,12 +23,13 @@ Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class Scores:
-    """Image scores, anomaly maps, labels and paths of one split."""
+    """Image scores, anomaly maps, labels and paths of one split, and its images (uint8 N x H x W x 3)."""
 
     scores: np.ndarray
     maps: np.ndarray
     labels: np.ndarray
     paths: list[str]
+    images: np.ndarray
 
 
 def score_split(crops: Snapshot, split: str, scorer: Scorer, cfg: AnomalyConfig) -> Scores:
@@ -37,13 +38,13 @@ def score_split(crops: Snapshot, split: str, scorer: Scorer, cfg: AnomalyConfig)
 
     x, y, paths = load_split(crops, split)
     if len(y) == 0:
-        return Scores(np.zeros(0), np.zeros((0, cfg.height, cfg.width), np.float32), y, paths)
+        return Scores(np.zeros(0), np.zeros((0, cfg.height, cfg.width), np.float32), y, paths, x)
     scores, maps = [], []
     for i in range(0, len(x), cfg.batch_size):
         s, m = scorer(x[i:i + cfg.batch_size])
         scores.append(s.reshape(-1))
         maps.append(m.reshape(len(s), *m.shape[-2:]).astype(np.float32))
-    return Scores(np.concatenate(scores).astype(np.float64), np.concatenate(maps), y, paths)
+    return Scores(np.concatenate(scores).astype(np.float64), np.concatenate(maps), y, paths, x)
 
 
 

@@ -16,10 +16,10 @@ from defectops.core.fsutil import read_json, write_json
 from defectops.core.layout import RUN
 from defectops.evaluation.gates import GateConfig
 from defectops.evaluation.metrics import ClassificationMetrics
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext
 from defectops.pipelines.results import VerifyExportResult
 from defectops.pipelines.tasks.anomaly_scoring import OUTPUTS, judge, score_split
-from defectops.pipelines.tracking import mlflow_run
+from defectops.pipelines.tracking import record_export_verdict
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import ExportConfig
 from defectops.training.config import AnomalyConfig, DataConfig
@@ -40,7 +40,6 @@ def score_parity(reference: np.ndarray, candidate: np.ndarray, threshold: float)
 
 def verify_anomaly_export(cfg: AnomalyConfig, ctx: StepContext, data: DataConfig, export: ExportConfig,
                           gates: GateConfig, registry: RegistryConfig) -> VerifyExportResult:
-    from defectops.registry import mlflow_registry as reg
     from defectops.serving.onnx_export import onnx_session
     from defectops.serving.triton import write_repository
 
@@ -74,21 +73,10 @@ def verify_anomaly_export(cfg: AnomalyConfig, ctx: StepContext, data: DataConfig
         problems.append(f"{par['decision_flips']} of {par['n']} decisions at the threshold differ from the "
                         "checkpoint's")
     problems += [f"ONNX gate {g.name} ({g.detail})" for g in judged.scored.gates.failed()]
-    registration = read_json(ctx.path(RUN.registration))
-    version = registration["version"]
-    c, rid = mlflow_run(ctx, registry)
-    for k, v in {T.ONNX_TOP1_AGREEMENT: f"{par['top1_agreement']:.6f}",
-                 T.ONNX_MAX_LOGIT_DIFF: f"{par['max_abs_diff']:.3e}",
-                 T.ONNX_GATES_PASSED: str(judged.scored.gates.passed).lower(),
-                 T.EXPORT_VERIFIED: str(not problems).lower(),
-                 T.SERVED_PRECISION: "fp32"}.items():
-        c.set_model_version_tag(registry.model_name, version, k, v)
-    c.log_artifact(rid, str(ctx.path(RUN.onnx)), "onnx")
-    c.log_artifact(rid, str(ctx.path(RUN.parity)), "onnx")
-    if problems:
-        if registry.challenger_alias in reg.aliases_of(c, registry.model_name, version):
-            c.delete_registered_model_alias(registry.model_name, registry.challenger_alias)
-        raise StepError("exported anomaly model failed verification, challenger alias removed: " + "; ".join(problems))
+    _, _, version = record_export_verdict(ctx, registry, {
+        T.ONNX_TOP1_AGREEMENT: f"{par['top1_agreement']:.6f}", T.ONNX_MAX_LOGIT_DIFF: f"{par['max_abs_diff']:.3e}",
+        T.ONNX_GATES_PASSED: str(judged.scored.gates.passed).lower(), T.EXPORT_VERIFIED: str(not problems).lower(),
+        T.SERVED_PRECISION: "fp32"}, problems, "exported anomaly model")
     h, w = (int(v) for v in task_input_hw(ctx))
     model_dir = write_repository(ctx.path(RUN.triton), registry.model_name, ctx.path(RUN.onnx), crops.classes,
                                  (3, h, w), export.triton, version=int(version))  # outputs from the ONNX file

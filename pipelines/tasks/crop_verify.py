@@ -18,10 +18,10 @@ from defectops.core.layout import RUN
 from defectops.evaluation.gates import GateConfig
 from defectops.evaluation.metrics import ClassificationMetrics
 from defectops.evaluation.scoring import Scored, score_crops
-from defectops.pipelines.context import StepContext, StepError
+from defectops.pipelines.context import StepContext
 from defectops.pipelines.results import VerifyExportResult
 from defectops.pipelines.tasks.crop_evaluate import DetectionScores
-from defectops.pipelines.tracking import mlflow_run
+from defectops.pipelines.tracking import record_export_verdict
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
 from defectops.serving.onnx_export import Parity
@@ -59,7 +59,6 @@ def verify_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data: D
                            gates: GateConfig, registry: RegistryConfig, detect: DetectConfig) -> VerifyExportResult:
     """Re-evaluate the ONNX model through onnxruntime: parity with PyTorch and the same gates; then publish it as a
     Triton model repository. A failure removes the challenger alias."""
-    from defectops.registry import mlflow_registry as reg
     from defectops.serving.triton import write_repository
     from defectops.training.data import load_split
 
@@ -77,9 +76,6 @@ def verify_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data: D
     write_json(ctx.path(RUN.parity), par.to_dict())
     write_json(ctx.path(RUN.onnx_metrics), fp32.scored.metrics_doc())
     write_json(ctx.path(RUN.onnx_gates), report.to_dict())
-    registration = read_json(ctx.path(RUN.registration))
-    c, rid = mlflow_run(ctx, registry)
-    version = registration["version"]
     problems = []
     if par.top1_agreement < export.min_top1_agreement:
         problems.append(f"top-1 agreement {par.top1_agreement:.4f} < export.min_top1_agreement "
@@ -88,18 +84,9 @@ def verify_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data: D
         problems.append(f"max logit difference {par.max_abs_logit_diff:.2e} > export.max_logit_diff "
                         f"{export.max_logit_diff}")
     problems += [f"ONNX gate {g.name} ({g.detail})" for g in report.failed()]
-    tags = {T.ONNX_TOP1_AGREEMENT: f"{par.top1_agreement:.6f}",
-            T.ONNX_MAX_LOGIT_DIFF: f"{par.max_abs_logit_diff:.3e}",
-            T.ONNX_GATES_PASSED: str(report.passed).lower(),
-            T.EXPORT_VERIFIED: str(not problems).lower()}
-    for k, v in tags.items():
-        c.set_model_version_tag(registry.model_name, version, k, v)
-    c.log_artifact(rid, str(ctx.path(RUN.onnx)), "onnx")
-    c.log_artifact(rid, str(ctx.path(RUN.parity)), "onnx")
-    if problems:
-        if registry.challenger_alias in reg.aliases_of(c, registry.model_name, version):
-            c.delete_registered_model_alias(registry.model_name, registry.challenger_alias)
-        raise StepError("exported model failed verification, challenger alias removed: " + "; ".join(problems))
+    c, rid, version = record_export_verdict(ctx, registry, {
+        T.ONNX_TOP1_AGREEMENT: f"{par.top1_agreement:.6f}", T.ONNX_MAX_LOGIT_DIFF: f"{par.max_abs_logit_diff:.3e}",
+        T.ONNX_GATES_PASSED: str(report.passed).lower(), T.EXPORT_VERIFIED: str(not problems).lower()}, problems)
     int8 = None
     if export.int8.enabled and ctx.path(RUN.onnx_int8).is_file():
         int8 = _verify_int8(ctx, detect_fn, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
