@@ -306,12 +306,12 @@ def test_cli_usage_errors(tiny_run: TinyRun, model_ref: str, tmp_path: Path, mon
 
 # --------------------------------------------------------------------------------------------------- Argo + CI
 def _argo_validator() -> Any:
-    from test_argo import _schema_path, _validator
+    from argo_schema import schema_path, validator
 
-    path = _schema_path()
+    path = schema_path()
     if not path.is_file():
         pytest.skip(f"Argo JSON schema not found at {path}: set DEFECTOPS_ARGO_SCHEMA to validate the Argo objects")
-    return _validator(str(path))
+    return validator(str(path))
 
 
 def test_submit_retrain_dry_run_prints_a_valid_workflow(tiny_run: TinyRun, model_ref: str, same_batch: np.ndarray,

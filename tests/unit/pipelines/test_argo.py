@@ -30,16 +30,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import typer
 import yaml
+from argo_schema import SCHEMA_ENV, schema_path, validator
 from repo_paths import REPO
 from typer.testing import CliRunner
 
@@ -50,8 +49,6 @@ from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE
 GOLDEN = REPO / "tests" / "golden" / "argo"
 DEPLOY = REPO / "deploy" / "argo"
 REGEN = os.environ.get("DEFECTOPS_REGEN_GOLDEN") == "1"
-SCHEMA_ENV = "DEFECTOPS_ARGO_SCHEMA"
-SCHEMA_DEFAULT = REPO.parent / "shared" / "schemas" / "argo-workflows-v3.6.19.schema.json"
 KUBE_VERSIONS = ("1.29.0", "1.31.0")
 ARGO_KINDS = {"WorkflowTemplate", "Workflow"}
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "accessKeySecret",
@@ -76,47 +73,23 @@ CASES: dict[str, list[str]] = {
 
 # --- schema helpers ------------------------------------------------------------------------------------------------
 
-def _schema_path() -> Path:
-    return Path(os.environ.get(SCHEMA_ENV) or SCHEMA_DEFAULT)
-
-
-@cache
-def _strict_definitions(path: str) -> dict[str, Any]:
-    defs = copy.deepcopy(json.loads(Path(path).read_text())["definitions"])
-    for d in defs.values():
-        if d.get("type") == "object" and "properties" in d and "additionalProperties" not in d:
-            d["additionalProperties"] = False
-    return defs
-
-
-def _validator(path: str) -> Any:
-    defs = _strict_definitions(path)
-
-    def validate(obj: Any, definition: str) -> None:
-        root = {"definitions": defs, "$ref": f"#/definitions/io.argoproj.workflow.v1alpha1.{definition}"}
-        errors = sorted(jsonschema.Draft202012Validator(root).iter_errors(obj), key=lambda e: list(e.path))
-        assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message[:300]}" for e in errors[:20])
-
-    return validate
-
-
 @pytest.fixture(scope="session")
 def argo_schema() -> Any:
     """validate(obj, definition) against the strict Argo schema; skips when the schema file is absent."""
-    path = _schema_path()
+    path = schema_path()
     if not path.is_file():
         pytest.skip(f"Argo JSON schema not found at {path}: set {SCHEMA_ENV} to argo-workflows-v3.6.19.schema.json "
                     f"(api/jsonschema/schema.json of the Argo Workflows release) to validate the Argo objects")
-    return _validator(str(path))
+    return validator(str(path))
 
 
 @pytest.fixture
 def argo_schema_if_present() -> Any:
     """The strict validator when the schema is there, else a no-op (the fake-server tests still run)."""
-    path = _schema_path()
+    path = schema_path()
     if not path.is_file():
         return lambda obj, definition: None
-    return _validator(str(path))
+    return validator(str(path))
 
 
 def _k8s_validate(obj: dict[str, Any]) -> None:
