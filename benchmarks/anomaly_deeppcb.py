@@ -33,7 +33,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from defectops.evaluation.anomaly import anomaly_boxes
+    from defectops.evaluation.anomaly_boxes import anomaly_boxes
     from defectops.evaluation.deeppcb import GroundTruth, boxes_found, deeppcb_iou
     from defectops.evaluation.intervals import wilson_interval
     from defectops.training.candidates import read_deeppcb_annotations

@@ -24,7 +24,7 @@ import numpy as np
 
 from defectops.evaluation.intervals import BOOTSTRAP, Interval
 
-__all__ = ["NORMALIZATION_VERSION", "AnomalyAUROC", "ScoreNormalization", "Threshold", "anomaly_boxes",
+__all__ = ["NORMALIZATION_VERSION", "AnomalyAUROC", "ScoreNormalization", "Threshold",
            "anomaly_probabilities", "auroc", "auroc_interval", "choose_threshold", "pixel_auroc", "roc_points"]
 
 NORMALIZATION_VERSION = "anomaly-score-v1"
@@ -209,23 +209,3 @@ def anomaly_probabilities(scores: np.ndarray, norm: ScoreNormalization) -> np.nd
     p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
     p = np.where(z >= 0, np.maximum(p, np.nextafter(0.5, 1)), np.minimum(p, np.nextafter(0.5, 0)))
     return np.stack([1.0 - p, p], axis=1)
-
-
-def anomaly_boxes(amap: np.ndarray, threshold: float, *, min_area: int = 4,
-                  scale: tuple[float, float] = (1.0, 1.0)) -> list[tuple[float, float, float, float, float]]:
-    """Boxes of the connected regions of ``amap`` (H x W) at or above ``threshold``: ``(x1, y1, x2, y2, peak)``,
-    corners in map pixels times ``scale`` (x, y), highest peak first; regions under ``min_area`` pixels are dropped.
-    A type-agnostic detection: what the DeepPCB IoU rule can score for a model that never saw a label."""
-    import cv2
-
-    mask = (np.asarray(amap) >= threshold).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    boxes = []
-    for k in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[k])
-        if area < min_area:
-            continue
-        peak = float(np.asarray(amap)[labels == k].max())
-        sx, sy = scale
-        boxes.append((x * sx, y * sy, (x + w) * sx, (y + h) * sy, peak))
-    return sorted(boxes, key=lambda b: -b[4])

@@ -15,7 +15,9 @@ from defectops.evaluation.anomaly import roc_points
 from defectops.evaluation.gradcam import overlay
 from defectops.evaluation.report import Miss
 
-__all__ = ["anomaly_section", "heatmap_tiles"]
+__all__ = ["anomaly_section", "boxes_table", "heatmap_tiles"]
+
+Corners = Sequence[float]
 
 
 def _plot(draw: Any) -> str:
@@ -86,14 +88,42 @@ def anomaly_section(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
         ("val scores", _histogram(val[1][~val[0]], val[1][val[0]], thr["value"], "val scores")),
         ("test scores", _histogram(test[1][~test[0]], test[1][test[0]], thr["value"], "test scores")),
         *((("ROC", _roc(curves)),) if curves else ())))
+    boxes = boxes_table(doc["boxes"]) if doc.get("boxes") else ""
     return (f"<p>{rule}</p>{note}<table><thead><tr><th>split</th><th>image AUROC [interval]</th><th>pixel AUROC</th>"
-            f"<th>good</th><th>defective</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{plots}")
+            f"<th>good</th><th>defective</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{boxes}{plots}")
+
+
+def boxes_table(doc: Mapping[str, Any]) -> str:
+    """HTML: boxes from anomaly maps on board pairs (type-agnostic, DeepPCB rule), val and test, with the map
+    threshold and how it was chosen; ``doc``: ``RUN.anomaly``'s ``boxes``."""
+    if "map_threshold" not in doc:
+        return f"<p>Boxes from maps: {html.escape(str(doc.get('note', 'not computed')))}</p>"
+    t = doc["map_threshold"]
+
+    def ci(d: Mapping[str, Any]) -> str:
+        return "n/a" if d["point"] is None else f"{d['point']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+    rows = "".join(
+        f"<tr><td>{split}</td><td>{d['n_images']}</td><td>{d['n_gt']}</td><td>{ci(d['recall'])}</td>"
+        f"<td>{ci(d['precision'])}</td><td>{d['deeppcb']['fscore']:.3f}</td><td>{d['deeppcb']['map']:.3f}</td>"
+        f"<td>{d['n_boxes'] / max(d['n_images'], 1):.1f}</td>"
+        f"<td>{d['boxes_on_good'] / max(d['good_images'], 1):.2f}</td></tr>"
+        for split, d in (("val", doc["val"]), ("test", doc["test"])))
+    rule = html.escape(f"Boxes from anomaly maps (type-agnostic, found at IoU > {doc['val']['iou']}): regions of at "
+                       f"least {doc['min_area']} map pixels above the map threshold {t['value']:.5g}, chosen on val "
+                       f"({t['rule']}); intervals: 95 % Wilson over defects (recall) and boxes (precision).")
+    return (f"<p>{rule}</p><table><thead><tr><th>split</th><th>defective boards</th><th>defects</th>"
+            "<th>box recall [interval]</th><th>box precision [interval]</th><th>DeepPCB F (agnostic)</th>"
+            "<th>DeepPCB mAP (agnostic)</th><th>boxes / defective board</th><th>boxes / good image</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
 
 
 def heatmap_tiles(images: np.ndarray, maps: np.ndarray, is_defect: np.ndarray, scores: np.ndarray,
-                  threshold: float, classes: Sequence[str], limit: int = 16) -> list[Miss]:
+                  threshold: float, classes: Sequence[str], limit: int = 16,
+                  boxes: Sequence[tuple[Sequence[Corners], Sequence[Corners]]] | None = None) -> list[Miss]:
     """Anomaly-map overlays of the escaped defects (lowest scores first), the false calls (highest first) and, to
-    fill ``limit``, the highest-scoring good parts that passed: what a reviewer should look at."""
+    fill ``limit``, the highest-scoring good parts that passed: what a reviewer should look at. ``boxes`` (board
+    pairs): per image, the annotated boxes (drawn green) and the boxes from its map (red), in image pixels."""
     good_name, bad_name = classes[0], classes[1]
     flagged = scores >= threshold
     escaped = np.flatnonzero(is_defect & ~flagged)
@@ -108,8 +138,22 @@ def heatmap_tiles(images: np.ndarray, maps: np.ndarray, is_defect: np.ndarray, s
     for i in chosen:
         cam = (maps[i] - lo) / (hi - lo) if hi > lo else np.zeros_like(maps[i])
         kind = "escaped defect" if is_defect[i] else ("false call" if flagged[i] else "good part, high score")
-        tiles.append(Miss(image=overlay(images[i], cam), true_label=bad_name if is_defect[i] else good_name,
+        tile = overlay(images[i], cam)
+        if boxes is not None:
+            tile = _draw_boxes(tile, *boxes[i])
+        tiles.append(Miss(image=tile, true_label=bad_name if is_defect[i] else good_name,
                           predicted=bad_name if flagged[i] else good_name, confidence=float(scores[i]),
                           caption=f"{kind}: score {scores[i]:.4g} (threshold {threshold:.4g}); anomaly map over the "
                                   "image, one colour scale for all tiles"))
     return tiles
+
+
+def _draw_boxes(image: np.ndarray, truths: Sequence[Corners], found: Sequence[Corners]) -> np.ndarray:
+    import cv2
+
+    out = np.ascontiguousarray(image.copy())
+    for corners, colour in ((truths, (40, 200, 80)), (found, (230, 40, 40))):
+        for b in corners:
+            cv2.rectangle(out, (int(b[0]), int(b[1])), (max(int(b[0]), round(b[2]) - 1),
+                                                        max(int(b[1]), round(b[3]) - 1)), colour, 1)
+    return out

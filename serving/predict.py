@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,14 +128,17 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
     """Score images with an anomaly model (``task=anomaly``), preprocessed as in training (whole image resized).
 
     One CSV row per image: ``path, decision, score, normalised, p_defect`` (the decision at the model's threshold,
-    the score raw and normalised as its metadata says). With ``maps_dir``: per image ``<n>-<stem>.npy`` (the raw
-    anomaly map, float32, at input resolution) and ``<n>-<stem>.png`` (the map over the image, one colour scale:
-    0 to twice the threshold). Returns (rows, images/s).
+    the score raw and normalised as its metadata says); a model of board pairs adds ``boxes``: a JSON list of
+    ``[x1, y1, x2, y2, confidence]`` in the image's pixels, the regions of the map above its map threshold
+    (:func:`evaluation.anomaly_boxes.map_detections`, type-agnostic). With ``maps_dir``: per image
+    ``<n>-<stem>.npy`` (the raw anomaly map, float32, at input resolution) and ``<n>-<stem>.png`` (the map over the
+    image, one colour scale: 0 to twice the threshold). Returns (rows, images/s).
     """
     from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
+    from defectops.evaluation.anomaly_boxes import map_detections
     from defectops.evaluation.gradcam import overlay
     from defectops.serving.onnx_export import ANOMALY_OUTPUTS
-    from defectops.training.images import encode_png, resized_image
+    from defectops.training.images import encode_png, image_size, resized_image
 
     if model.task != "anomaly" or model.input_hw is None or not model.anomaly:
         raise ValueError(f"{model.source} is not an anomaly model (task {model.task}): use predict_images")
@@ -146,7 +150,8 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
     session = onnx_session(model.onnx_path, threads=threads)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "decision", "score", "normalised", "p_defect"])
+    box_rule = model.anomaly.get("boxes") or {}
+    writer.writerow(["path", "decision", "score", "normalised", "p_defect", *(["boxes"] if box_rule else [])])
     staged: list[tuple[str, bytes]] = []
     t0 = time.perf_counter()
     for i in range(0, len(paths), batch_size):
@@ -157,8 +162,15 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
         scores = np.asarray(scores, np.float64).reshape(-1)
         probs = anomaly_probabilities(scores, norm)
         for k, (p, s) in enumerate(zip(chunk, scores, strict=True)):
-            writer.writerow([str(p), bad if s >= threshold else good, f"{s:.6f}",
-                             f"{norm.normalise(np.array([s]))[0]:.6f}", f"{probs[k, 1]:.6f}"])
+            row = [str(p), bad if s >= threshold else good, f"{s:.6f}", f"{norm.normalise(np.array([s]))[0]:.6f}",
+                   f"{probs[k, 1]:.6f}"]
+            if box_rule:
+                iw, ih = image_size(p)
+                dets = map_detections(maps[k, 0], float(box_rule["map_threshold"]),
+                                      min_area=int(box_rule["min_area"]), scale=(iw / w, ih / h))
+                row.append(json.dumps([[round(d.x1, 1), round(d.y1, 1), round(d.x2, 1), round(d.y2, 1),
+                                        round(d.confidence, 4)] for d in dets]))
+            writer.writerow(row)
             if maps_dir is not None:
                 stem = f"{i + k:06d}-{p.stem}"
                 m = np.asarray(maps[k, 0], np.float32)

@@ -227,10 +227,15 @@ class AnomalyConfig:
     bank and its operating point.
 
     Images are resized to ``height`` x ``width`` (no letterbox: masks and maps stay aligned). The memory bank keeps a
-    greedy coreset of ``coreset_ratio`` of the good training patches, at most ``max_bank``. The threshold is chosen on
-    the val split for ``target_escape_rate`` (or, without defective val samples, ``false_call_budget``); the test split
-    is then gated like a classifier's (``gates.max_escape_rate`` ...). An export is refused when an image score
-    differs from the checkpoint's by more than ``max_score_rel_diff`` (relative) or a decision flips.
+    greedy coreset of ``coreset_ratio`` of the good training patches, at most ``max_bank``, chosen from a seeded
+    sample of at most ``max_patches`` patches (the selection's time grows with patches x bank size). The threshold is
+    chosen on the val split for ``target_escape_rate`` (or, without defective val samples, ``false_call_budget``); the
+    test split is then gated like a classifier's (``gates.max_escape_rate`` ...). An export is refused when an image
+    score differs from the checkpoint's by more than ``max_score_rel_diff`` (relative) or a decision flips.
+
+    On board pairs (DeepPCB format, synthetic boards) the templates are the good images and the tested images of val
+    and test boards are scored; anomaly-map regions of at least ``box_min_area`` map pixels above a map threshold
+    (chosen on val) become type-agnostic boxes, scored by the DeepPCB rule.
     """
 
     model: str = "patchcore_effnet_lite0"
@@ -240,11 +245,13 @@ class AnomalyConfig:
     width: int = 256
     coreset_ratio: float = 0.01
     max_bank: int = 10000
+    max_patches: int = 500000
     num_neighbors: int = 9
     batch_size: int = 8
     target_escape_rate: float = 0.02
     false_call_budget: float = 0.1
     max_score_rel_diff: float = 1e-3
+    box_min_area: int = 4
 
 
 @dataclass

@@ -16,7 +16,12 @@ same steps, gates, registry and export checks as the classifiers.
 - **verify_export**: the ONNX scores on val and test against the checkpoint's (relative difference within
   ``anomaly.max_score_rel_diff``, no decision flipped) and the same gates on test, else refused with the reason.
 
-Not yet: board pairs (templates as the good data, boxes from anomaly maps) and INT8 (the export step says so).
+Board pairs (DeepPCB format, synthetic boards; ``+experiment=anomaly_boards``): the templates are the good images
+(the memory bank is fitted on the train boards' templates only), the tested images of val and test boards are scored,
+and anomaly-map regions become type-agnostic boxes scored by the DeepPCB rule
+(:func:`pipelines.tasks.anomaly_scoring.judge_boxes`); the map threshold travels with the export.
+
+Not yet: INT8 (the export step says so).
 """
 
 from __future__ import annotations
@@ -37,7 +42,16 @@ from defectops.core.taxonomy import TaskKind
 from defectops.evaluation.gates import GateConfig
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import EvaluateResult, ExportResult, TrainResult, VerifyExportResult
-from defectops.pipelines.tasks.anomaly_scoring import DEFECT, OUTPUTS, Judged, Scores, judge, score_split, torch_scorer
+from defectops.pipelines.tasks.anomaly_scoring import (
+    DEFECT,
+    OUTPUTS,
+    Judged,
+    Scores,
+    box_truths,
+    judge,
+    score_split,
+    torch_scorer,
+)
 from defectops.pipelines.tasks.base import Prepared, ShortcutInputs, Task
 from defectops.pipelines.tracking import mlflow_run
 from defectops.registry.config import RegistryConfig
@@ -71,18 +85,15 @@ class AnomalyTask(Task):
 
     # ------------------------------------------------------------------------------------------------ data
     def check_snapshot(self, snap: Snapshot) -> None:
-        if any("template" in x for x in snap.samples):
-            raise StepError("task=anomaly on board pairs (templates as the good data) is not available yet: use "
-                            "data.source=folder or data.source=yolo_seg with images of good and defective parts, or "
-                            "pass task=verify to verify candidates on boards")
         c = self.cfg
         if min(c.height, c.width) < 32 or max(c.height, c.width) > 2048:
             raise StepError(f"anomaly.height={c.height}, anomaly.width={c.width}: use 32 to 2048 pixels")
 
     def prepare(self, snap: Snapshot, accepted: Sequence[int], out: Path, data: DataConfig,
                 progress: Callable[[int], None]) -> Prepared:
+        if is_board_snapshot(snap):
+            return self._prepare_boards(snap, accepted, out, data, progress)
         from defectops.training.images import encode_png, resized_image
-        from defectops.training.snapshot import write_snapshot
 
         if data.good_class not in snap.classes:
             raise StepError(f"data.good_class={data.good_class} is not a class of this dataset "
@@ -98,23 +109,64 @@ class AnomalyTask(Task):
             split = s["split"]
             if split == "train" and label == DEFECT:
                 split, moved = "test", moved + 1
-            rel = f"images/{split}/{i}.png"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / rel).write_bytes(data_png)
-            entry = {"path": rel, "sha256": hashlib.sha256(data_png).hexdigest(), "label": label, "split": split,
-                     "source": s["path"], "origin": "image", "original_label": s["label"]}
+            entry = _write_image(out, f"images/{split}/{i}.png", data_png, label, split, s["path"], "image")
+            entry["original_label"] = s["label"]
             for key in ("group", "polygons"):
                 if s.get(key):
                     entry[key] = s[key]
             samples.append(entry)
             progress(1)
+        return self._finish(out, snap, samples, data, {"defective_train_moved_to_test": moved})
+
+    def _prepare_boards(self, snap: Snapshot, accepted: Sequence[int], out: Path, data: DataConfig,
+                        progress: Callable[[int], None]) -> Prepared:
+        """Board pairs: every board's **template** (the defect-free golden board) is a good image of its split, so
+        the memory bank is fitted on the train boards' templates only; the **tested** images of val and test boards
+        are scored (defective when they have boxes), their boxes kept (``boxes``, normalised corners, and as
+        rectangles in ``polygons`` for pixel AUROC). Tested images of train boards are not used: moving them to
+        test would put boards whose templates are in the memory bank among the held-out ones."""
+        from defectops.training.images import encode_png, load_image
+        from defectops.training.snapshot import sample_group
+
+        h, w = self.cfg.height, self.cfg.width
+        max_pixels = data.validation.max_image_pixels
+        samples: list[dict[str, Any]] = []
+        unused = 0
+        for i in accepted:
+            s = snap.samples[i]
+            split = s["split"]
+            board = str(s["path"]).removesuffix("_test.jpg")
+            group = sample_group(s) if data.split.group_by == "design" else board
+            template = load_image(snap.file(s["template"]), max_pixels=max_pixels)
+            samples.append({**_write_image(out, f"images/{split}/{i}_template.png", encode_png(_resize(template, h, w)),
+                                           data.good_class, split, s["template"], "template"), "group": group})
+            if split == "train":
+                unused += 1
+            else:
+                tested = load_image(snap.file(s["path"]), max_pixels=max_pixels)
+                th, tw = tested.shape[:2]
+                boxes = [[b[0] / tw, b[1] / th, b[2] / tw, b[3] / th, str(b[4])] for b in s.get("boxes") or ()]
+                entry = _write_image(out, f"images/{split}/{i}_tested.png", encode_png(_resize(tested, h, w)),
+                                     DEFECT if boxes else data.good_class, split, s["path"], "tested")
+                entry.update(group=group, boxes=boxes,
+                             polygons=[[[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]]] for b in boxes])
+                samples.append(entry)
+            progress(1)
+        return self._finish(out, snap, samples, data, {"boards": True, "train_tested_images_unused": unused})
+
+    def _finish(self, out: Path, snap: Snapshot, samples: list[dict[str, Any]], data: DataConfig,
+                extra: dict[str, Any]) -> Prepared:
+        from defectops.training.snapshot import write_snapshot
+
         if not any(x["split"] == "train" and x["label"] == data.good_class for x in samples):
             raise StepError(f"no good ({data.good_class}) image in the train split: the anomaly model is fitted on "
                             "good samples only")
+        h, w = self.cfg.height, self.cfg.width
         crops = write_snapshot(out, samples, (data.good_class, DEFECT),
-                               extra={"board_fingerprint": snap.fingerprint, "fit": {"size": [h, w], "mode": "resize"}})
+                               extra={"board_fingerprint": snap.fingerprint, "fit": {"size": [h, w], "mode": "resize"},
+                                      "boards": bool(extra.get("boards"))})
         per_split = {sp: dict(Counter(x["label"] for x in samples if x["split"] == sp)) for sp in SPLITS}
-        return Prepared(crops, {"images": per_split, "defective_train_moved_to_test": moved,
+        return Prepared(crops, {"images": per_split, **extra,
                                 "masks": sum(1 for x in samples if x.get("polygons"))})
 
     def shortcut_inputs(self, snap: Snapshot, used: Sequence[dict[str, Any]]) -> ShortcutInputs:
@@ -153,7 +205,8 @@ class AnomalyTask(Task):
         client, rid = mlflow_run(ctx, registry)
         reg.log_params(client, rid, {"task": "anomaly", "model": c.model, "layers": ",".join(net.spec.layers),
                                      "input": f"{c.height}x{c.width}", "coreset_ratio": c.coreset_ratio,
-                                     "max_bank": c.max_bank, "num_neighbors": c.num_neighbors, "seed": seed,
+                                     "max_bank": c.max_bank, "max_patches": c.max_patches,
+                                     "num_neighbors": c.num_neighbors, "seed": seed,
                                      "train_samples": len(good),
                                      "pretrained_sha256": net.weights_info.get("weights_sha256", "none"),
                                      "dataset_fingerprint": load_snapshot(ctx.path(RUN.snapshot)).fingerprint})
@@ -165,7 +218,7 @@ class AnomalyTask(Task):
             return progress["coreset"]
 
         stats = net.fit(self._batches(good), coreset_ratio=c.coreset_ratio, max_bank=c.max_bank, seed=seed,
-                        on_batch=advance, coreset_progress=coreset_progress)
+                        max_patches=c.max_patches, on_batch=advance, coreset_progress=coreset_progress)
         save_anomaly_model(net, ctx.path(RUN.model), name=c.model, input_hw=(c.height, c.width),
                            classes=crops.classes, extra={"good_class": data.good_class, "fit": stats.__dict__})
         reg.log_params(client, rid, {"bank_size": stats.bank_size, "patches": stats.patches})
@@ -305,6 +358,9 @@ class AnomalyTask(Task):
         anomaly = {"threshold": judged["threshold"]["value"], "normalization": judged["normalization"],
                    "model": state["model_name"], "layers": state["layers"],
                    "backbone_sha256": (state.get("weights_info") or {}).get("weights_sha256")}
+        boxes = judged.get("boxes") or {}
+        if "map_threshold" in boxes:  # board pairs: what turns a map into boxes
+            anomaly["boxes"] = {"map_threshold": boxes["map_threshold"]["value"], "min_area": boxes["min_area"]}
         meta = model_metadata(list(state["classes"]), data.good_class, int(h), self.model_task, fit_mode="resize",
                               extra={"run_id": ctx.run_id, "dataset_fingerprint": fingerprint,
                                      "input_hw": json.dumps([h, w]), "anomaly": json.dumps(anomaly)})
@@ -332,7 +388,8 @@ def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val:
 
     good = crops.classes.index(good_class)
     threshold = float(judged.doc["threshold"]["value"])
-    tiles = heatmap_tiles(test.images, test.maps, test.labels != good, test.scores, threshold, crops.classes)
+    tiles = heatmap_tiles(test.images, test.maps, test.labels != good, test.scores, threshold, crops.classes,
+                          boxes=_tile_boxes(crops, test, judged.doc.get("boxes") or {}))
     write_miss_tiles(ctx.path(RUN.misses), tiles)
     scored = judged.scored
     fit = (state.get("extra") or {}).get("fit") or {}
@@ -348,3 +405,33 @@ def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val:
                   misses=tiles, sections=[("Anomaly scores, threshold and AUROC", section)],
                   intervals=scored.intervals, split_note=split_note(len(test.labels), scored.intervals),
                   shortcut=read_shortcut(ctx.path(RUN.shortcut)))
+
+
+def _tile_boxes(crops: Snapshot, test: Scores, boxes: dict[str, Any]) -> list[tuple[list[Any], list[Any]]] | None:
+    """Board pairs: per test image, its annotated boxes and the boxes from its map (map pixels = image pixels)."""
+    from defectops.evaluation.anomaly_boxes import map_detections
+
+    if "map_threshold" not in boxes:
+        return None
+    t, area = float(boxes["map_threshold"]["value"]), int(boxes["min_area"])
+    return [(truth or [], [d.box for d in map_detections(m, t, min_area=area)])
+            for truth, m in zip(box_truths(crops, test), test.maps, strict=True)]
+
+
+def is_board_snapshot(snap: Snapshot) -> bool:
+    """Board pairs (a template beside each tested image: DeepPCB format, the synthetic generator)."""
+    return any("template" in x for x in snap.samples)
+
+
+def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The whole image resized as :func:`training.images.resized_image` does (area filter)."""
+    import cv2
+
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _write_image(out: Path, rel: str, png: bytes, label: str, split: str, source: str, origin: str) -> dict[str, Any]:
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    (out / rel).write_bytes(png)
+    return {"path": rel, "sha256": hashlib.sha256(png).hexdigest(), "label": label, "split": split, "source": source,
+            "origin": origin}

@@ -107,7 +107,52 @@ def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_c
            "test": {"image_auroc": auroc_interval(test_bad, test.scores, confidence=gates.confidence).to_dict(),
                     "pixel_auroc": pixel_auroc(masks, test.maps) if masks is not None else None,
                     "n_good": int((~test_bad).sum()), "n_defect": int(test_bad.sum())}}
+    if board_crops(crops):
+        doc["boxes"] = judge_boxes(crops, val, test, cfg, good_class, gates.confidence)
     return Judged(scored, logits, doc)
+
+
+def board_crops(crops: Snapshot) -> bool:
+    """Images prepared from board pairs (templates and tested images with boxes)."""
+    return any(s.get("origin") == "tested" for s in crops.samples)
+
+
+def box_truths(crops: Snapshot, sc: Scores) -> list[list[tuple[float, float, float, float]] | None]:
+    """Per image of ``sc``: its annotated boxes in map pixels (tested images), or None (templates, plain images)."""
+    by_path = {s["path"]: s for s in crops.samples}
+    h, w = (int(v) for v in sc.maps.shape[-2:])
+    out: list[list[tuple[float, float, float, float]] | None] = []
+    for p in sc.paths:
+        s = by_path[p]
+        out.append([(b[0] * w, b[1] * h, b[2] * w, b[3] * h) for b in s.get("boxes") or ()]
+                   if s.get("origin") == "tested" else None)
+    return out
+
+
+def judge_boxes(crops: Snapshot, val: Scores, test: Scores, cfg: AnomalyConfig, good_class: str,
+                confidence: float) -> dict[str, Any]:
+    """Board pairs: boxes from the anomaly maps, type-agnostic, scored by the DeepPCB rule. The map threshold is
+    chosen on val's tested images (:func:`evaluation.anomaly_boxes.choose_map_threshold`), then test is scored at it;
+    boxes drawn on good images (templates, defect-free tested boards) are counted as box-level false calls."""
+    from defectops.evaluation.anomaly_boxes import choose_map_threshold, score_map_boxes
+
+    def parts(sc: Scores) -> tuple[list[np.ndarray], list[list[tuple[float, float, float, float]]], list[np.ndarray]]:
+        truths = box_truths(crops, sc)
+        bad = [k for k, t in enumerate(truths) if t]
+        good = [k for k, p in enumerate(sc.labels) if crops.classes[int(p)] == good_class]
+        return [sc.maps[k] for k in bad], [truths[k] or [] for k in bad], [sc.maps[k] for k in good]
+
+    vm, vg, vgood = parts(val)
+    try:
+        thr = choose_map_threshold(vm, vg, min_area=cfg.box_min_area)
+    except ValueError as e:
+        return {"note": f"{e}; box figures need annotated defects among the val boards"}
+    tm, tg, tgood = parts(test)
+    return {"map_threshold": thr.to_dict(), "min_area": cfg.box_min_area,
+            "val": score_map_boxes(vm, vg, thr.value, min_area=cfg.box_min_area, good_maps=vgood,
+                                   confidence=confidence).to_dict(),
+            "test": score_map_boxes(tm, tg, thr.value, min_area=cfg.box_min_area, good_maps=tgood,
+                                    confidence=confidence).to_dict()}
 
 
 def masks_for(crops: Snapshot, paths: Sequence[str], hw: tuple[int, ...]) -> np.ndarray | None:

@@ -52,8 +52,15 @@ def verify_anomaly_export(cfg: AnomalyConfig, ctx: StepContext, data: DataConfig
         scores, maps = session.run(list(OUTPUTS), {"images": to_tensor(images).numpy()})
         return np.asarray(scores).reshape(-1), np.asarray(maps)
 
-    val = score_split(crops, "val", onnx_scorer, cfg)
-    test = score_split(crops, "test", onnx_scorer, cfg)
+    try:
+        val = score_split(crops, "val", onnx_scorer, cfg)
+        test = score_split(crops, "test", onnx_scorer, cfg)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; an export that cannot score is refused
+        problem = (f"the ONNX model fails on batches of up to {cfg.batch_size} val/test images "
+                   f"({type(e).__name__}: {str(e).strip()[:200]})")
+        write_json(ctx.path(RUN.parity), {"error": problem})
+        record_export_verdict(ctx, registry, {T.EXPORT_VERIFIED: "false"}, [problem], "exported anomaly model")
+        raise AssertionError("unreachable: record_export_verdict raises on problems") from None
     pred = np.load(ctx.path(RUN.predictions))
     judged_doc = read_json(ctx.path(RUN.anomaly))
     threshold = float(judged_doc["threshold"]["value"])

@@ -202,6 +202,43 @@ def confusion_table(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"classes": classes, "rows": rows}
 
 
+def _ci(d: dict[str, Any] | None) -> tuple[str, str]:
+    """An interval record (``Interval.to_dict``) as (point, "[low, high]")."""
+    if not d or d.get("point") is None:
+        return "n/a", ""
+    return f"{d['point']:.3f}", f"[{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def anomaly_view(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An anomaly model's judgement for the candidate page (``metrics.json``'s ``anomaly`` record): image and pixel
+    AUROC of val and test, the threshold and how it was chosen, the score normalisation and, on board pairs, the
+    boxes from maps. None for a classifier."""
+    doc = (metrics or {}).get("anomaly")
+    if not doc:
+        return None
+    thr, norm = doc["threshold"], doc["normalization"]
+    rows = []
+    for split in ("val", "test"):
+        d = doc.get(split) or {}
+        point, bounds = _ci(d.get("image_auroc"))
+        pixel = d.get("pixel_auroc")
+        rows.append({"split": split, "auroc": point, "interval": bounds, "n_good": d.get("n_good"),
+                     "n_defect": d.get("n_defect"), "pixel": "n/a" if pixel is None else f"{pixel:.4f}"})
+    boxes = doc.get("boxes") or {}
+    box_rows = []
+    if "map_threshold" in boxes:
+        for split in ("val", "test"):
+            b = boxes[split]
+            box_rows.append({"split": split, "recall": _ci(b["recall"]), "precision": _ci(b["precision"]),
+                             "fscore": f"{b['deeppcb']['fscore']:.3f}", "map": f"{b['deeppcb']['map']:.3f}",
+                             "defects": b["n_gt"], "boards": b["n_images"]})
+    return {"threshold": f"{thr['value']:.5g}", "rule": thr["rule"], "target": thr["target"],
+            "val_false_call_rate": thr.get("val_false_call_rate"), "note": thr.get("note") or "",
+            "normalization": norm["version"], "scale": f"{norm['scale']:.4g}", "rows": rows, "boxes": box_rows,
+            "map_threshold": f"{boxes['map_threshold']['value']:.5g}" if box_rows else None,
+            "box_note": boxes.get("note")}
+
+
 def candidate_view(client: MlflowClient, model: str, version: str, cfg: RegistryConfig) -> dict[str, Any]:
     """Everything the candidate page shows, with the champion's numbers beside the candidate's."""
     aliases = _aliases(client, model)
@@ -226,7 +263,7 @@ def candidate_view(client: MlflowClient, model: str, version: str, cfg: Registry
         "registered_by": tags.get(T.REGISTERED_BY), "gates_passed": tags.get(T.GATES_PASSED) == "true",
         "gates": (cand["gates"] or {}).get("results", []), "gates_all_passed": (cand["gates"] or {}).get("passed"),
         "summary": _summary_rows(cm, champ_metrics) if cm else [],
-        "interval_note": interval_note(cm),
+        "interval_note": interval_note(cm), "anomaly": anomaly_view(cm),
         "classes": _class_rows(cm, champ_metrics) if cm else [],
         "confusion": confusion_table(cm) if cm else None,
         "champ_confusion": confusion_table(champ_metrics) if champ_metrics else None,

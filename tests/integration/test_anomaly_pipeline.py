@@ -221,10 +221,121 @@ def test_the_champion_is_scored_on_the_same_test_images(anomaly_run: AnomalyRun,
     c.delete_registered_model_alias(s["registered_model"], "champion")
 
 
-def test_board_pairs_are_refused_with_the_fix(tmp_path: Path) -> None:
-    cfg = load_config(["task=anomaly", "+experiment=tiny"])
-    with pytest.raises(Exception, match="board pairs .* not available yet"):
-        run_pipeline(cfg, home=tmp_path)
+BOARDS = ["+experiment=anomaly_boards", "data.synth.n_boards=24", "data.synth.size=256", "anomaly.height=128",
+          "anomaly.width=128", "anomaly.max_bank=2000", "gates.min_macro_recall=0", "gates.min_class_recall=0",
+          "gates.max_escape_rate=1", "gates.max_false_call_rate=1"]
+
+
+@pytest.fixture(scope="module")
+def board_run(tmp_path_factory: pytest.TempPathFactory) -> AnomalyRun:
+    """Synthetic board pairs: the memory bank from the train boards' templates, boxes from maps on val and test."""
+    home = tmp_path_factory.mktemp("anomaly-boards-home")
+    cfg = load_config(BOARDS)
+    ctx, outcomes = run_pipeline(cfg, home=home)
+    assert [o.name for o in outcomes] == list(STEP_NAMES)
+    return AnomalyRun(home, ctx.root, cfg, ctx)
+
+
+def test_board_pairs_fit_on_templates_and_score_the_tested_images(board_run: AnomalyRun) -> None:
+    from defectops.training.snapshot import load_snapshot
+
+    crops = load_snapshot(board_run.root / RUN.crops)
+    boards = load_snapshot(board_run.root / RUN.snapshot)
+    train = [s for s in crops.samples if s["split"] == "train"]
+    assert train and all(s["origin"] == "template" and s["label"] == "good" for s in train)
+    validated = json.loads((board_run.root / RUN.marker("validate_data")).read_text())["result"]["prepared"]
+    assert validated["train_tested_images_unused"] == len(train)  # one template per train board, no tested image
+    tested = [s for s in crops.samples if s["origin"] == "tested"]
+    assert tested and {s["split"] for s in tested} == {"val", "test"}
+    by_source = {b["path"]: b for b in boards.samples}
+    for s in tested:  # boxes kept, normalised to the board's 256 pixels
+        assert s["boxes"] == [[b[0] / 256, b[1] / 256, b[2] / 256, b[3] / 256, b[4]]
+                              for b in by_source[s["source"]]["boxes"]]
+        assert s["label"] == ("defect" if s["boxes"] else "good")
+    train_sources = {s["source"] for s in train}
+    assert not train_sources & {by_source[s["source"]]["template"] for s in tested}  # held-out boards only
+
+
+def test_boxes_from_maps_are_scored_by_the_deeppcb_rule(board_run: AnomalyRun) -> None:
+    from defectops.training.snapshot import load_snapshot
+
+    doc = json.loads((board_run.root / RUN.anomaly).read_text())
+    boxes = doc["boxes"]
+    assert boxes["min_area"] == board_run.cfg.anomaly.box_min_area and boxes["map_threshold"]["candidates"] > 1
+    crops = load_snapshot(board_run.root / RUN.crops)
+    for split in ("val", "test"):
+        b = boxes[split]
+        truth = [s for s in crops.samples if s["split"] == split and s["origin"] == "tested" and s["boxes"]]
+        assert b["n_images"] == len(truth) and b["n_gt"] == sum(len(s["boxes"]) for s in truth)
+        assert b["found"] <= b["n_gt"] and b["covered"] <= b["n_boxes"]
+        assert b["recall"]["point"] == pytest.approx(b["found"] / b["n_gt"])
+        assert b["recall"]["low"] <= b["recall"]["point"] <= b["recall"]["high"]
+        assert b["deeppcb"]["n_gt"] == b["n_gt"] and b["deeppcb"]["n_det"] == b["n_boxes"]
+        assert b["good_images"] == sum(1 for s in crops.samples if s["split"] == split and s["label"] == "good")
+    assert doc["test"]["pixel_auroc"] is not None  # the boxes are the masks
+    report = (board_run.root / RUN.report).read_text()
+    assert "Boxes from anomaly maps" in report and "DeepPCB F (agnostic)" in report
+    meta = {p.key: p.value for p in onnx.load(str(board_run.root / RUN.onnx), load_external_data=False).metadata_props}
+    assert json.loads(meta["defectops.anomaly"])["boxes"] == {"map_threshold": boxes["map_threshold"]["value"],
+                                                              "min_area": boxes["min_area"]}
+    s = json.loads((board_run.root / RUN.summary).read_text())
+    assert s["aliases"] == ["challenger"]
+
+
+def test_predict_images_returns_boxes_in_the_image_pixels(board_run: AnomalyRun, tmp_path: Path) -> None:
+    """A tested board through `predict images`: the boxes of its map at the model's map threshold, in the board's
+    own pixels (256, the model sees 128)."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from defectops.evaluation.anomaly_boxes import map_detections
+    from defectops.pipelines.cli import app
+    from defectops.serving.onnx_export import onnx_session
+    from defectops.training.images import resized_image
+    from defectops.training.snapshot import load_snapshot
+
+    boards = load_snapshot(board_run.root / RUN.snapshot)
+    tested = [boards.file(s["path"]) for s in boards.samples if s["split"] == "test"][:3]
+    out = tmp_path / "boxes.csv"
+    r = CliRunner().invoke(app, ["predict", "images", "--model", str(board_run.root), "--out", str(out),
+                                 *[a for f in tested for a in ("--input", str(f))]])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    rule = json.loads((board_run.root / RUN.anomaly).read_text())["boxes"]
+    session = onnx_session(board_run.root / RUN.onnx)
+    for row, f in zip(rows, tested, strict=True):
+        x = resized_image(f, 128, 128)[None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        amap = session.run(["anomaly_map"], {"images": x})[0][0, 0]
+        expected = map_detections(amap, rule["map_threshold"]["value"], min_area=rule["min_area"])
+        got = json.loads(row["boxes"])
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            assert g[:4] == pytest.approx([2 * e.x1, 2 * e.y1, 2 * e.x2, 2 * e.y2], abs=0.1)
+            assert all(0 <= v <= 256 for v in g[:4]) and 0 < g[4] <= 1
+
+
+def test_review_page_shows_the_anomaly_evidence(board_run: AnomalyRun, tmp_path: Path) -> None:
+    """The candidate page of an anomaly version on a real `defectops review` server: AUROC with intervals, the
+    threshold and its rule, the normalisation, the boxes table, and the heat-map tiles."""
+    from review_support import Client, start_review_server
+
+    s = json.loads((board_run.root / RUN.summary).read_text())
+    doc = json.loads((board_run.root / RUN.anomaly).read_text())
+    registry = {"home": board_run.home, "uri": s["tracking_uri"]}
+    with start_review_server(registry, tmp_path) as server:
+        c = Client(server.url)
+        assert c.login("eng").status == 303
+        page = c.get(f"/models/{s['registered_model']}/versions/{s['version']}")
+    assert page.status == 200
+    body = page.body
+    assert 'data-testid="anomaly-auroc"' in body and 'data-testid="anomaly-boxes"' in body
+    assert f"{doc['test']['image_auroc']['point']:.3f}" in body
+    assert f"Threshold <strong>{doc['threshold']['value']:.5g}</strong>" in body
+    assert "anomaly-score-v1" in body and "Grad-CAM" not in body
+    tiles = json.loads((board_run.root / RUN.misses / "index.json").read_text())
+    assert body.count('class="tile"') == len(tiles) > 0
+    assert "green: annotated defects, red: boxes from the map" in body
 
 
 def test_an_export_whose_scores_drift_is_refused(anomaly_run: AnomalyRun, tmp_path: Path) -> None:

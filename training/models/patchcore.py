@@ -29,7 +29,8 @@ from torch import nn
 from defectops.training.coreset import coreset_size, greedy_coreset
 from defectops.training.models.pretrained import load_backbone_weights
 
-__all__ = ["ANOMALY_MODELS", "FORMAT", "AnomalySpec", "FitStats", "PatchCore", "PatchCoreExport",
+__all__ = ["ANOMALY_MODELS", "FORMAT", "AnomalySpec", "ExportablePatchcoreModel", "FitStats", "PatchCore",
+           "PatchCoreExport",
            "create_anomaly_model", "load_anomaly_model", "save_anomaly_model"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,13 +57,41 @@ ANOMALY_MODELS: dict[str, AnomalySpec] = {
 
 @dataclass(frozen=True)
 class FitStats:
-    """What fitting the memory bank did: patches seen, bank size, embedding width and the feature-map size."""
+    """What fitting the memory bank did: patches seen, bank size, embedding width, the feature-map size and how many
+    patches the coreset was chosen from."""
 
     images: int
     patches: int
     bank_size: int
     embedding_dim: int
     feature_hw: tuple[int, int]
+    sampled: int = 0  # patches the coreset was chosen from (all of them unless over ``max_patches``)
+
+
+with warnings.catch_warnings():  # anomalib's package import warns about optional xformers: not used here
+    warnings.simplefilter("ignore")
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+
+class ExportablePatchcoreModel(PatchcoreModel):  # type: ignore[misc]
+    """anomalib's model with a nearest-neighbour search that traces to a batch-independent ONNX graph.
+
+    anomalib searches in chunks of 1,024 patches when a batch has more (a Python branch and loop): traced for ONNX,
+    the branch and the number of chunks of the dummy batch become constants, and the exported model then fails or
+    mis-scores every other batch size (here: 2 x 32 x 32 patches traced, a batch of 3 refused by a Reshape). Under
+    export the search is one distance matrix for the whole batch (memory: patches x bank size floats per image);
+    eager PyTorch keeps anomalib's chunks."""
+
+    def nearest_neighbors(self, embedding: torch.Tensor, n_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.onnx.is_in_onnx_export():
+            out: tuple[torch.Tensor, torch.Tensor] = super().nearest_neighbors(embedding, n_neighbors)
+            return out
+        distances = self.euclidean_dist(embedding, self.memory_bank)
+        if n_neighbors == 1:
+            scores, locations = distances.min(1)
+            return scores, locations
+        scores, locations = distances.topk(k=n_neighbors, largest=False, dim=1)
+        return scores, locations
 
 
 class PatchCore(nn.Module):
@@ -72,12 +101,8 @@ class PatchCore(nn.Module):
 
     def __init__(self, spec: AnomalySpec, *, num_neighbors: int = 9) -> None:
         super().__init__()
-        with warnings.catch_warnings():  # anomalib's package import warns about optional xformers: not used here
-            warnings.simplefilter("ignore")
-            from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-
         self.spec = spec
-        self.model = PatchcoreModel(layers=list(spec.layers), backbone=spec.timm_name, pre_trained=False,
+        self.model = ExportablePatchcoreModel(layers=list(spec.layers), backbone=spec.timm_name, pre_trained=False,
                                     num_neighbors=num_neighbors)
         self.weights_info: dict[str, str] = {}
         self.mean: torch.Tensor
@@ -117,11 +142,12 @@ class PatchCore(nn.Module):
         return m.reshape_embedding(emb), (h, w)
 
     def fit(self, batches: Iterable[torch.Tensor], *, coreset_ratio: float, max_bank: int | None, seed: int = 0,
-            on_batch: Callable[[int], None] | None = None,
+            max_patches: int | None = None, on_batch: Callable[[int], None] | None = None,
             coreset_progress: Callable[[int, int], Callable[[int], None]] | None = None) -> FitStats:
         """Build the memory bank from good images only: embed every batch, then keep a greedy coreset of
-        ``coreset_ratio`` of the patches, at most ``max_bank``. ``coreset_progress(total, patches)`` returns the
-        advance callback of the selection."""
+        ``coreset_ratio`` of the patches, at most ``max_bank``. With more than ``max_patches`` patches, the coreset is
+        chosen from a seeded uniform sample of that many (the greedy selection costs patches x bank size).
+        ``coreset_progress(total, patches)`` returns the advance callback of the selection."""
         parts: list[torch.Tensor] = []
         images = 0
         hw = (0, 0)
@@ -135,11 +161,15 @@ class PatchCore(nn.Module):
             raise ValueError("no good images to fit the memory bank on")
         embeddings = torch.cat(parts)
         del parts
+        patches = len(embeddings)
+        if max_patches and patches > max_patches:
+            keep = torch.randperm(patches, generator=torch.Generator().manual_seed(seed))[:max_patches]
+            embeddings = embeddings[keep.sort().values]
         k = coreset_size(len(embeddings), coreset_ratio, max_bank)
         advance = coreset_progress(k, len(embeddings)) if coreset_progress is not None else None
         chosen = greedy_coreset(embeddings, k, seed=seed, progress=advance)
         self.model.memory_bank = embeddings[chosen].contiguous()
-        return FitStats(images, len(embeddings), k, int(embeddings.shape[1]), hw)
+        return FitStats(images, patches, k, int(embeddings.shape[1]), hw, len(embeddings))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.model.memory_bank.numel() == 0:

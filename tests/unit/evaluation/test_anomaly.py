@@ -9,7 +9,6 @@ from sklearn.metrics import roc_auc_score
 from defectops.evaluation.anomaly import (
     NORMALIZATION_VERSION,
     ScoreNormalization,
-    anomaly_boxes,
     anomaly_probabilities,
     auroc,
     auroc_interval,
@@ -145,13 +144,3 @@ def test_anomaly_section_names_the_rule_and_embeds_the_plots() -> None:
     html = anomaly_section((y, s), (y, s), doc)
     assert "chosen on val for escape_rate &lt;= 0.1" in html and html.count("data:image/png;base64,") == 3
     assert "<td>n/a</td>" in html  # no masks: no pixel AUROC
-
-
-def test_boxes_from_an_anomaly_map() -> None:
-    amap = np.zeros((20, 30))
-    amap[2:5, 3:9] = 2.0  # a 3 x 6 region
-    amap[10:18, 20:22] = 5.0
-    amap[15, 5] = 9.0  # one pixel: under min_area
-    boxes = anomaly_boxes(amap, 1.0, min_area=4, scale=(2.0, 2.0))
-    assert boxes == [(40.0, 20.0, 44.0, 36.0, 5.0), (6.0, 4.0, 18.0, 10.0, 2.0)]
-    assert anomaly_boxes(amap, 10.0) == []

@@ -34,13 +34,23 @@ def test_every_task_kind_has_one_implementation() -> None:
         create_task("anomly")
 
 
-@pytest.mark.parametrize("kind", list(TaskKind))
+@pytest.mark.parametrize("kind", [k for k in TaskKind if k is not TaskKind.anomaly])
 def test_task_refuses_data_it_cannot_train_on(kind: TaskKind) -> None:
     task = create_task(kind)
     fits, other = (BOARD, IMAGE) if kind is TaskKind.verify else (IMAGE, BOARD)
     task.check_snapshot(_snapshot(fits))
     with pytest.raises(StepError, match=f"task={kind.value} .* pass task="):
         task.check_snapshot(_snapshot(other))
+
+
+def test_the_anomaly_task_takes_images_and_board_pairs() -> None:
+    from defectops.training.config import AnomalyConfig
+
+    task = create_task(TaskKind.anomaly)
+    task.check_snapshot(_snapshot(IMAGE))
+    task.check_snapshot(_snapshot(BOARD))  # templates are its good images
+    with pytest.raises(StepError, match="anomaly.height=16, anomaly.width=256: use 32 to 2048 pixels"):
+        create_task(TaskKind.anomaly, anomaly=AnomalyConfig(height=16)).check_snapshot(_snapshot(IMAGE))
 
 
 def _choice_fields(cls: type, prefix: str = "") -> list[tuple[str, type[enum.Enum]]]:

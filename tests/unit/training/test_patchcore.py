@@ -95,3 +95,25 @@ def test_onnx_export_scores_like_the_checkpoint(fitted: PatchCore, tmp_path: Pat
     assert scores.shape == (5,) and maps.shape == (5, 1, *SIZE)
     assert np.allclose(scores, ref_scores.numpy(), rtol=1e-4, atol=1e-3)
     assert np.allclose(maps, ref_maps.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_onnx_export_of_a_batch_over_anomalib_search_chunk_scores_every_batch_size(
+        fitted: PatchCore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """anomalib searches in chunks when a batch has more patches than its chunk size; traced, that loop froze the
+    dummy batch's shape into the graph (a batch of 3 failed). With the chunk smaller than the traced batch's patches,
+    the export must still score batches of 1, 3 and 7 like the checkpoint."""
+    import anomalib.models.image.patchcore.torch_model as anomalib_model
+
+    from defectops.serving.onnx_export import export_onnx, onnx_session
+
+    _, (h, w) = fitted.embed(_images(1, 0))
+    monkeypatch.setattr(anomalib_model, "DEFAULT_CHUNK_SIZE", h * w)  # the traced batch of 2: exactly two chunks
+    path = export_onnx(fitted, tmp_path / "chunked.onnx", input_shape=(3, *SIZE),
+                       output_names=("scores", "anomaly_map"))
+    session = onnx_session(path)
+    for n in (1, 3, 7):
+        x = _images(n, 50 + n)
+        scores, maps = session.run(None, {"images": x.numpy()})
+        ref_scores, ref_maps = fitted(x)  # eager: anomalib's chunked search
+        assert np.allclose(scores, ref_scores.numpy(), rtol=1e-4, atol=1e-3)
+        assert np.allclose(maps, ref_maps.numpy(), rtol=1e-4, atol=1e-3)
