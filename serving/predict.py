@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,6 +123,19 @@ def predict_images(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *
     return len(paths), len(paths) / max(seconds, 1e-9)
 
 
+def map_boxes_json(amap: np.ndarray, path: Path, rule: dict[str, Any]) -> str:
+    """The boxes of one anomaly map (``H x W``, the model's input) at a board model's map threshold (``rule``: its
+    metadata's ``boxes``), as JSON ``[[x1, y1, x2, y2, confidence], ...]`` in the pixels of the image at ``path``."""
+    from defectops.evaluation.anomaly_boxes import map_detections
+    from defectops.training.images import image_size
+
+    iw, ih = image_size(path)
+    h, w = amap.shape[-2:]
+    dets = map_detections(amap, float(rule["map_threshold"]), min_area=int(rule["min_area"]), scale=(iw / w, ih / h))
+    return json.dumps([[round(d.x1, 1), round(d.y1, 1), round(d.x2, 1), round(d.y2, 1), round(d.confidence, 4)]
+                       for d in dets])
+
+
 def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, *, maps_dir: Path | None = None,
                     batch_size: int = 16, threads: int = 2,
                     progress: Callable[[int], None] | None = None) -> tuple[int, float]:
@@ -135,10 +149,9 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
     image, one colour scale: 0 to twice the threshold). Returns (rows, images/s).
     """
     from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
-    from defectops.evaluation.anomaly_boxes import map_detections
     from defectops.evaluation.gradcam import overlay
     from defectops.serving.onnx_export import ANOMALY_OUTPUTS
-    from defectops.training.images import encode_png, image_size, resized_image
+    from defectops.training.images import encode_png, resized_image
 
     if model.task != "anomaly" or model.input_hw is None or not model.anomaly:
         raise ValueError(f"{model.source} is not an anomaly model (task {model.task}): use predict_images")
@@ -165,11 +178,7 @@ def predict_anomaly(model: ResolvedModel, paths: Sequence[Path], out_csv: Path, 
             row = [str(p), bad if s >= threshold else good, f"{s:.6f}", f"{norm.normalise(np.array([s]))[0]:.6f}",
                    f"{probs[k, 1]:.6f}"]
             if box_rule:
-                iw, ih = image_size(p)
-                dets = map_detections(maps[k, 0], float(box_rule["map_threshold"]),
-                                      min_area=int(box_rule["min_area"]), scale=(iw / w, ih / h))
-                row.append(json.dumps([[round(d.x1, 1), round(d.y1, 1), round(d.x2, 1), round(d.y2, 1),
-                                        round(d.confidence, 4)] for d in dets]))
+                row.append(map_boxes_json(maps[k, 0], p, box_rule))
             writer.writerow(row)
             if maps_dir is not None:
                 stem = f"{i + k:06d}-{p.stem}"

@@ -118,7 +118,7 @@ def infer(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.", min=0.1)] = 30.0,
 ) -> None:
     """Classify images with a model served by Triton, preprocessed exactly as the model expects; or score them with
-    an anomaly model (decision at its threshold, raw and normalised score).
+    an anomaly model (decision at its threshold, raw and normalised score; a board model adds its boxes to --out).
 
     Prints path, class and confidence (anomaly models: path, decision, score, normalised); exit 2 on usage errors (bad
     arguments, unknown model), 1 on failures (server unreachable, model not ready, unreadable image).
@@ -171,7 +171,8 @@ def infer(
 
 def _infer_anomaly(client: Any, paths: list[Path], batch_size: int, url: str, protocol: str,
                    out: Path | None) -> None:
-    """``defectops infer`` for an anomaly model: decision, raw and normalised score (CSV as ``predict images``)."""
+    """``defectops infer`` for an anomaly model: decision, raw and normalised score, and a board model's boxes from
+    its maps (CSV as ``predict images``)."""
     import csv
     import io
 
@@ -179,9 +180,13 @@ def _infer_anomaly(client: Any, paths: list[Path], batch_size: int, url: str, pr
 
     from defectops.core.fsutil import write_text
     from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
+    from defectops.serving.predict import map_boxes_json
 
-    scores = np.concatenate([client.score_files(paths[i:i + batch_size]).scores
-                             for i in range(0, len(paths), batch_size)]) if paths else np.zeros(0)
+    rule = client.anomaly.get("boxes") or {}
+    parts = [client.score_files(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    scores = np.concatenate([r.scores for r in parts]) if parts else np.zeros(0)
+    boxes = [map_boxes_json(m[0], p, rule) for r, chunk in zip(parts, _chunks(paths, batch_size), strict=True)
+             for m, p in zip(r.maps, chunk, strict=True)] if rule else []
     threshold = float(client.anomaly["threshold"])
     norm = ScoreNormalization.from_dict(client.anomaly["normalization"])
     normalised = norm.normalise(scores)
@@ -198,11 +203,15 @@ def _infer_anomaly(client: Any, paths: list[Path], batch_size: int, url: str, pr
     if out is not None:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "decision", "score", "normalised", "p_defect"])
-        for path, d, s, z, p in zip(paths, decisions, scores, normalised, p_defect, strict=True):
-            w.writerow([str(path), d, f"{s:.6f}", f"{z:.6f}", f"{p:.6f}"])
+        w.writerow(["path", "decision", "score", "normalised", "p_defect", *(["boxes"] if rule else [])])
+        for i, (path, d, s, z, p) in enumerate(zip(paths, decisions, scores, normalised, p_defect, strict=True)):
+            w.writerow([str(path), d, f"{s:.6f}", f"{z:.6f}", f"{p:.6f}", *([boxes[i]] if rule else [])])
         write_text(out, buf.getvalue())
         console.print(f"{len(paths)} images; results in {escape(str(out))}")
+
+
+def _chunks(paths: list[Path], n: int) -> list[list[Path]]:
+    return [paths[i:i + n] for i in range(0, len(paths), n)]
 
 
 def register(app: typer.Typer) -> None:

@@ -315,6 +315,35 @@ def test_predict_images_returns_boxes_in_the_image_pixels(board_run: AnomalyRun,
             assert all(0 <= v <= 256 for v in g[:4]) and 0 < g[4] <= 1
 
 
+def test_infer_through_triton_returns_the_boxes_predict_gives(board_run: AnomalyRun, tmp_path: Path) -> None:
+    """The board model's Triton repository on a real tritonserver: `defectops infer` draws the same boxes from the
+    served maps as `predict images` from the ONNX file (the map threshold comes with the model's parameters)."""
+    import csv
+
+    from triton_backend.server import triton_server
+    from typer.testing import CliRunner
+
+    from defectops.pipelines.cli import app
+    from defectops.training.snapshot import load_snapshot
+
+    boards = load_snapshot(board_run.root / RUN.snapshot)
+    files = [str(boards.file(s["path"])) for s in boards.samples if s["split"] == "test"][:4]
+    local = tmp_path / "local.csv"
+    assert CliRunner().invoke(app, ["predict", "images", "--model", str(board_run.root), "--out", str(local),
+                                    *[a for f in files for a in ("--input", f)]]).exit_code == 0
+    with triton_server(board_run.root / RUN.triton, tmp_path / "server") as server:
+        served = tmp_path / "served.csv"
+        r = CliRunner().invoke(app, ["infer", *files, "--url", server.http_url, "--out", str(served),
+                                     "--batch-size", "3"])
+        assert r.exit_code == 0, r.output
+    a, b = list(csv.DictReader(served.open())), list(csv.DictReader(local.open()))
+    assert [row["decision"] for row in a] == [row["decision"] for row in b]
+    for x, y in zip(a, b, strict=True):
+        bx, by = json.loads(x["boxes"]), json.loads(y["boxes"])
+        assert len(bx) == len(by) and np.allclose(np.asarray(bx).reshape(-1, 5), np.asarray(by).reshape(-1, 5),
+                                                  atol=0.11)
+
+
 def test_review_page_shows_the_anomaly_evidence(board_run: AnomalyRun, tmp_path: Path) -> None:
     """The candidate page of an anomaly version on a real `defectops review` server: AUROC with intervals, the
     threshold and its rule, the normalisation, the boxes table, and the heat-map tiles."""
