@@ -32,4 +32,6 @@ EXPORT_VERIFIED = "defectops.export_verified"
 INT8_PUBLISHED = "defectops.int8_published"
 INT8_MACRO_RECALL_DROP = "defectops.int8_macro_recall_drop"
 INT8_REFUSED = "defectops.int8_refused"
+INT8_MAX_SCORE_REL_DIFF = "defectops.int8_max_score_rel_diff"  # anomaly models: INT8 vs checkpoint scores
+INT8_DECISION_FLIPS = "defectops.int8_decision_flips"  # anomaly models: decisions at the threshold changed
 SERVED_PRECISION = "defectops.served_precision"  # fp32 | int8: which export the Triton repository serves

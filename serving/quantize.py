@@ -65,10 +65,16 @@ class _Reader:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, per_channel: bool = True,
-                  method: str = "minmax", batch_size: int = 32, extra_metadata: dict[str, str] | None = None) -> Path:
+                  method: str = "minmax", batch_size: int = 32, extra_metadata: dict[str, str] | None = None,
+                  op_types: Sequence[str] | None = None, exclude_nodes: Sequence[str] | None = None) -> Path:
     """Write the INT8 (QDQ) version of ``fp32_path`` to ``out_path`` (atomically), calibrated on ``calibration``
     (float32 N x C x H x W in [0, 1], as the FP32 model takes them). The FP32 model's ``metadata_props`` are kept and
-    ``extra_metadata`` added."""
+    ``extra_metadata`` added.
+
+    ``op_types`` (e.g. ``["Conv"]``) quantizes only nodes of those types and ``exclude_nodes`` (node names) leaves
+    those nodes in FP32; both None (the classifiers' export) quantizes every operator onnxruntime can. An anomaly model
+    quantizes its backbone's convolutions only: its nearest-neighbour distances and minimum stay FP32
+    (:meth:`pipelines.tasks.anomaly.AnomalyTask.export`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -85,7 +91,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, p
         raw = Path(work) / "int8.onnx"
         quantize_static(str(pre), str(raw), _Reader(calibration, batch_size), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate)
+                        calibrate_method=calibrate,
+                        op_types_to_quantize=list(op_types) if op_types is not None else None,
+                        nodes_to_exclude=list(exclude_nodes) if exclude_nodes is not None else None)
         proto = onnx.load(str(raw))
         del proto.metadata_props[:]
         for p in fp32.metadata_props:

@@ -12,16 +12,17 @@ same steps, gates, registry and export checks as the classifiers.
   a classifier; image AUROC (bootstrap interval) and pixel AUROC where masks exist; a report with the score
   histogram, the ROC curve and heat maps of the worst misses and the highest-scoring good parts.
 - **export**: ONNX with two outputs, ``scores`` (N x 1) and ``anomaly_map`` (N x 1 x H x W), raw: threshold and
-  normalisation travel in the metadata (``defectops.anomaly``), not in the graph.
+  normalisation travel in the metadata (``defectops.anomaly``), not in the graph; with ``export.int8.enabled`` an
+  INT8 copy whose backbone only is quantized (:mod:`pipelines.tasks.anomaly_int8`).
 - **verify_export**: the ONNX scores on val and test against the checkpoint's (relative difference within
-  ``anomaly.max_score_rel_diff``, no decision flipped) and the same gates on test, else refused with the reason.
+  ``anomaly.max_score_rel_diff``, no decision flipped) and the same gates on test, else refused with the reason; the
+  INT8 copy with its own tolerances, served with ``export.serve=int8`` only where it holds (a refusal does not fail
+  the step).
 
 Board pairs (DeepPCB format, synthetic boards; ``+experiment=anomaly_boards``): the templates are the good images
 (the memory bank is fitted on the train boards' templates only), the tested images of val and test boards are scored,
 and anomaly-map regions become type-agnostic boxes scored by the DeepPCB rule
 (:func:`pipelines.tasks.anomaly_scoring.judge_boxes`); the map threshold travels with the export.
-
-Not yet: INT8 (the export step says so).
 """
 
 from __future__ import annotations
@@ -366,9 +367,12 @@ class AnomalyTask(Task):
                                      "input_hw": json.dumps([h, w]), "anomaly": json.dumps(anomaly)})
         export_onnx(PatchCoreExport(net), ctx.path(RUN.onnx), input_shape=(3, int(h), int(w)), opset=export.opset,
                     metadata=meta, output_names=OUTPUTS)
-        if export.int8.enabled:
-            ctx.reporter.log("export.int8: not built for anomaly models yet; the FP32 model is exported and served")
-        return ExportResult(str(ctx.path(RUN.onnx)), export.opset, ctx.path(RUN.onnx).stat().st_size, None)
+        int8 = None
+        if export.int8.enabled:  # the backbone only: the nearest-neighbour part stays FP32
+            from defectops.pipelines.tasks.anomaly_int8 import export_anomaly_int8
+
+            int8 = export_anomaly_int8(ctx, export, data.good_class)
+        return ExportResult(str(ctx.path(RUN.onnx)), export.opset, ctx.path(RUN.onnx).stat().st_size, int8)
 
     def verify_export(self, ctx: StepContext, data: DataConfig, export: ExportConfig, gates: GateConfig,
                       registry: RegistryConfig, detect: DetectConfig) -> VerifyExportResult:

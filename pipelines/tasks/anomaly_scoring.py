@@ -76,7 +76,6 @@ def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_c
     same test images when given), and record AUROCs."""
     from defectops.evaluation.anomaly import (
         ScoreNormalization,
-        anomaly_probabilities,
         auroc_interval,
         choose_threshold,
         pixel_auroc,
@@ -93,10 +92,7 @@ def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_c
     except ValueError as e:
         raise StepError(f"{e} (anomaly.target_escape_rate / anomaly.false_call_budget)") from None
     norm = ScoreNormalization.fit(thr.value, val.scores[~val_bad])
-    probs = anomaly_probabilities(test.scores, norm)
-    logits = np.log(np.clip(probs, 1e-300, 1.0)).astype(np.float64)
-    if good != 0:
-        logits = logits[:, ::-1]
+    logits = logits_at(test.scores, norm, crops.classes, good_class)
     units = resampling_units(crops, test.paths)
     scored = score_crops(logits, test.labels, crops.classes, good_class, units, gates, champion=champion)
     test_bad = test.labels != good
@@ -110,6 +106,15 @@ def judge(val: Scores, test: Scores, crops: Snapshot, cfg: AnomalyConfig, good_c
     if board_crops(crops):
         doc["boxes"] = judge_boxes(crops, val, test, cfg, good_class, gates.confidence)
     return Judged(scored, logits, doc)
+
+
+def logits_at(scores: np.ndarray, norm: Any, classes: Sequence[str], good_class: str) -> np.ndarray:
+    """Two-class log-probabilities (columns in ``classes`` order) of raw ``scores`` at an operating point ``norm``
+    (:class:`evaluation.anomaly.ScoreNormalization`): what the classifiers' metrics and gates take."""
+    from defectops.evaluation.anomaly import anomaly_probabilities
+
+    logits: np.ndarray = np.log(np.clip(anomaly_probabilities(scores, norm), 1e-300, 1.0)).astype(np.float64)
+    return logits[:, ::-1] if list(classes).index(good_class) != 0 else logits
 
 
 def board_crops(crops: Snapshot) -> bool:

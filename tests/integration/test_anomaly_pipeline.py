@@ -367,6 +367,75 @@ def test_review_page_shows_the_anomaly_evidence(board_run: AnomalyRun, tmp_path:
     assert "green: annotated defects, red: boxes from the map" in body
 
 
+def test_the_int8_backbone_is_verified_and_its_parity_recorded(anomaly_run: AnomalyRun) -> None:
+    """export.int8 (on by default): the backbone is quantized, the nearest-neighbour part stays FP32, and the INT8
+    model is scored like the checkpoint; on the test model it holds (measured max relative score difference 0.06)."""
+    root = anomaly_run.root
+    export = json.loads((root / RUN.marker("export")).read_text())["result"]["int8"]
+    assert export["images"] == "good train" and export["op_types"] == ["Conv", "Clip", "Add"]
+    model = onnx.load(str(root / RUN.onnx_int8))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["defectops.precision"] == "int8" and json.loads(meta["defectops.int8_calibration"])["samples"] > 0
+    fp32 = {p.key: p.value for p in onnx.load(str(root / RUN.onnx), load_external_data=False).metadata_props}
+    assert meta["defectops.anomaly"] == fp32["defectops.anomaly"]  # the operating point travels with it
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.op_type for n in model.graph.node if any(i in dq for i in n.input)}
+    assert "Conv" in quantized and not quantized & {"MatMul", "ReduceMin", "TopK", "Sqrt"}  # k-NN part in FP32
+    report = json.loads((root / RUN.int8_report).read_text())
+    par = report["parity"]
+    assert report["publish"] is True and report["reasons"] == [] and report["gates"]["passed"] is True
+    assert 0 < par["max_rel_diff"] <= anomaly_run.cfg.anomaly.int8_max_score_rel_diff and par["decision_flips"] == 0
+    verified = json.loads((root / RUN.marker("verify_export")).read_text())["result"]
+    assert verified["served"] == "fp32" and verified["int8"]["publish"] is True  # export.serve=fp32 by default
+    assert verified["int8"]["max_rel_diff"] == par["max_rel_diff"]
+    s = json.loads((root / RUN.summary).read_text())
+    mv = client(s["tracking_uri"]).get_model_version(s["registered_model"], s["version"])
+    assert mv.tags["defectops.int8_published"] == "true" and mv.tags["defectops.int8_refused"] == "none"
+    assert float(mv.tags["defectops.int8_max_score_rel_diff"]) == pytest.approx(par["max_rel_diff"], rel=1e-3)
+    assert mv.tags["defectops.int8_decision_flips"] == "0"
+
+
+def test_int8_is_served_where_it_holds_and_refused_without_failing_the_step(anomaly_run: AnomalyRun,
+                                                                              tmp_path: Path) -> None:
+    """export.serve=int8 on a copy of the run: the Triton repository gets the INT8 file; with an absurdly tight
+    anomaly.int8_max_score_rel_diff the INT8 model is refused with the reason, FP32 is served, the step succeeds and
+    the challenger is kept."""
+    from dataclasses import replace
+
+    from defectops.serving.config import Serve
+
+    root = tmp_path / "run"
+    shutil.copytree(anomaly_run.root, root)
+    ctx = StepContext(anomaly_run.ctx.run_id, root, anomaly_run.home, anomaly_run.ctx.config_hash)
+    cfg = anomaly_run.cfg
+    export = replace(cfg.export, serve=Serve.int8)
+    s = json.loads((anomaly_run.root / RUN.summary).read_text())
+    c = client(s["tracking_uri"])
+
+    aliases = set(c.get_model_version(s["registered_model"], s["version"]).aliases)  # other tests may move them
+
+    def served_file() -> bytes:
+        return next((root / RUN.triton).glob(f"*/{s['version']}/model.onnx")).read_bytes()
+
+    held = create_task(TaskKind.anomaly, anomaly=cfg.anomaly).verify_export(ctx, cfg.data, export, cfg.gates,
+                                                                            cfg.registry, cfg.detect)
+    assert held.served == "int8" and served_file() == (root / RUN.onnx_int8).read_bytes()
+    assert c.get_model_version(s["registered_model"], s["version"]).tags["defectops.served_precision"] == "int8"
+
+    tight = create_task(TaskKind.anomaly, anomaly=replace(cfg.anomaly, int8_max_score_rel_diff=1e-9))
+    refused = tight.verify_export(ctx, cfg.data, export, cfg.gates, cfg.registry, cfg.detect)
+    assert refused.served == "fp32" and refused.int8 is not None and refused.int8["publish"] is False
+    assert any("anomaly.int8_max_score_rel_diff 1e-09" in r for r in refused.int8["reasons"])
+    assert served_file() == (root / RUN.onnx).read_bytes()
+    report = json.loads((root / RUN.int8_report).read_text())
+    assert report["publish"] is False and report["parity"]["max_rel_diff"] > 1e-9
+    mv = c.get_model_version(s["registered_model"], s["version"])
+    assert mv.tags["defectops.int8_published"] == "false" and "int8_max_score_rel_diff" in mv.tags[
+        "defectops.int8_refused"]
+    assert mv.tags["defectops.served_precision"] == "fp32" and mv.tags["defectops.export_verified"] == "true"
+    assert set(mv.aliases) == aliases  # an INT8 refusal never removes the challenger
+
+
 def test_an_export_whose_scores_drift_is_refused(anomaly_run: AnomalyRun, tmp_path: Path) -> None:
     """A copy of the run whose ONNX memory bank was nudged: verify_export refuses it and removes the challenger."""
     root = tmp_path / "run"

@@ -73,7 +73,7 @@ with warnings.catch_warnings():  # anomalib's package import warns about optiona
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 
-class ExportablePatchcoreModel(PatchcoreModel):  # type: ignore[misc]
+class ExportablePatchcoreModel(PatchcoreModel):
     """anomalib's model with a nearest-neighbour search that traces to a batch-independent ONNX graph.
 
     anomalib searches in chunks of 1,024 patches when a batch has more (a Python branch and loop): traced for ONNX,

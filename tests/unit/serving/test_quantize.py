@@ -72,3 +72,36 @@ def test_tiny_run_int8_is_verified_and_recorded(tiny_run: TinyRun) -> None:
     logged = {a.path for a in c.list_artifacts(mv.run_id, "onnx")}
     assert "onnx/int8.json" in logged
     assert ("onnx/model.int8.onnx" in logged) == report["publish"]
+
+
+def test_quantize_int8_op_types_quantizes_only_those_nodes(tmp_path: Path) -> None:
+    """``op_types=["Conv"]`` (the anomaly models' backbone recipe): the convolution gets QDQ, the MatMul after it stays
+    FP32; ``exclude_nodes`` keeps a named node FP32; without either, both are quantized (the classifiers' export)."""
+    import onnx
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.proj = torch.nn.Parameter(torch.randn(4 * 8 * 8, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x)).flatten(1) @ self.proj
+
+    torch.manual_seed(0)
+    fp32 = export_onnx(Tiny().eval(), tmp_path / "t.onnx", input_shape=(3, 8, 8))
+    x = np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32)
+
+    def quantized_inputs(path: Path) -> dict[str, bool]:
+        """op type -> whether its inputs come through DequantizeLinear."""
+        graph = onnx.load(str(path)).graph
+        dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return {n.op_type: any(i in dq for i in n.input) for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+
+    conv_only = quantized_inputs(quantize_int8(fp32, tmp_path / "c.onnx", x, op_types=["Conv"]))
+    assert conv_only["Conv"] and not any(v for k, v in conv_only.items() if k != "Conv")
+    everything = quantized_inputs(quantize_int8(fp32, tmp_path / "a.onnx", x))
+    assert all(everything.values()) and len(everything) == 2
+    conv_name = next(n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv")
+    none = quantized_inputs(quantize_int8(fp32, tmp_path / "n.onnx", x, op_types=["Conv"], exclude_nodes=[conv_name]))
+    assert not any(none.values())
