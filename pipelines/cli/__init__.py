@@ -13,12 +13,12 @@ from types import ModuleType
 
 import typer
 
-from defectops.pipelines.cli import argo, bench, data, drift, predict, registry, review, run, serve
+from defectops.pipelines.cli import argo, bench, data, drift, line, predict, registry, review, run, serve
 from defectops.pipelines.cli.common import EXIT_FAILURE, EXIT_GATES, EXIT_USAGE, err
 
 __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_GATES", "EXIT_USAGE", "app", "main"]
 
-COMMANDS: tuple[ModuleType, ...] = (run, bench, data, drift, predict, registry, review, serve, argo)
+COMMANDS: tuple[ModuleType, ...] = (run, bench, data, drift, predict, registry, review, serve, line, argo)
 """Command modules in registration order (``--help`` lists groups and commands alphabetically)."""
 
 app = typer.Typer(
