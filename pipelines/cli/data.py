@@ -107,6 +107,31 @@ def import_folder_cmd(
     console.print(f"{found.duplicates.summary()}; list in {out / 'duplicates.json'}", highlight=False)
 
 
+@import_app.command("line")
+def import_line(
+    store: Annotated[Path, typer.Argument(help="A `defectops line serve --store` folder (results and verdicts).")],
+    out: Out,
+    val: Val = 0.15, test: Test = 0.2, seed: Seed = 0,
+) -> None:
+    """Turn the boards a repair station verified at the line into a dataset snapshot, read in place from the store:
+    confirmed and missed defects as labels, false fails as good; lineage (models, versions, lines, operators) in
+    OUT/snapshot.json. The next `defectops run data=snapshot data.root=OUT` trains on it."""
+    from defectops.serving.line.dataset import line_samples
+    from defectops.training.snapshot import write_snapshot
+
+    try:
+        samples, classes, lineage = line_samples(store.resolve(), SplitConfig(val=val, test=test, seed=seed))
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    write_snapshot(out, samples, classes, files_root=store.resolve(), extra={"lineage": lineage})
+    _report(out)
+    if lineage["skipped"]:
+        console.print("left out: " + ", ".join(f"{n} ({why})" for why, n in lineage["skipped"].items()),
+                      highlight=False)
+    console.print(f"{lineage['boards']} verified boards from {', '.join(lineage['models'])} on "
+                  f"{', '.join(lineage['lines'])}", highlight=False)
+
+
 @import_app.command("synth")
 def import_synth(
     out: Out,

@@ -50,9 +50,10 @@ class ModelInfo:
     version: str
     task: str
     source: str = ""
+    good_class: str = ""
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version, "task": self.task}
+        return {"name": self.name, "version": self.version, "task": self.task, "good_class": self.good_class}
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,11 @@ class LineService:
         parsed = parse_registry_ref(ref)
         if parsed is None:
             m = resolve(ref, tracking_uri=self.cfg.tracking_uri, cache_dir=self.cfg.cache_dir)
-            return m, ModelInfo(Path(ref).name, "local", m.task, m.source)
+            return m, ModelInfo(Path(ref).name, "local", m.task, m.source, m.good_class)
         name, alias, version = parsed
         _, mv = registry_version(name, alias, version, self.cfg.tracking_uri, ref)
         m = resolve(f"models:/{name}/{mv.version}", tracking_uri=self.cfg.tracking_uri, cache_dir=self.cfg.cache_dir)
-        return m, ModelInfo(name, str(mv.version), m.task, ref)
+        return m, ModelInfo(name, str(mv.version), m.task, ref, m.good_class)
 
     def refresh(self) -> bool:
         """Load the model ``cfg.model`` names now, if it is another version than the one served; True when swapped.

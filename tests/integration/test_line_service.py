@@ -68,7 +68,8 @@ def test_a_board_over_http_is_judged_kept_and_counted(line: Line) -> None:
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["unit_id"] == "PCB-0001" and res["line_id"] == "smt3" and res["site"] == "plant1"
-    assert res["model"] == {"name": line.model, "version": "1", "task": "aoi"} and res["position"] == 2
+    assert res["model"] == {"name": line.model, "version": "1", "task": "aoi", "good_class": "false_call"}
+    assert res["position"] == 2
     assert res["result"] == ("fail" if res["defects"] else "pass")
     for d in res["defects"]:
         assert d["type"] in line.service.current().detector.s.classes and 0 <= d["confidence"] <= 1  # type: ignore[attr-defined]
@@ -185,3 +186,38 @@ def test_repair_station_verdicts_are_stored_with_the_result(line: Line) -> None:
     assert bad.status_code == 400 and "confirmed, false_fail, accepted" in bad.text
     missing = requests.post(f"{line.url}/v1/verdicts", json={**body, "transaction_id": "nope"}, timeout=10)
     assert missing.status_code == 404
+
+
+def test_verified_boards_become_the_next_snapshot(line: Line, tmp_path: Path) -> None:
+    """`defectops data import line`: the verified boards (confirmed and missed defects as boxes, false fails left
+    out) as a board snapshot read in place, with its lineage; boards not fully verified are left out and counted."""
+    from typer.testing import CliRunner
+
+    from defectops.pipelines.cli import app
+
+    verified = {v["transaction_id"] for v in read_jsonl(line.service.store.verdicts_path)}
+    results = [r for r in read_jsonl(line.service.store.results_path)
+               if len(r["defects"]) >= 2 and r["transaction_id"] not in verified]
+    assert len(results) >= 2
+    full, partial = results[0], results[1]
+    n = len(full["defects"])
+    verdicts = [{"defect": i, "verdict": "confirmed" if i == 0 else "false_fail",
+                 **({"type": "short"} if i == 0 else {})} for i in range(n)]
+    for body in ({"transaction_id": full["transaction_id"], "operator": "ana", "verdicts": verdicts,
+                  "missed": [{"box": [5, 6, 25, 26], "type": "open"}]},
+                 {"transaction_id": partial["transaction_id"], "operator": "bo",
+                  "verdicts": [{"defect": 0, "verdict": "confirmed"}]}):
+        assert requests.post(f"{line.url}/v1/verdicts", json=body, timeout=10).status_code == 201
+    out = tmp_path / "snap"
+    r = CliRunner().invoke(app, ["data", "import", "line", str(line.service.store.root), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    snap = load_snapshot(out)
+    by_source = {s["source"].rsplit(":", 1)[1]: s for s in snap.samples}
+    s = by_source[full["transaction_id"]]
+    assert s["boxes"] == [[*full["defects"][0]["box"], "short"], [5, 6, 25, 26, "open"]]
+    assert snap.file(s["path"]).read_bytes() == (line.service.store.root / full["image"]).read_bytes()
+    assert snap.file(s["template"]).is_file() and s["model"] == f"{line.model}/{full['model']['version']}"
+    assert partial["transaction_id"] not in by_source
+    lineage = json.loads((out / "snapshot.json").read_text())["lineage"]
+    assert lineage["lines"] == ["smt3"] and "ana" in lineage["operators"]
+    assert lineage["skipped"]["not every reported defect verified"] >= 1
