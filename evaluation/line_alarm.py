@@ -104,11 +104,12 @@ class BoardDefects:
 
 @dataclass(frozen=True)
 class AlarmConfig:
-    """The rules and their thresholds. The defaults hold the false-alarm rate measured by ``benchmarks/line_alarm.py``
-    (docs/line_alarm.md) on clean simulated streams of 0.05 to 0.5 defects per board over an 8 x 8 grid and 6 types.
+    """The rules and their thresholds. Defaults chosen with ``benchmarks/line_alarm.py`` (docs/line_alarm.md): on clean
+    simulated lines (8 x 8 grid, 6 types, uneven cell weights) about 0.1 false alarms per 10,000 boards at 0.05 to 0.2
+    random defects per board, 0.6 at 0.5 and 6 at 1 (there, use 4 of 6 for the recurrence rule).
 
     * ``recurrence_k`` of the last ``recurrence_n`` boards of a line with the same defect type at the same location
-      raise a ``recurrence`` alarm (3 of 5: at a location's rate of 0.3 % a false one every ~10^7 boards per
+      raise a ``recurrence`` alarm (3 of 5: at a location's rate of 0.3 % a false one every ~6 x 10^6 boards per
       location, and a fault on every board is named on its third board).
     * ``warmup_boards``: the first boards of each line estimate the baselines (location: ``(count + 1) /
       (warmup_boards + 2)``; reject rate likewise); the CUSUMs start after them. Unused for a configured baseline.
