@@ -10,6 +10,7 @@ names its version. :func:`serving.line.http.create_app` is its HTTP face.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectops.core.fsutil import write_json
+from defectops.evaluation.line_alarm import Alarm, AlarmConfig, AlarmMonitor, BoardDefects, location_of
 from defectops.serving.line.inspector import InspectionError, Inspector, ModelHolder, load_inspector
 from defectops.serving.line.results import InspectionResult, ModelInfo, new_transaction_id, utc_now
 from defectops.serving.line.store import VERDICTS, LineStore
@@ -44,17 +47,12 @@ class LineConfig:
     threads: int = 2
     grid: tuple[int, int] = (8, 8)
     max_upload_bytes: int = 50 * 1024 * 1024
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 Outlet = Callable[[InspectionResult], None]
-
-
-def grid_location(box: tuple[float, float, float, float], width: int, height: int, grid: tuple[int, int]) -> str:
-    """The board region of a box's centre on a rows x cols grid: ``r<row>c<col>`` (0-based)."""
-    rows, cols = grid
-    cx = (box[0] + box[2]) / 2 / max(width, 1)
-    cy = (box[1] + box[3]) / 2 / max(height, 1)
-    return f"r{min(rows - 1, max(0, int(cy * rows)))}c{min(cols - 1, max(0, int(cx * cols)))}"
+AlarmOutlet = Callable[[Alarm, InspectionResult], None]
+ALARM_STATE = "alarm_state.json"
 
 
 @dataclass
@@ -66,7 +64,7 @@ class _Metrics:
     errors: Any
     version: Any
     swaps: Any
-    extra: dict[str, Any] = field(default_factory=dict)
+    alarms: Any
 
 
 def _metrics() -> _Metrics:
@@ -82,7 +80,9 @@ def _metrics() -> _Metrics:
         Counter("defectops_line_errors_total", "Boards that could not be inspected, by reason", ["line", "reason"],
                 registry=r),
         Gauge("defectops_line_model_version", "Registered version of the model being served", ["model"], registry=r),
-        Counter("defectops_line_model_swaps_total", "Times a new model version was swapped in", registry=r))
+        Counter("defectops_line_model_swaps_total", "Times a new model version was swapped in", registry=r),
+        Counter("defectops_line_alarms_total", "Systematic-defect alarms raised, by kind", ["line", "kind"],
+                registry=r))
 
 
 class LineService:
@@ -93,6 +93,11 @@ class LineService:
         self.holder = ModelHolder()
         self.metrics = _metrics()
         self.outlets: list[tuple[str, Outlet]] = []
+        self.alarm_outlets: list[tuple[str, AlarmOutlet]] = []
+        state = self.store.root / ALARM_STATE
+        self.monitor = (AlarmMonitor.from_state(json.loads(state.read_text(encoding="utf-8"))) if state.is_file()
+                        else AlarmMonitor(cfg.alarm))
+        self._monitor_lock = threading.Lock()
         self._resolver = resolver or self._resolve
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
@@ -151,10 +156,43 @@ class LineService:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
+        self.save_alarm_state()
+
+    def save_alarm_state(self) -> None:
+        """The monitor's counts (baselines, CUSUMs, recent boards) to the store: a restart continues, not re-learns."""
+        with self._monitor_lock:
+            write_json(self.store.root / ALARM_STATE, self.monitor.state())
 
     # ------------------------------------------------------------------------------------------------ inspection
     def add_outlet(self, name: str, outlet: Outlet) -> None:
         self.outlets.append((name, outlet))
+
+    def add_alarm_outlet(self, name: str, outlet: AlarmOutlet) -> None:
+        self.alarm_outlets.append((name, outlet))
+
+    def _deliver(self, outlets: list[tuple[str, Any]], line: str, *args: Any) -> None:
+        for name, outlet in outlets:
+            try:
+                outlet(*args)
+            except Exception as e:  # noqa: BLE001 - an outlet's failure is logged and counted; the result is stored
+                self.metrics.errors.labels(line, f"outlet_{name}").inc()
+                log.error("outlet %s failed: %s", name, e)
+
+    def _watch_for_alarms(self, result: InspectionResult) -> list[Alarm]:
+        board = BoardDefects(result.unit_id, result.line_id,
+                             tuple((d.type, d.designator or d.location) for d in result.defects),
+                             result.result == "fail")
+        with self._monitor_lock:
+            alarms = self.monitor.update(board)
+            observed = self.monitor.boards_observed(result.line_id)
+        for a in alarms:
+            self.metrics.alarms.labels(result.line_id, a.kind).inc()
+            self.store.append_alarm({**a.to_dict(), "raised": utc_now(), "transaction_id": result.transaction_id,
+                                     "site": self.cfg.site, "model": result.model.to_dict()})
+            log.warning("alarm %s on %s: %s %s since %s", a.kind, a.line_id, a.defect_type, a.location, a.since_unit)
+        if observed % 100 == 0:
+            self.save_alarm_state()
+        return alarms
 
     def template_path(self, template_id: str) -> Path:
         """The template image of ``template_id`` under ``cfg.templates`` (any image suffix)."""
@@ -179,7 +217,7 @@ class LineService:
             raise InspectionError(f"model {inspector.info.name} v{inspector.info.version} compares each board with "
                                   "its template: send the template image or a template id")
         try:
-            verdict = inspector.inspect(tested, template, lambda b, w, h: grid_location(b, w, h, self.cfg.grid))
+            verdict = inspector.inspect(tested, template, lambda b, w, h: location_of(b, w, h, self.cfg.grid))
         except InspectionError:
             self.metrics.errors.labels(line, "bad_input").inc()
             raise
@@ -196,12 +234,9 @@ class LineService:
         self.metrics.boards.labels(line, result.result).inc()
         for d in verdict.defects:
             self.metrics.defects.labels(line, d.type).inc()
-        for name, outlet in self.outlets:
-            try:
-                outlet(result)
-            except Exception as e:  # noqa: BLE001 - an outlet's failure is logged and counted; the result is stored
-                self.metrics.errors.labels(line, f"outlet_{name}").inc()
-                log.error("outlet %s failed for %s: %s", name, txid, e)
+        self._deliver(self.outlets, line, result)
+        for alarm in self._watch_for_alarms(result):
+            self._deliver(self.alarm_outlets, line, alarm, result)
         return result
 
     def record_verdict(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -234,4 +269,4 @@ class LineService:
         return record
 
 
-__all__ = ["IMAGE_SUFFIXES", "InspectionError", "LineConfig", "LineService", "ModelRefError", "grid_location"]
+__all__ = ["IMAGE_SUFFIXES", "InspectionError", "LineConfig", "LineService", "ModelRefError"]

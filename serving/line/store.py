@@ -5,6 +5,7 @@ Layout under ``--store``::
     images/<YYYY-MM-DD>/<transaction id>/tested.<ext>, template.<ext>   the board as inspected
     results.jsonl                                                        one result per line, in inspection order
     verdicts.jsonl                                                       one verdict per line, as received
+    alarms.jsonl, alarm_state.json                                       systematic-defect alarms, the monitor's state
     incoming/, rejected/                                                 files claimed from a watched folder
 
 Images are written to a temporary name and renamed; each JSONL record is one ``write`` of a whole line followed by
@@ -87,6 +88,9 @@ class LineStore:
 
     def append_verdict(self, verdict: dict[str, Any]) -> None:
         self._append(self.verdicts_path, verdict)
+
+    def append_alarm(self, alarm: dict[str, Any]) -> None:
+        self._append(self.root / "alarms.jsonl", alarm)
 
     def result(self, transaction_id: str) -> dict[str, Any] | None:
         for r in read_jsonl(self.results_path):
