@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -221,3 +221,52 @@ def test_verified_boards_become_the_next_snapshot(line: Line, tmp_path: Path) ->
     lineage = json.loads((out / "snapshot.json").read_text())["lineage"]
     assert lineage["lines"] == ["smt3"] and "ana" in lineage["operators"]
     assert lineage["skipped"]["not every reported defect verified"] >= 1
+
+
+class _Recurring:
+    """A stand-in inspector whose verdicts are scripted: the same solder bridge at one place from unit 30 on, so the
+    service's wiring of the alarm monitor can be checked board by board (the monitor itself: test_line_alarm.py)."""
+
+    needs_template = False
+
+    def __init__(self) -> None:
+        from defectops.serving.line.results import ModelInfo
+
+        self.info = ModelInfo("scripted", "7", "folder", good_class="good")
+        self.n = 0
+
+    def inspect(self, tested: Path, template: Path | None, location: object) -> object:
+        from defectops.serving.line.inspector import Verdict
+        from defectops.serving.line.results import LineDefect
+
+        self.n += 1
+        if self.n < 30:
+            return Verdict((), False)
+        return Verdict((LineDefect("solder_bridge", (10.0, 10.0, 20.0, 20.0), 0.9, "r0c0", "R12"),), True)
+
+
+def test_a_recurring_defect_raises_one_alarm_naming_place_type_and_first_unit(line: Line, tmp_path: Path) -> None:
+    from defectops.serving.line.service import LineService
+
+    cfg = replace(line.service.cfg, store=tmp_path / "store", model="scripted")
+    service = LineService(cfg, resolver=lambda: (_ for _ in ()).throw(AssertionError("not used")))
+    service.holder.swap(_Recurring())  # type: ignore[arg-type]
+    raised: list[tuple[object, object]] = []
+    service.add_alarm_outlet("test", lambda a, r: raised.append((a, r)))
+    tested = line.boards[0][0]
+    for i in range(45):
+        service.inspect(tested, unit_id=f"U{i:03d}")
+    assert len(raised) == 1
+    alarm, result = raised[0]
+    assert alarm.kind == "recurrence" and alarm.location == "R12" and alarm.defect_type == "solder_bridge"  # type: ignore[attr-defined]
+    assert alarm.since_unit == "U029" and result.unit_id == "U031"  # type: ignore[attr-defined]
+    stored = list(read_jsonl(cfg.store / "alarms.jsonl"))
+    assert len(stored) == 1 and stored[0]["location"] == "R12" and stored[0]["model"]["version"] == "7"
+    service.stop()  # the monitor's state is kept: a restarted service does not raise the same alarm again
+    again = LineService(cfg, resolver=lambda: (_ for _ in ()).throw(AssertionError("not used")))
+    again.holder.swap(_Recurring())  # type: ignore[arg-type]
+    again.holder.current().n = 45  # type: ignore[union-attr]
+    again.add_alarm_outlet("test", lambda a, r: raised.append((a, r)))
+    for i in range(45, 55):
+        again.inspect(tested, unit_id=f"U{i:03d}")
+    assert len(raised) == 1
