@@ -3,6 +3,7 @@ config, in its own process group; it can be terminated and started again on the 
 
 ``persistence=True`` keeps sessions and queued messages across a restart (what an MES broker does; without it a
 restarted broker forgets the subscribers' sessions, and what arrives before they are back is delivered to no one).
+``acl`` restricts what anonymous clients may publish (a broker refusing a topic), reloaded by :meth:`Mosquitto.set_acl`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _accepts(port: int) -> bool:
 class Mosquitto:
     """``mosquitto -c <workdir>/mosquitto.conf`` listening on 127.0.0.1:``port`` (anonymous, tests only)."""
 
-    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
+    def __init__(self, workdir: Path, *, persistence: bool = False, acl: str | None = None) -> None:
         self.binary = find_mosquitto()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,10 @@ class Mosquitto:
                  f"persistence {'true' if persistence else 'false'}"]
         if persistence:
             lines.append(f"persistence_location {self.workdir}/")
+        self.acl = self.workdir / "acl"
+        if acl is not None:  # rules for anonymous clients (mosquitto's acl_file format); change with set_acl()
+            self.acl.write_text(acl)
+            lines.append(f"acl_file {self.acl}")
         self.config.write_text("\n".join(lines) + "\n")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -69,6 +74,12 @@ class Mosquitto:
         proc = self._proc
         wait_until_ready(f"mosquitto on port {self.port}", lambda: _accepts(self.port),
                          alive=lambda: proc.poll() is None, log=self.log, timeout=30, interval=0.05)
+
+    def set_acl(self, acl: str) -> None:
+        """Rewrite the ACL file and have the running broker reload it (SIGHUP)."""
+        self.acl.write_text(acl)
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def terminate(self) -> None:
         """SIGTERM and wait: a clean broker shutdown (with persistence, sessions and queues are saved)."""

@@ -182,6 +182,35 @@ def test_broker_outage_mid_stream_loses_nothing(tmp_path: Path) -> None:
         server.kill()
 
 
+def test_broker_refusing_the_topic_is_permanent_and_loses_nothing(tmp_path: Path) -> None:
+    """The broker's ACL refuses the results topic (PUBACK "Not authorized"): the sink is reported failing, nothing is
+    dropped or skipped; once the ACL is fixed (and reloaded) everything is delivered, in order, without a restart."""
+    status_only = f"topic readwrite {TOPICS.status}\ntopic read {SITE}/{LINE}/#\n"
+    server = Mosquitto(tmp_path / "broker", acl=status_only)
+    server.start()
+    sub = Collector(server.port, TOPICS.results)
+    sink = MqttSink(server.host, server.port, client_id="defectops-acl", site=SITE, line=LINE, version="test")
+    publisher = Publisher(Spool(tmp_path / "spool.db"), {"mes": sink}, backoff=(0.05, 0.2))
+    publisher.start()
+    try:
+        for i in range(20):
+            publisher.submit("results", *result(i))
+        wait_for(lambda: publisher.stats()["mes"].failing, "the sink reported failing")
+        stats = publisher.stats()["mes"]
+        assert "Not authorized" in (stats.last_error or "") and stats.pending == 20 and stats.delivered == 0
+        server.set_acl(f"topic readwrite {SITE}/{LINE}/#\n")
+        assert publisher.flush(HANG_GUARD_S), publisher.stats()
+        expected = [result(i)[1] for i in range(20)]
+        sub.wait_for_txids(expected)
+        assert dedup(sub.txids())[0] == expected
+        assert not publisher.stats()["mes"].failing
+    finally:
+        publisher.stop(10)
+        sink.close()
+        sub.close()
+        server.kill()
+
+
 def _start_script(*args: object) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
