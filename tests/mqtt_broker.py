@@ -9,15 +9,24 @@ restarted broker forgets the subscribers' sessions, and what arrives before they
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+import paho.mqtt.client as mqtt
 from health import wait_until_ready
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
 
@@ -101,3 +110,55 @@ class Mosquitto:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.kill()
+
+
+HANG_GUARD_S = 60.0  # deadlines only stop a broken test from hanging; none of them is a timing assertion
+
+
+class Collector:
+    """A paho subscriber (MQTT 5, QoS 1, persistent session: clean_start False, session expiry 1 h) that records
+    every message of ``topic`` and re-subscribes when the broker lost its session; ``key`` names the payload's
+    transaction id."""
+
+    def __init__(self, port: int, topic: str, client_id: str | None = None, key: str = "txid") -> None:
+        self.topic, self.key = topic, key
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"mes-{uuid.uuid4().hex[:8]}",
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 2)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect_async("127.0.0.1", port, keepalive=30, clean_start=False, properties=props)
+        self.client.loop_start()
+        assert self._subscribed.wait(HANG_GUARD_S), f"subscriber did not subscribe to {topic}"
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, rc: Any, props: Any) -> None:
+        if not flags.session_present:
+            client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def wait_until(self, done: Callable[[list[mqtt.MQTTMessage]], bool], what: str) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: done(self.messages), HANG_GUARD_S), (
+                f"subscriber of {self.topic}: {what} never happened; got {len(self.messages)} messages")
+
+    def txids(self) -> list[str]:
+        with self._cond:
+            return [json.loads(m.payload)[self.key] for m in self.messages]
+
+    def wait_for_txids(self, expected: list[str]) -> None:
+        want = set(expected)
+        self.wait_until(lambda ms: want <= {json.loads(m.payload)[self.key] for m in ms}, f"all {len(want)} txids")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

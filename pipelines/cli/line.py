@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,6 +23,27 @@ def _grid(value: str) -> tuple[int, int]:
     if rows < 1 or cols < 1:
         raise fail(f"--grid {value!r}: rows and columns must be at least 1", EXIT_USAGE)
     return rows, cols
+
+
+def _connect(service: Any, mqtt: str | None, username: str | None, cfx: bool, webhook: str | None) -> Any:
+    """The configured receivers (MQTT, webhook) attached to ``service``; a one-line error for bad settings."""
+    from defectops.serving.line import outlets
+
+    m = w = None
+    if mqtt is not None:
+        host, _, port = mqtt.rpartition(":") if ":" in mqtt else (mqtt, "", "1883")
+        if not host or not port.isdigit():
+            raise fail(f"--mqtt {mqtt!r}: use HOST or HOST:PORT", EXIT_USAGE)
+        m = outlets.MqttSettings(host, int(port), username, os.environ.get("DEFECTOPS_MQTT_PASSWORD"), cfx)
+    if webhook is not None:
+        secret = os.environ.get("DEFECTOPS_WEBHOOK_SECRET", "")
+        if not webhook.startswith(("http://", "https://")) or not secret:
+            raise fail("--webhook needs an http(s) URL and the signing secret in DEFECTOPS_WEBHOOK_SECRET", EXIT_USAGE)
+        w = outlets.WebhookSettings(webhook, secret.encode("utf-8"))
+    try:
+        return outlets.connect(service, mqtt=m, webhook=w)
+    except (OSError, ValueError) as e:
+        raise fail(f"could not set up the result receivers: {e}", EXIT_FAILURE) from None
 
 
 @line_app.command("serve")
@@ -44,6 +66,14 @@ def serve(
     grid: Annotated[str, typer.Option(help="Board regions that name a defect's location, ROWSxCOLS.")] = "8x8",
     threads: Annotated[int, typer.Option(help="Inference threads.", min=1)] = 2,
     max_upload_mb: Annotated[float, typer.Option(help="Largest image accepted over HTTP, MB.", min=0.1)] = 50.0,
+    mqtt: Annotated[str | None, typer.Option(help="MQTT broker HOST[:PORT] for results, alarms and IPC-CFX "
+                                                  "(<site>/<line>/...; password from DEFECTOPS_MQTT_PASSWORD).")
+                    ] = None,
+    mqtt_username: Annotated[str | None, typer.Option(help="MQTT user name.")] = None,
+    cfx: Annotated[bool, typer.Option("--cfx/--no-cfx", help="Also publish IPC-CFX UnitsInspected over MQTT.")
+                   ] = True,
+    webhook: Annotated[str | None, typer.Option(help="MES endpoint to POST each result to (HMAC-signed; secret from "
+                                                     "DEFECTOPS_WEBHOOK_SECRET).")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Serve inspections over HTTP (POST /v1/inspect) and from a watched folder with the current champion; keep every
@@ -51,6 +81,7 @@ def serve(
     import uvicorn
 
     from defectops.pipelines.config import home_dir
+    from defectops.serving.line import outlets
     from defectops.serving.line.http import create_app
     from defectops.serving.line.service import LineConfig, LineService
     from defectops.serving.line.watch import FolderWatcher
@@ -65,6 +96,7 @@ def serve(
                      templates=templates, poll_s=poll_s, threads=threads, grid=_grid(grid),
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024))
     service = LineService(cfg)
+    publisher = _connect(service, mqtt, mqtt_username, cfx, webhook)
     try:
         service.refresh()
     except ModelRefError as e:
@@ -85,6 +117,7 @@ def serve(
         if watcher is not None:
             watcher.stop()
         service.stop()
+        outlets.close(publisher)
 
 
 def register(app: typer.Typer) -> None:

@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from defectops.serving.line.sinks import DeliveryError, Sink, check_kind
@@ -70,12 +70,14 @@ class Publisher:
         self._rng = random.Random()
 
     # --- producer side -------------------------------------------------------------------------------------------
-    def submit(self, topic_kind: str, payload: bytes, txid: str) -> dict[str, int]:
-        """Spool one message for every sink (one transaction: all sinks or none) and wake their threads; returns the
-        seq per sink. ``topic_kind`` is ``results``, ``alarms`` or ``cfx/<MessageName>``."""
+    def submit(self, topic_kind: str, payload: bytes, txid: str, *, only: Sequence[str] | None = None
+               ) -> dict[str, int]:
+        """Spool one message for every sink (or the sinks named in ``only``; one transaction: all or none) and wake
+        their threads; returns the seq per sink. ``topic_kind`` is ``results``, ``alarms`` or ``cfx/<MessageName>``."""
         check_kind(topic_kind)
-        seqs = self.spool.put_many(list(self.sinks), topic_kind, payload, txid)
-        for name in self.sinks:
+        names = [n for n in self.sinks if only is None or n in only]
+        seqs = self.spool.put_many(names, topic_kind, payload, txid) if names else {}
+        for name in names:
             self._wake[name].set()
         return seqs
 

@@ -22,12 +22,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from mqtt_broker import Mosquitto
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from mqtt_broker import HANG_GUARD_S, Collector, Mosquitto
 
 from defectops.serving.line.publisher import Publisher
 from defectops.serving.line.sinks import MqttSink, WebhookSink, topics, verify_signature
@@ -36,7 +32,6 @@ from defectops.serving.line.spool import Spool
 SITE, LINE = "plant1", "smt3"
 TOPICS = topics(SITE, LINE)
 SCRIPT = Path(__file__).with_name("line_publisher_proc.py")
-HANG_GUARD_S = 60.0  # deadlines below only stop a broken test from hanging; none of them is a timing assertion
 
 
 @pytest.fixture(scope="module")
@@ -56,54 +51,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 def result(i: int) -> tuple[bytes, str]:
     txid = f"tx-{i:05d}"
     return json.dumps({"txid": txid, "n": i}).encode(), txid
-
-
-class Collector:
-    """A paho subscriber (MQTT 5, QoS 1, persistent session: clean_start False, session expiry 1 h) that records
-    every message of ``topic`` and re-subscribes when the broker lost its session."""
-
-    def __init__(self, port: int, topic: str, client_id: str | None = None) -> None:
-        self.topic = topic
-        self.messages: list[mqtt.MQTTMessage] = []
-        self._cond = threading.Condition()
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"mes-{uuid.uuid4().hex[:8]}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(1, 2)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        self.client.connect_async("127.0.0.1", port, keepalive=30, clean_start=False, properties=props)
-        self.client.loop_start()
-        assert self._subscribed.wait(HANG_GUARD_S), f"subscriber did not subscribe to {topic}"
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, rc: Any, props: Any) -> None:
-        if not flags.session_present:
-            client.subscribe(self.topic, qos=1)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append(msg)
-            self._cond.notify_all()
-
-    def wait_until(self, done: Callable[[list[mqtt.MQTTMessage]], bool], what: str) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: done(self.messages), HANG_GUARD_S), (
-                f"subscriber of {self.topic}: {what} never happened; got {len(self.messages)} messages")
-
-    def txids(self) -> list[str]:
-        with self._cond:
-            return [json.loads(m.payload)["txid"] for m in self.messages]
-
-    def wait_for_txids(self, expected: list[str]) -> None:
-        want = set(expected)
-        self.wait_until(lambda ms: want <= {json.loads(m.payload)["txid"] for m in ms}, f"all {len(want)} txids")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:
