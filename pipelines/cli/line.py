@@ -25,8 +25,10 @@ def _grid(value: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _connect(service: Any, mqtt: str | None, username: str | None, cfx: bool, webhook: str | None) -> Any:
-    """The configured receivers (MQTT, webhook) attached to ``service``; a one-line error for bad settings."""
+def _connect(service: Any, mqtt: str | None, username: str | None, cfx: bool, webhook: str | None
+             ) -> tuple[Any, Any]:
+    """The configured receivers (MQTT, webhook) attached to ``service``, and the MQTT settings (the verdicts come in
+    over the same broker); a one-line error for bad settings."""
     from defectops.serving.line import outlets
 
     m = w = None
@@ -41,7 +43,7 @@ def _connect(service: Any, mqtt: str | None, username: str | None, cfx: bool, we
             raise fail("--webhook needs an http(s) URL and the signing secret in DEFECTOPS_WEBHOOK_SECRET", EXIT_USAGE)
         w = outlets.WebhookSettings(webhook, secret.encode("utf-8"))
     try:
-        return outlets.connect(service, mqtt=m, webhook=w)
+        return outlets.connect(service, mqtt=m, webhook=w), m
     except (OSError, ValueError) as e:
         raise fail(f"could not set up the result receivers: {e}", EXIT_FAILURE) from None
 
@@ -96,7 +98,8 @@ def serve(
                      templates=templates, poll_s=poll_s, threads=threads, grid=_grid(grid),
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024))
     service = LineService(cfg)
-    publisher = _connect(service, mqtt, mqtt_username, cfx, webhook)
+    publisher, mqtt_settings = _connect(service, mqtt, mqtt_username, cfx, webhook)
+    verdicts = outlets.VerdictListener(service, mqtt_settings) if mqtt_settings is not None else None
     try:
         service.refresh()
     except ModelRefError as e:
@@ -118,6 +121,8 @@ def serve(
             watcher.stop()
         service.stop()
         outlets.close(publisher)
+        if verdicts is not None:
+            verdicts.close()
 
 
 def register(app: typer.Typer) -> None:

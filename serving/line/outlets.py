@@ -90,6 +90,54 @@ def connect(service: LineService, *, mqtt: MqttSettings | None = None, webhook: 
     return publisher
 
 
+class VerdictListener:
+    """The repair station's verdicts over MQTT: a QoS 1 subscription (persistent session, so verdicts sent while the
+    service is down are delivered when it is back) to ``<site>/<line>/repair/verdicts``; each message is one
+    :meth:`LineService.record_verdict` body. A bad message is logged and counted (``reason="verdict"``), not lost
+    silently and not fatal."""
+
+    def __init__(self, service: LineService, settings: MqttSettings) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        from defectops.serving.line.sinks import topics
+
+        cfg = service.cfg
+        self.service, self.topic = service, topics(cfg.site, cfg.line_id).verdicts
+        self.received = 0
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"defectops-{cfg.site}-{cfg.line_id}-verdicts",
+                        protocol=MQTTProtocolVersion.MQTTv5)
+        if settings.username is not None:
+            c.username_pw_set(settings.username, settings.password)
+        c.on_connect = lambda client, *_: client.subscribe(self.topic, qos=1)
+        c.on_message = self._on_message
+        c.reconnect_delay_set(1, 30)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 24 * 3600
+        c.connect_async(settings.host, settings.port, keepalive=30, clean_start=False, properties=props)
+        c.loop_start()
+        self._client = c
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        import logging
+
+        try:
+            doc = json.loads(msg.payload)
+            if not isinstance(doc, dict):
+                raise ValueError("a verdict message is a JSON object")
+            self.service.record_verdict(doc)
+            self.received += 1
+        except (ValueError, LookupError) as e:
+            self.service.metrics.errors.labels(self.service.cfg.line_id, "verdict").inc()
+            logging.getLogger("defectops.line").error("verdict on %s refused: %s", self.topic, e)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
 def _gauges(service: LineService, publisher: Publisher) -> None:
     from prometheus_client import Gauge
 

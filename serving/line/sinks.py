@@ -92,7 +92,8 @@ def check_kind(kind: str) -> str:
 
 @dataclass(frozen=True)
 class LineTopics:
-    """The MQTT topics of one line: ``results``, ``alarms``, ``status`` (retained) and ``cfx(<MessageName>)``."""
+    """The MQTT topics of one line: ``results``, ``alarms``, ``status`` (retained), ``cfx(<MessageName>)`` and, inbound,
+    ``verdicts``."""
 
     site: str
     line: str
@@ -112,6 +113,11 @@ class LineTopics:
     @property
     def status(self) -> str:
         return f"{self.base}/inspection/status"
+
+    @property
+    def verdicts(self) -> str:
+        """Where a repair station publishes its verifications (the service subscribes)."""
+        return f"{self.base}/repair/verdicts"
 
     def cfx(self, message_name: str) -> str:
         return f"{self.base}/cfx/{_check_level('CFX message name', message_name)}"

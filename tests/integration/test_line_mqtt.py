@@ -1,6 +1,7 @@
 """`defectops line serve --mqtt` as a process: what an MES subscribed to the broker receives for boards posted over
-HTTP and dropped in a watched folder (results, IPC-CFX UnitsInspected validated against its schema), the retained
-status topic, and a restart that delivers what the broker missed while it was down."""
+HTTP and dropped in a watched folder (results, IPC-CFX UnitsInspected validated against its schema) through a broker
+outage and through a SIGKILL of the service while results wait in its spool, a repair station's verdict over MQTT,
+and the retained status topic."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def _serve(run_root: Path, store: Path, port: int, broker_port: int, watch: Path
 def _ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     wait_until_ready("defectops line serve", lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200,
                      alive=lambda: proc.poll() is None, log=log, timeout=120)
+
+
+def n_defects(store: Path, txid: str) -> int:
+    results = [json.loads(line) for line in (store / "results.jsonl").read_text().splitlines()]
+    return len(next(r for r in results if r["transaction_id"] == txid)["defects"])
+
+
+def wait_for_file_line(path: Path, text: str) -> None:
+    """Until a line of ``path`` contains ``text`` (a hang guard, not a timing assertion)."""
+    def found() -> bool:
+        return path.is_file() and any(text in line for line in path.read_text().splitlines())
+
+    wait_until_ready(f"{text} in {path.name}", found, alive=lambda: True, log=None, timeout=60)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -80,6 +94,21 @@ def test_the_mes_receives_results_and_cfx_in_order_through_an_outage(tiny_run: T
         broker.start()
         results.wait_for_txids(sent)
         cfx.wait_until(lambda ms: len({json.loads(m.payload)["UniqueID"] for m in ms}) >= len(sent), "every CFX")
+        repair = Collector(broker.port, TOPICS.verdicts, client_id="repair-station")
+        verdict = {"transaction_id": sent[0], "operator": "ana",
+                   "verdicts": [{"defect": i, "verdict": "confirmed"} for i in range(n_defects(store, sent[0]))]}
+        repair.client.publish(TOPICS.verdicts, json.dumps(verdict), qos=1).wait_for_publish()
+        wait_for_file_line(store / "verdicts.jsonl", sent[0])
+        repair.close()
+        broker.terminate()  # down again, and this time the line service is killed while results wait in its spool
+        for i in range(12, 16):
+            post(i)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        broker.start()
+        proc = _serve(tiny_run.root, store, port, broker.port, watch, log)
+        _ready(url, proc, log)
+        results.wait_for_txids(sent)  # the restarted service replays what its spool held
     finally:
         _stop(proc)
     got, seen = [], set()
@@ -97,7 +126,7 @@ def test_the_mes_receives_results_and_cfx_in_order_through_an_outage(tiny_run: T
         validate_message(message)
         assert message["MessageName"] == MESSAGE_NAME and message["Source"].endswith(f"{SITE}.{LINE}")
     units = [json.loads(m.payload)["MessageBody"]["InspectedUnits"][0]["UnitIdentifier"] for m in cfx.messages]
-    assert set(units) == {f"PCB-{i:03d}" for i in range(12)}
+    assert set(units) == {f"PCB-{i:03d}" for i in range(16)}
     rejected = list((store / "rejected").glob("*PCB-900.jpg.reason.txt"))
     assert rejected and "template" in rejected[0].read_text()  # the drop-folder board without its template
     status = Collector(broker.port, TOPICS.status)  # a late subscriber reads the retained status: a clean stop
