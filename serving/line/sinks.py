@@ -14,7 +14,7 @@ connect, the Last Will sets it offline). Webhooks get the kind in the ``X-Defect
 
 Webhook signature: ``X-DefectOps-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`` with the Unix
 time of ``X-DefectOps-Timestamp``; receivers check it with :func:`verify_signature` (the timestamp bounds replays).
-docs/line_delivery.md has the topic layout, the guarantees and a receiver example.
+docs/line.md has the topic layout, the guarantees and a receiver example.
 """
 
 from __future__ import annotations
