@@ -4,6 +4,7 @@ MLflow run however many processes or pods its steps ran in (its id is recorded i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from defectops.core import tags as T
@@ -54,3 +55,31 @@ def record_export_verdict(ctx: StepContext, registry: RegistryConfig, tags: Mapp
             c.delete_registered_model_alias(registry.model_name, registry.challenger_alias)
         raise StepError(f"{what} failed verification, challenger alias removed: " + "; ".join(problems))
     return c, rid, version
+
+
+def publish_verified(ctx: StepContext, client: Any, rid: str, registry: RegistryConfig, version: str, serve: str,
+                     int8: Mapping[str, Any] | None, extra_tags: Mapping[str, str] | None = None) -> tuple[Path, str]:
+    """After an export passed verification: tag the version with its INT8 verdict (when one was made: published,
+    macro-recall drop, why refused, and ``extra_tags``), log the INT8 report (and the INT8 model where it holds),
+    and choose what Triton serves: the INT8 model when ``serve`` is ``int8`` and it holds, else FP32 (said). Returns
+    the served file and its precision, also tagged on the version. An INT8 refusal never fails the step."""
+    if int8 is not None:
+        tags = {T.INT8_PUBLISHED: str(int8["publish"]).lower(),
+                T.INT8_MACRO_RECALL_DROP: f"{int8['macro_recall_drop']:.6f}", **(extra_tags or {}),
+                T.INT8_REFUSED: "; ".join(int8["reasons"]) or "none"}
+        for k, v in tags.items():
+            client.set_model_version_tag(registry.model_name, version, k, v[:5000])
+        client.log_artifact(rid, str(ctx.path(RUN.int8_report)), "onnx")
+        if int8["publish"]:
+            client.log_artifact(rid, str(ctx.path(RUN.onnx_int8)), "onnx")
+        else:
+            ctx.reporter.log("INT8 model not published: " + "; ".join(int8["reasons"]))
+    served = ctx.path(RUN.onnx)
+    if serve == "int8":
+        if int8 and int8["publish"]:
+            served = ctx.path(RUN.onnx_int8)
+        else:
+            ctx.reporter.log("export.serve=int8 but the INT8 model was not verified: serving FP32")
+    precision = "int8" if served == ctx.path(RUN.onnx_int8) else "fp32"
+    client.set_model_version_tag(registry.model_name, version, T.SERVED_PRECISION, precision)
+    return served, precision

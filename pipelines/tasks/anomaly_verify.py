@@ -24,7 +24,7 @@ from defectops.pipelines.context import StepContext
 from defectops.pipelines.results import VerifyExportResult
 from defectops.pipelines.tasks.anomaly_int8 import int8_reasons, judge_at, onnx_scorer
 from defectops.pipelines.tasks.anomaly_scoring import judge, score_split
-from defectops.pipelines.tracking import record_export_verdict
+from defectops.pipelines.tracking import publish_verified, record_export_verdict
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import ExportConfig
 from defectops.training.config import AnomalyConfig, DataConfig
@@ -82,27 +82,12 @@ def verify_anomaly_export(cfg: AnomalyConfig, ctx: StepContext, data: DataConfig
         T.ONNX_GATES_PASSED: str(judged.scored.gates.passed).lower(), T.EXPORT_VERIFIED: str(not problems).lower()},
         problems, "exported anomaly model")
     int8 = None
+    extra: dict[str, str] = {}
     if export.int8.enabled and ctx.path(RUN.onnx_int8).is_file():
         int8 = check_anomaly_int8(cfg, ctx, data.good_class, gates, champion)
-        for k, v in {T.INT8_PUBLISHED: str(int8["publish"]).lower(),
-                     T.INT8_MACRO_RECALL_DROP: f"{int8['macro_recall_drop']:.6f}",
-                     T.INT8_MAX_SCORE_REL_DIFF: f"{int8['parity']['max_rel_diff']:.3e}",
-                     T.INT8_DECISION_FLIPS: str(int8["parity"]["decision_flips"]),
-                     T.INT8_REFUSED: "; ".join(int8["reasons"]) or "none"}.items():
-            c.set_model_version_tag(registry.model_name, version, k, v[:5000])
-        c.log_artifact(rid, str(ctx.path(RUN.int8_report)), "onnx")
-        if int8["publish"]:
-            c.log_artifact(rid, str(ctx.path(RUN.onnx_int8)), "onnx")
-        else:
-            ctx.reporter.log("INT8 anomaly model not published: " + "; ".join(int8["reasons"]))
-    served = ctx.path(RUN.onnx)
-    if export.serve == "int8":
-        if int8 and int8["publish"]:
-            served = ctx.path(RUN.onnx_int8)
-        else:
-            ctx.reporter.log("export.serve=int8 but the INT8 anomaly model was not verified: serving FP32")
-    precision = "int8" if served == ctx.path(RUN.onnx_int8) else "fp32"
-    c.set_model_version_tag(registry.model_name, version, T.SERVED_PRECISION, precision)
+        extra = {T.INT8_MAX_SCORE_REL_DIFF: f"{int8['parity']['max_rel_diff']:.3e}",
+                 T.INT8_DECISION_FLIPS: str(int8["parity"]["decision_flips"])}
+    served, precision = publish_verified(ctx, c, rid, registry, version, export.serve, int8, extra)
     h, w = (int(v) for v in task_input_hw(ctx))
     model_dir = write_repository(ctx.path(RUN.triton), registry.model_name, served, crops.classes,
                                  (3, h, w), export.triton, version=int(version))  # outputs from the ONNX file

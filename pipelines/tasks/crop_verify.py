@@ -21,7 +21,7 @@ from defectops.evaluation.scoring import Scored, score_crops
 from defectops.pipelines.context import StepContext
 from defectops.pipelines.results import VerifyExportResult
 from defectops.pipelines.tasks.crop_evaluate import DetectionScores
-from defectops.pipelines.tracking import record_export_verdict
+from defectops.pipelines.tracking import publish_verified, record_export_verdict
 from defectops.registry.config import RegistryConfig
 from defectops.serving.config import DetectConfig, ExportConfig
 from defectops.serving.onnx_export import Parity
@@ -90,23 +90,7 @@ def verify_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data: D
     int8 = None
     if export.int8.enabled and ctx.path(RUN.onnx_int8).is_file():
         int8 = _verify_int8(ctx, detect_fn, data, export, gates, detect, x, y, ref, crops.classes, champion, units)
-        for k, v in {T.INT8_PUBLISHED: str(int8["publish"]).lower(),
-                     T.INT8_MACRO_RECALL_DROP: f"{int8['macro_recall_drop']:.6f}",
-                     T.INT8_REFUSED: "; ".join(int8["reasons"]) or "none"}.items():
-            c.set_model_version_tag(registry.model_name, version, k, v[:5000])
-        c.log_artifact(rid, str(ctx.path(RUN.int8_report)), "onnx")
-        if int8["publish"]:
-            c.log_artifact(rid, str(ctx.path(RUN.onnx_int8)), "onnx")
-        else:
-            ctx.reporter.log("INT8 model not published: " + "; ".join(int8["reasons"]))
-    served = ctx.path(RUN.onnx)
-    if export.serve == "int8":
-        if int8 and int8["publish"]:
-            served = ctx.path(RUN.onnx_int8)
-        else:
-            ctx.reporter.log("export.serve=int8 but the INT8 model was not verified: serving FP32")
-    precision = "int8" if served == ctx.path(RUN.onnx_int8) else "fp32"
-    c.set_model_version_tag(registry.model_name, version, T.SERVED_PRECISION, precision)
+    served, precision = publish_verified(ctx, c, rid, registry, version, export.serve, int8)
     size = int(x.shape[1])
     model_dir = write_repository(ctx.path(RUN.triton), registry.model_name, served, crops.classes,
                                  (3, size, size), export.triton, version=int(version))
