@@ -53,10 +53,18 @@ class AuditRecord:
     evidence_digest: str
     prev_hash: str
     hash: str
+    identity: str = ""
+    """How ``actor`` and ``role`` were established: ``mlflow-basic-auth`` (the registry server authenticated the user
+    and the role comes from the user's permission on the model), ``review-sign-in`` / ``proxy``, or
+    ``embedded-registry, declared`` (no authentication: the local user's word). Absent from records written before it
+    existed (and then not part of their hash), so older trails still verify."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
+        """JSON-ready form (``identity`` only when set, so that records without it hash as they always did)."""
+        d = asdict(self)
+        if not self.identity:
+            del d["identity"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AuditRecord:
@@ -65,7 +73,8 @@ class AuditRecord:
         return cls(seq=int(d["seq"]), time=str(d["time"]), actor=str(d["actor"]), role=str(d["role"]),
                    action=str(d["action"]), model=str(d["model"]), version=str(d["version"]),
                    previous_champion=None if prev is None else str(prev), reason=str(d["reason"]),
-                   evidence_digest=str(d["evidence_digest"]), prev_hash=str(d["prev_hash"]), hash=str(d["hash"]))
+                   evidence_digest=str(d["evidence_digest"]), prev_hash=str(d["prev_hash"]), hash=str(d["hash"]),
+                   identity=str(d.get("identity") or ""))
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,8 @@ def evidence_digest(gates_json: bytes | None, metrics_json: bytes | None) -> str
 
 
 def make_record(prev: AuditRecord | None, *, actor: str, role: str, action: str, model: str, version: str,
-                previous_champion: str | None, reason: str, evidence: str, now: datetime | None = None) -> AuditRecord:
+                previous_champion: str | None, reason: str, evidence: str, now: datetime | None = None,
+                identity: str = "") -> AuditRecord:
     """The record that follows ``prev`` (``None`` = first record); pure apart from reading the clock."""
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}; use one of {list(ACTIONS)}")
@@ -108,6 +118,8 @@ def make_record(prev: AuditRecord | None, *, actor: str, role: str, action: str,
         "previous_champion": None if previous_champion is None else str(previous_champion), "reason": reason,
         "evidence_digest": evidence, "prev_hash": GENESIS if prev is None else prev.hash,
     }
+    if identity:
+        fields["identity"] = identity
     return AuditRecord(**fields, hash=record_hash(fields))
 
 

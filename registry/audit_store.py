@@ -207,7 +207,7 @@ class RegistryTrail:
 
     # --------------------------------------------------------------------------------------------------- append
     def append(self, *, actor: str, role: str, action: str, version: str, previous_champion: str | None,
-               reason: str, evidence: str) -> AuditRecord:
+               reason: str, evidence: str, identity: str = "") -> AuditRecord:
         """Verify the trail, upload the extended snapshot, then move the head tag to it. Callers that also change the
         registry hold :meth:`locked` around both (as :mod:`registry.governance` does); this locks appends itself."""
         with audit.locked(self._lock_file("append")):
@@ -215,7 +215,7 @@ class RegistryTrail:
             prev = AuditRecord.from_dict(records[-1]) if records else None
             rec = audit.make_record(prev, actor=actor, role=role, action=action, model=self.model,
                                     version=version, previous_champion=previous_champion, reason=reason,
-                                    evidence=evidence)
+                                    evidence=evidence, identity=identity)
             run = self._ensure_run(self._model_tags())
             body = _canonical_lines([*records, rec.to_dict()])
             with tempfile.TemporaryDirectory(prefix="defectops-audit-") as tmp:

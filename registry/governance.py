@@ -151,7 +151,7 @@ def _append(t: RegistryTrail, **fields: Any) -> AuditRecord:
 
 # ------------------------------------------------------------------------------------------------- decisions
 def approve(client: MlflowClient, model: str, version: str, *, actor: str, role: str, reason: str,
-            cfg: RegistryConfig, max_regression: float, lock_dir: Path) -> AuditRecord:
+            cfg: RegistryConfig, max_regression: float, lock_dir: Path, identity: str = "") -> AuditRecord:
     """Promote ``version`` (the gated ``challenger``) to ``champion``; raises :class:`GovernanceError` if refused."""
     _check_decider(role, reason, "approve a model version")
     version = str(version)
@@ -177,7 +177,7 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
             if failing:
                 raise GovernanceError(f"version {version} regresses against champion {champion} by more than "
                                       f"{max_regression}: {'; '.join(failing)}; retrain or reject it")
-        rec = _append(t, actor=actor, role=role, action="approve", version=version,
+        rec = _append(t, actor=actor, role=role, identity=identity, action="approve", version=version,
                            previous_champion=champion, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, version)
         client.delete_registered_model_alias(model, cfg.challenger_alias)
@@ -189,7 +189,7 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
 
 
 def reject(client: MlflowClient, model: str, version: str, *, actor: str, role: str, reason: str,
-           cfg: RegistryConfig, lock_dir: Path) -> AuditRecord:
+           cfg: RegistryConfig, lock_dir: Path, identity: str = "") -> AuditRecord:
     """Mark ``version`` rejected and take away its ``challenger`` alias; the champion cannot be rejected."""
     _check_decider(role, reason, "reject a model version")
     version = str(version)
@@ -199,7 +199,7 @@ def reject(client: MlflowClient, model: str, version: str, *, actor: str, role: 
         if _alias(client, model, cfg.champion_alias) == version:
             raise GovernanceError(f"version {version} of {model!r} is the '{cfg.champion_alias}'; use "
                                   "`defectops registry rollback` to replace it")
-        rec = _append(t, actor=actor, role=role, action="reject", version=version,
+        rec = _append(t, actor=actor, role=role, identity=identity, action="reject", version=version,
                            previous_champion=_alias(client, model, cfg.champion_alias), reason=reason,
                            evidence=_evidence(client, mv))
         if _alias(client, model, cfg.challenger_alias) == version:
@@ -225,7 +225,7 @@ def champion_history(records: list[dict[str, Any]]) -> list[str]:
 
 
 def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason: str, cfg: RegistryConfig,
-             lock_dir: Path) -> AuditRecord:
+             lock_dir: Path, identity: str = "") -> AuditRecord:
     """Move ``champion`` back to the champion it replaced, as recorded in the audit trail."""
     _check_decider(role, reason, "roll back the champion")
     t = trail(client, model, lock_dir)
@@ -245,7 +245,7 @@ def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason:
                                   "(alias moved outside governance); approve the intended version explicitly")
         target = stack[-2]
         mv = _version(client, model, target)
-        rec = _append(t, actor=actor, role=role, action="rollback", version=target,
+        rec = _append(t, actor=actor, role=role, identity=identity, action="rollback", version=target,
                            previous_champion=current, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, target)
         client.set_model_version_tag(model, current, T.REVIEW_STATUS, "rolled-back")

@@ -8,9 +8,7 @@ the same-host locks.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,8 +25,13 @@ Model = Annotated[str | None, typer.Option("--model", help="Registered model nam
 Uri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI,"
                                                                 " else sqlite:///<home>/mlflow.db).")]
 Reason = Annotated[str, typer.Option("--reason", help="Why (required; recorded in the audit trail).")]
-Actor = Annotated[str | None, typer.Option("--as", help="Who decides (default: $DEFECTOPS_USER, else the OS user).")]
-Role = Annotated[str, typer.Option("--role", help="Role of the actor; quality-lead or admin may decide.")]
+Actor = Annotated[str | None, typer.Option("--as", help="Who decides, embedded registry only (default: "
+                                                       "$DEFECTOPS_USER, else the OS user). A shared MLflow server "
+                                                       "takes the user from its authentication.")]
+Role = Annotated[str | None, typer.Option("--role", help="Role of the actor, embedded registry only (default "
+                                                         "ml-engineer); quality-lead or admin may decide. A shared "
+                                                         "MLflow server takes the role from the user's permission on "
+                                                         "the model (MANAGE: quality-lead).")]
 
 
 def _home() -> Path:
@@ -52,15 +55,19 @@ def _client(tracking_uri: str | None) -> Any:
     return client(uri)
 
 
-def _actor(actor: str | None) -> str:
-    return actor or os.environ.get("DEFECTOPS_USER") or getpass.getuser()
-
-
-def _decide(action: str, **kwargs: Any) -> None:
+def _decide(action: str, *, actor: str | None, role: str | None, **kwargs: Any) -> None:
+    """Run a governance decision under the decider's identity (:mod:`registry.identity`): on a shared registry the
+    authenticated MLflow user and the role from their permission, on the embedded one the declared local user."""
     from defectops.registry import governance
+    from defectops.registry.identity import IdentityError, resolve_identity
 
+    c = kwargs["client"]
     try:
-        rec = getattr(governance, action)(**kwargs)
+        who = resolve_identity(c.tracking_uri, kwargs["model"], declared_user=actor, declared_role=role)
+    except IdentityError as e:
+        raise fail(str(e), EXIT_USAGE) from None
+    try:
+        rec = getattr(governance, action)(actor=who.user, role=who.role, identity=who.source, **kwargs)
     except governance.GovernanceError as e:
         raise fail(str(e), EXIT_FAILURE) from None
     console.print(f"{action}: {escape(rec.model)} version {rec.version} (previous champion "
@@ -104,7 +111,7 @@ def show(version: Annotated[str, typer.Argument(help="Model version number.")], 
 
 @registry_app.command("approve")
 def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote to champion.")], reason: Reason,
-                actor: Actor = None, role: Role = "ml-engineer",
+                actor: Actor = None, role: Role = None,
                 max_regression: Annotated[float | None, typer.Option(
                     help="Allowed drop of macro and per-class recall against the champion (default: gates.)")]
                 = None,
@@ -113,7 +120,7 @@ def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote 
     from defectops.evaluation.gates import GateConfig
     from defectops.registry.config import RegistryConfig
 
-    _decide("approve", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
+    _decide("approve", client=_client(tracking_uri), model=_model(model), version=version, actor=actor,
             role=role, reason=reason, cfg=RegistryConfig(),
             max_regression=GateConfig().max_regression if max_regression is None else max_regression,
             lock_dir=_home())
@@ -121,21 +128,21 @@ def approve_cmd(version: Annotated[str, typer.Argument(help="Version to promote 
 
 @registry_app.command("reject")
 def reject_cmd(version: Annotated[str, typer.Argument(help="Version to reject.")], reason: Reason,
-               actor: Actor = None, role: Role = "ml-engineer", model: Model = None, tracking_uri: Uri = None) -> None:
+               actor: Actor = None, role: Role = None, model: Model = None, tracking_uri: Uri = None) -> None:
     """Reject VERSION: mark it rejected and remove its challenger alias."""
     from defectops.registry.config import RegistryConfig
 
-    _decide("reject", client=_client(tracking_uri), model=_model(model), version=version, actor=_actor(actor),
+    _decide("reject", client=_client(tracking_uri), model=_model(model), version=version, actor=actor,
             role=role, reason=reason, cfg=RegistryConfig(), lock_dir=_home())
 
 
 @registry_app.command("rollback")
-def rollback_cmd(reason: Reason, actor: Actor = None, role: Role = "ml-engineer", model: Model = None,
+def rollback_cmd(reason: Reason, actor: Actor = None, role: Role = None, model: Model = None,
                  tracking_uri: Uri = None) -> None:
     """Move champion back to the version it replaced (from the audit trail)."""
     from defectops.registry.config import RegistryConfig
 
-    _decide("rollback", client=_client(tracking_uri), model=_model(model), actor=_actor(actor), role=role,
+    _decide("rollback", client=_client(tracking_uri), model=_model(model), actor=actor, role=role,
             reason=reason, cfg=RegistryConfig(), lock_dir=_home())
 
 
