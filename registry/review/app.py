@@ -246,7 +246,7 @@ def create_app(settings: ReviewSettings) -> FastAPI:  # noqa: C901
             return await run_in_threadpool(candidate, request, model, version, 400, "choose approve or reject",
                                            data["reason"])
         kwargs: dict[str, Any] = {"actor": who.name, "role": who.role, "reason": data["reason"], "cfg": cfg,
-                                  "lock_dir": settings.lock_dir}
+                                  "lock_dir": settings.lock_dir, "identity": f"review-{who.via}"}
         if action == "approve":
             kwargs["max_regression"] = settings.max_regression
         try:
