@@ -148,12 +148,14 @@ def start_review_server(registry: dict, work: Path, *extra_args: str) -> Iterato
 
 @contextmanager
 def serve_in_thread(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its URL."""
+    """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its URL. Like ``defectops review``,
+    uvicorn's own X-Forwarded-For handling is off (the app decides which proxy to believe)."""
     import threading
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           proxy_headers=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

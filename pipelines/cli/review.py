@@ -67,6 +67,23 @@ def serve(
     max_regression: Annotated[float | None, typer.Option(
         help="Allowed drop of macro and per-class recall against the champion (default: gates.max_regression).")]
     = None,
+    trust_forwarded_for: Annotated[bool, typer.Option(
+        "--trust-forwarded-for", help="Count sign-in attempts per client address taken from X-Forwarded-For on "
+                                      "connections from --trusted-proxy addresses (implied by --trust-proxy-headers); "
+                                      "without it, behind a proxy, every client counts as the proxy's address.")]
+    = False,
+    sign_in_user_limit: Annotated[int, typer.Option(
+        min=0, help="Failed sign-ins per user name within --sign-in-window before it is locked (0: off).")] = 5,
+    sign_in_address_limit: Annotated[int, typer.Option(
+        min=0, help="Failed sign-ins per client address within --sign-in-window before it is locked (0: off).")]
+    = 20,
+    sign_in_window: Annotated[float, typer.Option(
+        min=1, help="Seconds over which failed sign-ins are counted.")] = 900,
+    sign_in_lockout: Annotated[float, typer.Option(
+        min=1, help="Seconds of the first lockout; each further lockout of the same user or address doubles it.")]
+    = 900,
+    sign_in_max_lockout: Annotated[float, typer.Option(
+        min=1, help="Longest lockout in seconds (the doubling stops there).")] = 4 * 3600,
 ) -> None:
     """Serve the review web app (http://HOST:PORT). Roles: ml-engineer may look; quality-lead and admin may also
     approve or reject (never a version they registered). Decisions and the audit trail are those of
@@ -77,7 +94,8 @@ def serve(
 
     from defectops.evaluation.gates import GateConfig
     from defectops.registry.review.app import ReviewSettings, create_app
-    from defectops.registry.review.auth import AuthError, ProxyAuth, load_or_create_secret
+    from defectops.registry.review.auth import ProxyAuth, load_or_create_secret
+    from defectops.registry.review.throttle import SignInLimits
 
     home = _home()
     uri = resolve_tracking_uri(tracking_uri, home)
@@ -88,16 +106,21 @@ def serve(
         raise fail(f"no users file at {users}: add a user with `defectops review add-user NAME --role quality-lead "
                    f"--users-file {users}` (or use --trust-proxy-headers behind an authenticating proxy)", EXIT_USAGE)
     try:
-        proxy = ProxyAuth.build(trust_proxy_headers, trusted_proxy or ["127.0.0.1", "::1"], user_header, role_header)
+        proxy = ProxyAuth.build(trust_proxy_headers, trusted_proxy or ["127.0.0.1", "::1"], user_header, role_header,
+                                forwarded_for=trust_forwarded_for)
         secret = load_or_create_secret(secret_file or home / "review" / "secret.key")
-    except AuthError as e:
+        sign_in = SignInLimits(user_failures=sign_in_user_limit, address_failures=sign_in_address_limit,
+                               window_s=sign_in_window, lockout_s=sign_in_lockout, max_lockout_s=sign_in_max_lockout)
+    except ValueError as e:  # AuthError, or a sign-in limit out of range
         raise fail(str(e), EXIT_USAGE) from None
     settings = ReviewSettings(tracking_uri=uri, secret=secret, lock_dir=home, users_file=users, proxy=proxy,
                               insecure_cookies=insecure_cookies, models=list(model or []),
                               max_regression=GateConfig().max_regression if max_regression is None
-                              else max_regression)
+                              else max_regression, sign_in=sign_in)
     console.print(f"review page on http://{host}:{port} (registry {uri}, users {users}"
-                  f"{', proxy headers trusted' if trust_proxy_headers else ''})", highlight=False)
+                  f"{', proxy headers trusted' if trust_proxy_headers else ''}; sign-in lockout after "
+                  f"{sign_in_user_limit} failures per user, {sign_in_address_limit} per address in "
+                  f"{sign_in_window:g} s)", highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", proxy_headers=False,
                 server_header=False)
 

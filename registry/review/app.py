@@ -16,6 +16,13 @@ bad token gets 403. The session cookie is signed, ``HttpOnly``, ``SameSite=Lax``
 built with ``insecure_cookies`` (plain-http development and tests on loopback only). Responses carry a strict
 Content-Security-Policy (no scripts at all; images only from this origin or ``data:``).
 
+Sign-in throttling (:mod:`registry.review.throttle`, limits in ``ReviewSettings.sign_in``): failed sign-ins are
+counted per user name and per client address (the socket peer, or the ``X-Forwarded-For`` client of a trusted proxy,
+see :meth:`ProxyAuth.client_address`); a locked attempt gets 429 with ``Retry-After`` and "Too many sign-in attempts;
+try again in N minutes." without its password being checked, and a wrong password or unknown user gets 401 "Wrong
+user name or password.", the same wording and the same scrypt work either way. Lockouts are logged (user name or
+address, and the attempt's user and address) at WARNING for the audit.
+
 Why: the quality lead is not an ML engineer; they need the evidence on one readable page (fits a 1366 px laptop
 screen) and one button, while authorisation and the audit trail stay exactly those of the CLI.
 """
@@ -23,6 +30,9 @@ screen) and one button, while authorisation and the audit trail stay exactly tho
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +51,7 @@ from defectops.registry import governance
 from defectops.registry.config import RegistryConfig
 from defectops.registry.review import evidence
 from defectops.registry.review.auth import CsrfTokens, Identity, ProxyAuth, UserStore, parse_form
+from defectops.registry.review.throttle import SignInLimits, SignInThrottle, retry_message
 
 __all__ = ["ReviewSettings", "create_app"]
 
@@ -66,6 +77,8 @@ class ReviewSettings:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     max_regression: float = 0.02
     session_max_age_s: int = 8 * 3600
+    sign_in: SignInLimits = field(default_factory=SignInLimits)
+    clock: Callable[[], float] = time.monotonic  # the sign-in throttle's clock (tests pass a fake one)
 
 
 class NotSignedIn(Exception):
@@ -102,6 +115,7 @@ def create_app(settings: ReviewSettings) -> FastAPI:  # noqa: C901
 
     client: MlflowClient = make_client(settings.tracking_uri)
     users = UserStore(settings.users_file)
+    throttle = SignInThrottle(settings.sign_in, settings.clock)
     csrf = CsrfTokens(settings.secret)
     cfg = settings.registry
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -186,13 +200,26 @@ def create_app(settings: ReviewSettings) -> FastAPI:  # noqa: C901
     async def login(request: Request) -> Response:
         data = await form(request, "username", "password", "next")
         check_csrf(request, data)
-        who = await run_in_threadpool(users.authenticate, data["username"], data["password"])
         target = data["next"] if data["next"].startswith("/") and not data["next"].startswith("//") else "/"
+        name = data["username"]
+        address = settings.proxy.client_address(request.client.host if request.client else None,
+                                                ",".join(request.headers.getlist("x-forwarded-for")) or None)
+        attempt = throttle.admit(name, address)
+        if attempt.refused:  # the same answer whoever the user is, and no password check
+            log.info("sign-in refused (locked) for %r from %s", name[:64], address)
+            response = page(request, "login.html", {"next": target, "login_error": retry_message(
+                attempt.retry_after_s)}, 429)
+            response.headers["Retry-After"] = str(math.ceil(attempt.retry_after_s))
+            return response
+        who = await run_in_threadpool(users.authenticate, name, data["password"])
         if who is None:
-            log.warning("failed sign-in for %r from %s", data["username"][:64],
-                        request.client.host if request.client else "?")
+            log.warning("failed sign-in for %r from %s", name[:64], address)
+            for lock in attempt.lockouts:
+                log.warning("sign-in lockout: %s %r locked for %d s after %d failed attempts (user %r from %s)",
+                            lock.kind, lock.key[:64], lock.seconds, lock.failures, name[:64], address)
             return page(request, "login.html", {"next": target, "login_error": "Wrong user name or password."},
                         401)
+        throttle.succeeded(attempt)
         request.session.clear()  # a fresh session (and CSRF nonce) on every sign-in
         request.session["user"] = who.name
         return RedirectResponse(target, status_code=303)

@@ -6,7 +6,9 @@ roles ``ml-engineer`` (may look), ``quality-lead`` and ``admin`` (may also decid
 user and compared in constant time; :func:`add_user` rewrites the file atomically with mode 0600. CSRF tokens are
 itsdangerous signatures of a random nonce kept in the (signed) session cookie, so a token is bound to one session
 and expires. Behind a reverse proxy that already authenticates people, :class:`ProxyAuth` may take the user and
-role from request headers, but only when explicitly enabled and only from the configured proxy addresses.
+role from request headers, but only when explicitly enabled and only from the configured proxy addresses; from the
+same addresses it may also take the client address (``X-Forwarded-For``) that sign-in throttling counts
+(:mod:`registry.review.throttle`).
 
 Why: the page moves the production model; anonymous use, a guessable password store or a cross-site form post must
 not be able to do that. Everything here is standard library plus itsdangerous (already a Starlette dependency).
@@ -225,38 +227,57 @@ class CsrfTokens:
 # ------------------------------------------------------------------------------------------------ proxy mode
 @dataclass(frozen=True)
 class ProxyAuth:
-    """Identity from a trusted reverse proxy's headers (off unless ``enabled``; only from ``trusted`` addresses)."""
+    """Identity from a trusted reverse proxy's headers (off unless ``enabled``; only from ``trusted`` addresses), and
+    the client address it forwards (``X-Forwarded-For``, used when ``enabled`` or ``forwarded_for``)."""
 
     enabled: bool = False
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default_factory=tuple)
     user_header: str = "X-Forwarded-User"
     role_header: str = "X-Forwarded-Role"
+    forwarded_for: bool = False
 
     @classmethod
     def build(cls, enabled: bool, trusted: Iterable[str], user_header: str = "X-Forwarded-User",
-              role_header: str = "X-Forwarded-Role") -> ProxyAuth:
+              role_header: str = "X-Forwarded-Role", forwarded_for: bool = False) -> ProxyAuth:
         try:
             nets = tuple(ipaddress.ip_network(t.strip(), strict=False) for t in trusted if t.strip())
         except ValueError as e:
             raise AuthError(f"trusted proxy address: {e}") from None
-        if enabled and not nets:
+        if (enabled or forwarded_for) and not nets:
             raise AuthError("proxy headers are enabled but no trusted proxy address is configured")
-        return cls(enabled, nets, user_header, role_header)
+        return cls(enabled, nets, user_header, role_header, forwarded_for)
+
+    def _trusted_peer(self, client_host: str | None) -> bool:
+        try:
+            peer = ipaddress.ip_address(client_host or "")
+        except ValueError:
+            return False
+        return any(peer in net for net in self.trusted)
 
     def identity(self, client_host: str | None, headers: Mapping[str, str]) -> Identity | None:
         """The identity the proxy asserts, or ``None`` (disabled, untrusted peer, missing or invalid headers)."""
-        if not self.enabled or not client_host:
-            return None
-        try:
-            peer = ipaddress.ip_address(client_host)
-        except ValueError:
-            return None
-        if not any(peer in net for net in self.trusted):
+        if not self.enabled or not self._trusted_peer(client_host):
             return None
         name, role = headers.get(self.user_header, "").strip(), headers.get(self.role_header, "").strip()
         if not NAME_RE.match(name) or role not in ROLES:
             return None
         return Identity(name, role, via="proxy")
+
+    def client_address(self, client_host: str | None, forwarded_for: str | None) -> str:
+        """The address the request comes from: the socket peer, or, when the peer is a trusted proxy and forwarded
+        addresses are trusted, the last ``X-Forwarded-For`` hop that is not itself a trusted proxy (earlier hops
+        are whatever the client wrote, so they are never believed)."""
+        peer = client_host or "unknown"
+        if not (self.enabled or self.forwarded_for) or not forwarded_for or not self._trusted_peer(client_host):
+            return peer
+        for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+            try:
+                ip = ipaddress.ip_address(hop)
+            except ValueError:
+                return peer  # a malformed hop: the proxy's own address is all that is known
+            if not any(ip in net for net in self.trusted):
+                return str(ip)
+        return peer
 
 
 def parse_form(body: bytes, fields: Sequence[str]) -> dict[str, str]:

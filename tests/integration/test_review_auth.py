@@ -2,22 +2,27 @@
 
 One real ``defectops review`` server (session fixture ``review_server``) serves most tests; the proxy-header and
 Secure-cookie variants run the same app with uvicorn in a thread. None of these tests changes the registry: every
-decision they post is refused (the browser test makes the one approval).
+decision they post is refused (the browser test makes the one approval). Sign-in throttling runs on a second real
+server with small limits (``throttled_server``), so its lockouts never touch the shared one, and on an app with a fake
+clock for the lockout's expiry.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from review_support import PASSWORDS, Client, ReviewServer, serve_in_thread
+from review_support import PASSWORDS, Client, Reply, ReviewServer, serve_in_thread, start_review_server
 from typer.testing import CliRunner
 
 from defectops.registry.mlflow_registry import client as make_client
 from defectops.registry.review.app import ReviewSettings, create_app
 from defectops.registry.review.auth import ProxyAuth, UserStore, load_or_create_secret, verify_password
+from defectops.registry.review.throttle import SignInLimits
 
 
 def _decision_path(server: ReviewServer, version: str | None = None) -> str:
@@ -211,3 +216,98 @@ def test_secret_file_is_created_private(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(ValueError, match="readable by others"):
         load_or_create_secret(path, env={})
+
+
+# --------------------------------------------------------------------------------------------- sign-in throttling
+WRONG = "Wrong user name or password."
+LOCKED = "Too many sign-in attempts; try again in 2 minutes."
+
+
+@pytest.fixture(scope="module")
+def throttled_server(review_registry: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewServer]:
+    """The real ``defectops review`` with small sign-in limits (3 per user, 5 per address, 120 s lockout) that counts
+    the X-Forwarded-For address of its trusted proxy (loopback, i.e. these tests), so each test is its own client."""
+    with start_review_server(review_registry, tmp_path_factory.mktemp("review-throttled"),
+                             "--sign-in-user-limit", "3", "--sign-in-address-limit", "5", "--sign-in-window", "600",
+                             "--sign-in-lockout", "120", "--trust-forwarded-for") as server:
+        yield server
+
+
+def _sign_in(url: str, name: str, password: str, address: str | None = None) -> tuple[Client, Reply]:
+    c = Client(url)
+    headers = {"X-Forwarded-For": address} if address else {}
+    token = c.get("/login", headers=headers).csrf()
+    return c, c.post("/login", {"csrf": token, "username": name, "password": password, "next": "/"},
+                     headers=headers)
+
+
+def _page(r: Reply) -> str:
+    """The page without its per-session CSRF token: what may differ between two answers."""
+    return re.sub(r'name="csrf" value="[^"]+"', 'name="csrf" value=""', r.body)
+
+
+def test_sign_in_lockout_does_not_reveal_whether_the_user_exists(throttled_server: ReviewServer) -> None:
+    url = throttled_server.url
+    known = [_sign_in(url, "quinn", "not-the-password", "198.51.100.1")[1] for _ in range(3)]
+    unknown = [_sign_in(url, "nobody", "not-the-password", "198.51.100.2")[1] for _ in range(3)]
+    for a, b in zip(known, unknown, strict=True):  # wrong password and unknown user: the same answer
+        assert (a.status, b.status) == (401, 401)
+        assert WRONG in a.body
+        assert _page(a) == _page(b)
+    c, right = _sign_in(url, "quinn", PASSWORDS["quinn"], "198.51.100.1")  # the right password, now refused
+    _, nobody = _sign_in(url, "nobody", "not-the-password", "198.51.100.2")
+    for r in (right, nobody):
+        assert r.status == 429
+        assert LOCKED in r.body
+        assert WRONG not in r.body
+        assert int(r.header("retry-after") or 0) in (119, 120)
+    assert _page(right) == _page(nobody)
+    assert c.get("/").status == 303  # not signed in
+    assert _sign_in(url, "quinn", PASSWORDS["quinn"], "198.51.100.3")[1].status == 429  # from any address
+    log = throttled_server.log.read_text()
+    assert "sign-in lockout: user 'quinn' locked for 120 s after 3 failed attempts (user 'quinn' from 198.51.100.1)" \
+        in log
+    assert "sign-in lockout: user 'nobody' locked for 120 s" in log
+
+
+def test_sign_in_address_limit_catches_user_name_spraying(throttled_server: ReviewServer) -> None:
+    url, addr = throttled_server.url, "198.51.100.20"
+    for _ in range(3):
+        assert _sign_in(url, "eng", "not-the-password", addr)[1].status == 401
+    assert _sign_in(url, "eng", PASSWORDS["eng"], addr)[1].status == 429  # eng is locked (and that is not counted)
+    ada, r = _sign_in(url, "ada", PASSWORDS["ada"], addr)  # another user from the same address still may
+    assert r.status == 303
+    assert ada.get("/").status == 200
+    assert _sign_in(url, "ada", "not-the-password", addr)[1].status == 401  # 4 failures from this address
+    assert _sign_in(url, "no-such-user", "not-the-password", addr)[1].status == 401  # 5: the address is locked
+    for name, password in (("ada", PASSWORDS["ada"]), ("eve", PASSWORDS["eve"]), ("someone", "x" * 12)):
+        r = _sign_in(url, name, password, addr)[1]
+        assert r.status == 429, name
+        assert LOCKED in r.body
+    assert _sign_in(url, "ada", PASSWORDS["ada"], "198.51.100.21")[1].status == 303  # other addresses are not
+    assert "sign-in lockout: address '198.51.100.20' locked for 120 s after 5 failed attempts (user 'no-such-user'" \
+        in throttled_server.log.read_text()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_sign_in_lockout_ends_on_the_app_clock_and_forged_forwarded_for_is_ignored(review_server: ReviewServer,
+                                                                                   tmp_path: Path) -> None:
+    clock = _Clock()
+    limits = SignInLimits(user_failures=10, address_failures=3, window_s=60, lockout_s=30, max_lockout_s=60)
+    settings = _settings(review_server, tmp_path, insecure_cookies=True, sign_in=limits, clock=clock)
+    with serve_in_thread(create_app(settings)) as url:
+        for i, name in enumerate(("amy", "bob", "quinn")):  # a different forged client address each time
+            assert _sign_in(url, name, "not-the-password", f"192.0.2.{i}")[1].status == 401
+        r = _sign_in(url, "quinn", PASSWORDS["quinn"], "192.0.2.99")[1]
+        assert r.status == 429  # no trusted proxy: every attempt counted for the socket peer (127.0.0.1)
+        assert r.header("retry-after") == "30"
+        assert "try again in 1 minute." in r.body
+        clock.t += 30
+        assert _sign_in(url, "quinn", PASSWORDS["quinn"])[1].status == 303
