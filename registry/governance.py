@@ -10,7 +10,10 @@ for the MLflow UI (and as a cross-check of the trail).
 Why: the pipeline may only nominate (``challenger``); putting a model on the production line is a human decision
 that must be authorised, explained and reconstructible. Decisions on one model are serialised by an ``fcntl`` lock
 in ``lock_dir`` (per host) and every check re-reads the registry under that lock, so two concurrent approvals on one
-host cannot leave two champions or a forked trail (see :mod:`registry.audit_store` for the cross-host limit).
+host cannot leave two champions or a forked trail. Across hosts, each decision reads the trail head before its checks
+and appends only after that head (``after=``): on an S3 artifact store that is a conditional put, so of two hosts
+deciding at once exactly one records its decision and the other is refused before changing anything (see
+:mod:`registry.audit_store` for the stores where that is not available).
 
 Refusals are :class:`GovernanceError` subclasses so that callers (the CLI, the review web app) can map them to exit
 codes or HTTP statuses without re-implementing the rules: :class:`InvalidDecision` (a missing reason),
@@ -142,10 +145,19 @@ def _mirror(client: MlflowClient, model: str, version: str, rec: AuditRecord) ->
     client.set_model_version_tag(model, version, f"{T.AUDIT_PREFIX}{rec.seq}", value)
 
 
+def _head(t: RegistryTrail) -> str:
+    """The trail head a decision is based on: read before the registry checks, so that a decision recorded by
+    another host in between makes the append after it fail (compare-and-set on S3) instead of forking the trail."""
+    try:
+        return t.head_hash()
+    except AuditError as e:
+        raise GovernanceError(str(e)) from None
+
+
 def _append(t: RegistryTrail, **fields: Any) -> AuditRecord:
     try:
         return t.append(**fields)
-    except AuditError as e:
+    except AuditError as e:  # TrailConflict included: another decision was recorded first, nothing changed
         raise GovernanceError(str(e)) from None
 
 
@@ -157,6 +169,7 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
     version = str(version)
     t = trail(client, model, lock_dir)
     with t.locked():
+        head = _head(t)
         mv = _version(client, model, version)
         tags = dict(mv.tags)
         if tags.get(T.GATES_PASSED) != "true":
@@ -177,8 +190,8 @@ def approve(client: MlflowClient, model: str, version: str, *, actor: str, role:
             if failing:
                 raise GovernanceError(f"version {version} regresses against champion {champion} by more than "
                                       f"{max_regression}: {'; '.join(failing)}; retrain or reject it")
-        rec = _append(t, actor=actor, role=role, identity=identity, action="approve", version=version,
-                           previous_champion=champion, reason=reason, evidence=_evidence(client, mv))
+        rec = _append(t, after=head, actor=actor, role=role, identity=identity, action="approve", version=version,
+                      previous_champion=champion, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, version)
         client.delete_registered_model_alias(model, cfg.challenger_alias)
         for k, v in {"review_status": "approved", "reviewer": actor, "review_reason": reason,
@@ -195,13 +208,14 @@ def reject(client: MlflowClient, model: str, version: str, *, actor: str, role: 
     version = str(version)
     t = trail(client, model, lock_dir)
     with t.locked():
+        head = _head(t)
         mv = _version(client, model, version)
         if _alias(client, model, cfg.champion_alias) == version:
             raise GovernanceError(f"version {version} of {model!r} is the '{cfg.champion_alias}'; use "
                                   "`defectops registry rollback` to replace it")
-        rec = _append(t, actor=actor, role=role, identity=identity, action="reject", version=version,
-                           previous_champion=_alias(client, model, cfg.champion_alias), reason=reason,
-                           evidence=_evidence(client, mv))
+        rec = _append(t, after=head, actor=actor, role=role, identity=identity, action="reject", version=version,
+                      previous_champion=_alias(client, model, cfg.champion_alias), reason=reason,
+                      evidence=_evidence(client, mv))
         if _alias(client, model, cfg.challenger_alias) == version:
             client.delete_registered_model_alias(model, cfg.challenger_alias)
         for k, v in {"review_status": "rejected", "reviewer": actor, "review_reason": reason,
@@ -245,8 +259,9 @@ def rollback(client: MlflowClient, model: str, *, actor: str, role: str, reason:
                                   "(alias moved outside governance); approve the intended version explicitly")
         target = stack[-2]
         mv = _version(client, model, target)
-        rec = _append(t, actor=actor, role=role, identity=identity, action="rollback", version=target,
-                           previous_champion=current, reason=reason, evidence=_evidence(client, mv))
+        head = str(records[-1]["hash"]) if records else audit.GENESIS
+        rec = _append(t, after=head, actor=actor, role=role, identity=identity, action="rollback", version=target,
+                      previous_champion=current, reason=reason, evidence=_evidence(client, mv))
         client.set_registered_model_alias(model, cfg.champion_alias, target)
         client.set_model_version_tag(model, current, T.REVIEW_STATUS, "rolled-back")
         for k, v in {"reviewer": actor, "review_reason": reason, "decided_at": rec.time,
@@ -264,8 +279,8 @@ def record_register(client: MlflowClient, model: str, version: str, *, actor: st
     with t.locked():
         mv = _version(client, model, version)
         rec = _append(t, actor=actor, role=role, action="register", version=version,
-                           previous_champion=_alias(client, model, RegistryConfig().champion_alias),
-                           reason=mv.description or "registered by the pipeline", evidence=_evidence(client, mv))
+                      previous_champion=_alias(client, model, RegistryConfig().champion_alias),
+                      reason=mv.description or "registered by the pipeline", evidence=_evidence(client, mv))
         client.set_model_version_tag(model, version, T.REGISTERED_BY, actor)
         _mirror(client, model, version, rec)
         return rec
