@@ -17,7 +17,7 @@ from defectops.core.taxonomy import DEFECT_TYPES, TaskKind
 from defectops.pipelines.context import Reporter, StepContext, StepError
 from defectops.pipelines.steps.pull_data import pull_data
 from defectops.pipelines.steps.validate_data import validate_data
-from defectops.training.config import AnomalyConfig, DataConfig, SplitConfig, ValidationConfig
+from defectops.training.config import AnomalyConfig, DataConfig, DataSource, SplitConfig, ValidationConfig
 from defectops.training.importers import import_folder
 from defectops.training.snapshot import PathEscapesRoot, deeppcb_samples, escape_reason, load_snapshot, write_snapshot
 from defectops.training.validation import bad_file_budget, check_image, validate_snapshot
@@ -190,7 +190,7 @@ class _Log(Reporter):
 def test_validate_data_warns_within_the_budget_and_fails_over_it(tmp_path: Path) -> None:
     root = _dataset(tmp_path / "solder", 60)  # 120 samples, 60 a class: budget min(1, 6) = 1
     (root / "short" / "s7.png").write_bytes((root / "short" / "s7.png").read_bytes()[:40])  # truncated
-    data = DataConfig(source="folder", root=str(root), good_class="normal")
+    data = DataConfig(source=DataSource.folder, root=str(root), good_class="normal")
     data.shortcut.enabled = False
     log = _Log()
     ctx = StepContext("run", tmp_path / "run", tmp_path / "home", "x", log)

@@ -86,14 +86,14 @@ def test_good_files_pass(base: Path, fmt: str) -> None:
     assert _check(path, root=path.parent) == (None, _check(path)[1])
 
 
-_NAME_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00\\")
+_NAME_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="/\x00\\")
 
 
 @st.composite
 def _names(draw: st.DrawFn) -> str:
     """File stems: unicode, spaces, leading dots, up to the 255-byte limit of a name with its ``.png``."""
     stem = draw(st.one_of(st.text(_NAME_CHARS, min_size=1, max_size=30),
-                          st.text(st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="/\\"),
+                          st.text(st.characters(min_codepoint=32, max_codepoint=126, exclude_characters="/\\"),
                                   min_size=200, max_size=251),
                           st.from_regex(r"\A[ .]{0,3}[a-z ]{1,8}\Z")))
     assume(len((stem + ".png").encode("utf-8")) <= 255 and stem not in (".", ".."))
