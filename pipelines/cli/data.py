@@ -102,6 +102,11 @@ def import_folder_cmd(
     if found.ignored:
         console.print(f"[yellow]ignored {len(found.ignored)} files[/] (hidden, not images, or outside class folders): "
                       + ", ".join(found.ignored[:5]) + (" ..." if len(found.ignored) > 5 else ""), highlight=False)
+    if found.escaped:
+        console.print(f"[yellow]{len(found.escaped)} symlinks lead outside {root}[/] and are never opened (image "
+                      "names stay in the manifest for validation to quarantine): "
+                      + "; ".join(f"{p}: {r}" for p, r in list(found.escaped.items())[:5])
+                      + (" ..." if len(found.escaped) > 5 else ""), highlight=False)
     _write(out, found.samples, found.classes, root.resolve())
     write_json(out / "duplicates.json", found.duplicates.to_dict())
     console.print(f"{found.duplicates.summary()}; list in {out / 'duplicates.json'}", highlight=False)

@@ -238,8 +238,8 @@ def test_intervals_next_to_headline_figures(tmp_path: Path) -> None:
 def test_quarantined_samples_are_listed_with_their_reasons_escaped(tmp_path: Path) -> None:
     metrics, gates, curves = _inputs(("ok", "bad"))
     validation = {"total": 120, "bad": 1, "bad_file_budget": 1, "bad_file_budget_rule": "min of 1% and 10%",
-                  "quarantined": [{"index": 7, "path": "short/<s7>.png", "kind": "invalid",
-                                   "reason": "path 'short/<s7>.png' escapes the dataset root (symlink to /etc/passwd)"}]}
+                  "quarantined": [{"index": 7, "path": "short/<s7>.png", "kind": "invalid", "reason":
+                                   "path 'short/<s7>.png' escapes the dataset root (symlink to /etc/passwd)"}]}
     html = render_report(tmp_path / "r.html", title="t", metrics=metrics, gates=gates, curves=curves, info={},
                          quarantine=validation).read_text()
     assert 'id="quarantine"' in html and "1 of 120 samples were left out" in html
