@@ -276,6 +276,7 @@ def _context(
     intervals: ClassificationIntervals | None = None,
     split_note: str = "",
     shortcut: ShortcutReport | None = None,
+    quarantine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     def bounds(iv: Any) -> str:
         return "" if iv is None else str(iv.format_bounds(4))
@@ -355,7 +356,20 @@ def _context(
         "misses": gallery,
         "sections": [(str(t), markupsafe.Markup(body)) for t, body in sections],
         "shortcut": _shortcut_context(shortcut),
+        "quarantine": _quarantine_context(quarantine),
     }
+
+
+def _quarantine_context(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``validate_data`` report (``validation.json``) as the "Quarantined samples" section; None when nothing was
+    quarantined (or no report)."""
+    if not v or not v.get("quarantined"):
+        return None
+    rows = [(str(q.get("path", "")), str(q.get("kind", "")), str(q.get("reason", ""))) for q in v["quarantined"]]
+    budget = v.get("bad_file_budget")
+    note = (f"{v.get('bad', len(rows))} bad (label conflicts aside) against a bad-file budget of {budget} "
+            f"({v.get('bad_file_budget_rule', '')})" if budget is not None else "")
+    return {"count": len(rows), "total": v.get("total"), "rows": rows, "note": note}
 
 
 def _shortcut_context(s: ShortcutReport | None) -> dict[str, Any] | None:
@@ -410,6 +424,7 @@ def render_report(
     intervals: ClassificationIntervals | None = None,
     split_note: str = "",
     shortcut: ShortcutReport | None = None,
+    quarantine: Mapping[str, Any] | None = None,
 ) -> Path:
     """Render the evaluation report to ``path`` (created or replaced atomically) and return ``path``.
 
@@ -421,13 +436,14 @@ def render_report(
     brackets next to macro recall, the two rates and each class's recall; ``split_note`` is a sentence under the
     metrics saying which split the figures come from and what the brackets are. ``shortcut`` (the
     ``validate_data`` step's :class:`evaluation.shortcut.ShortcutReport`) adds a "Shortcut check" section, and a
-    banner at the top when it warns that metadata predicts the class.
+    banner at the top when it warns that metadata predicts the class. ``quarantine`` (``validation.json`` of the
+    ``validate_data`` step) adds a "Quarantined samples" section listing each sample left out with its reason.
     """
     path = Path(path)
     html = _template().render(
         **_context(
             title=title, metrics=metrics, gates=gates, curves=curves, info=info, misses=misses, sections=sections,
-            intervals=intervals, split_note=split_note, shortcut=shortcut,
+            intervals=intervals, split_note=split_note, shortcut=shortcut, quarantine=quarantine,
         )
     )
     _atomic_write_text(path, html)

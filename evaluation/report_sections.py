@@ -44,6 +44,16 @@ def read_shortcut(f: Path) -> ShortcutReport | None:
         return None
 
 
+def read_validation(f: Path) -> dict[str, Any] | None:
+    """validate_data's report (``validation.json``: the quarantined samples with their reasons) for the report, or
+    None when missing or unreadable."""
+    try:
+        doc = read_json(f) if f.is_file() else None
+    except (ValueError, TypeError, OSError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def split_note(n_crops: int, intervals: ClassificationIntervals | None) -> str:
     """The report's sentence on where the figures come from and what their intervals are."""
     text = f"All figures are on the held-out test split ({n_crops} crops); training and selection use train and val."

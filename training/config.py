@@ -155,8 +155,16 @@ boxes."""
 class ValidationConfig:
     """Snapshot validation limits.
 
-    ``max_bad_fraction`` bounds the samples quarantined as unusable or leaking (corrupt, oversized, unknown label,
-    the same content in two splits ...); ``max_conflict_fraction`` bounds, separately, the samples quarantined as
+    The bad-file budget bounds the samples quarantined as unusable or leaking (corrupt, truncated, oversized, escaping
+    the dataset root, unknown label, the same content in two splits ...): at most
+    ``min(floor(max_bad_fraction * samples), floor(max_class_loss * samples of the smallest class))``
+    (:func:`training.validation.bad_file_budget`; classes are the manifest labels, all board pairs one class). So a
+    few bad files in a large dataset (1 %) are quarantined, listed as a warning and in the report, and the run goes
+    on, but never so many that a class could lose more than ``max_class_loss`` (10 %) of its samples, however they
+    fall; a class of fewer than 10 samples tolerates none. Over the budget ``validate_data`` fails naming the budget
+    and the first reason. ``max_bad_fraction=0`` restores "one bad file fails the run".
+
+    ``max_conflict_fraction`` bounds, separately, the samples quarantined as
     label conflicts (the same content under two labels; every copy is quarantined). Conflicts are counted apart
     because they are a question about labels, not broken data: quarantining every copy already keeps the ambiguity
     out of training and evaluation, and a few are usual in hand-sorted crop exports, so the first run on such a
@@ -166,7 +174,8 @@ class ValidationConfig:
 
     max_image_pixels: int = 4096 * 4096
     max_file_bytes: int = 50 * 1024 * 1024
-    max_bad_fraction: float = 0.0
+    max_bad_fraction: float = 0.01
+    max_class_loss: float = 0.1
     max_conflict_fraction: float = 0.02
 
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from defectops.core.fsutil import sha256_file
 from defectops.training.config import DedupConfig
-from defectops.training.snapshot import SPLITS, assign_split
+from defectops.training.snapshot import SPLITS, assign_split, escape_reason
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class FolderImport:
     classes: list[str]
     ignored: list[str]
     duplicates: Duplicates = field(default_factory=Duplicates)
+    escaped: dict[str, str] = field(default_factory=dict)
+    """Symlinks leading outside the root (path -> reason), never followed or opened: see :func:`import_folder`."""
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.samples, self.classes, self.ignored))
@@ -98,7 +100,7 @@ class _File(NamedTuple):
     rel: str
     label: str
     split: str | None  # the split folder's split, None when assigned by hash
-    sha256: str
+    sha256: str  # "" for a symlink out of the root: never opened, left for validation to quarantine
 
 
 def _hidden(name: str) -> bool:
@@ -126,6 +128,7 @@ class _Walker:
         self.root = root
         self.extensions = extensions
         self.ignored: list[str] = []
+        self.escaped: dict[str, str] = {}  # symlinks leading outside root, never followed: path -> reason
         self._seen: set[tuple[int, int]] = set()
 
     def entries(self, rel: str) -> tuple[list[str], list[str]]:
@@ -140,7 +143,10 @@ class _Walker:
         with os.scandir(folder) as it:
             for e in sorted(it, key=lambda e: e.name):
                 sub = f"{rel}/{e.name}" if rel else e.name
-                if _hidden(e.name):
+                reason = escape_reason(self.root, sub) if e.is_symlink() else None
+                if reason:  # checked from the link alone: what it points to is never stat'ed, listed or opened
+                    self.escaped[sub] = reason
+                elif _hidden(e.name):
                     self.ignored.append(_printable(sub + ("/" if e.is_dir() else "")))
                 elif e.is_dir():
                     dirs.append(e.name)
@@ -185,7 +191,14 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,  # noqa: C9
       is not one of them).
     * ``ignored``: relative paths skipped (sorted): hidden files and folders (``.name``, ``__MACOSX``, ``@eaDir``),
       files without an image extension (case-insensitive), files outside any class folder, broken symlinks and
-      repeated symlinked folders. Folders end with ``/``. Also logged.
+      repeated symlinked folders, and symlinks leading outside ``root`` that are not image samples. Folders end
+      with ``/``. Also logged.
+    * ``escaped``: every symlink found that leads outside ``root`` (to a file or a folder), path -> reason
+      (``escapes the dataset root (symlink to /etc/passwd)``). Dataset roots are closed: such a link is never
+      followed, listed or opened. One named like an image inside a class folder stays in ``samples`` without a
+      ``sha256`` (and outside any duplicate group), so validation quarantines it with that reason like any other
+      bad file; the others are ``ignored``. Logged as a warning. Symlinks that stay inside ``root`` are followed.
+      A hard link to a file outside ``root`` cannot be told from a dataset file by its path and is read as one.
     * ``duplicates``: :class:`Duplicates`, what was dropped, grouped and found conflicting. Also logged.
 
     Splits: if ``root`` holds split folders (``train``, ``val``/``valid``/``validation``, ``test``, any case) each
@@ -245,10 +258,16 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,  # noqa: C9
         if first != folder:
             raise ValueError(f"class folders {first!r} and {folder!r} of {root} have the same name up to Unicode "
                              "normalisation: merge them")
+        escaped_before = set(walker.escaped)
         for rel in walker.images(folder):
             found.append(_File(rel, label, split, sha256_file(root / rel)))
             total[label] += 1
             train[label] += split in (None, "train")
+        for rel in sorted(set(walker.escaped) - escaped_before):
+            if os.path.splitext(rel)[1].lower() in exts:  # an image by name: a sample that validation quarantines
+                found.append(_File(_utf8(rel, root), label, split, ""))
+                total[label] += 1
+                train[label] += split in (None, "train")
     for (_, label), folder in folder_of.items():
         if not total[label]:
             raise ValueError(f"class folder {root / folder} holds no images: add {'/'.join(sorted(exts))} files or "
@@ -263,7 +282,13 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,  # noqa: C9
         if good_class not in classes:
             raise ValueError(f"good_class {good_class!r} is not a class folder of {root}: found {classes}")
         classes = [good_class, *(c for c in classes if c != good_class)]
+    sampled = {f.rel for f in found if not f.sha256}
+    walker.ignored += [_printable(p) for p in walker.escaped if p not in sampled]
     ignored = sorted(walker.ignored)
+    if walker.escaped:
+        log.warning("import_folder %s: %d symlinks lead outside the dataset root and are never opened (%d image "
+                    "samples left for validation to quarantine, the rest ignored): %s", root, len(walker.escaped),
+                    len(sampled), "; ".join(f"{_printable(p)}: {r}" for p, r in list(walker.escaped.items())[:5]))
     if ignored:
         stray = [p for p in ignored if os.path.splitext(p)[1].lower() in exts]
         (log.warning if stray else log.info)(
@@ -277,13 +302,15 @@ def import_folder(root: Path, *, val: float, test: float, seed: int,  # noqa: C9
     if any(c.values()):
         (log.warning if c["label_conflicts"] or c["leaks"] else log.info)("import_folder %s: %s", root,
                                                                           duplicates.summary())
-    return FolderImport(samples, classes, ignored, duplicates)
+    return FolderImport(samples, classes, ignored, duplicates,
+                        {_printable(p): r for p, r in sorted(walker.escaped.items())})
 
 
 def _deduplicate(found: list[_File], root: Path, *, val: float, test: float, seed: int, dedup: DedupConfig,
                  source: str) -> tuple[list[dict[str, Any]], Duplicates]:
     """Manifest samples (sorted by path) of ``found`` with copies within a class dropped and splits drawn per group."""
-    found = sorted(found, key=lambda f: f.rel)
+    escaped = [f for f in found if not f.sha256]  # never opened: no content to group by
+    found = sorted((f for f in found if f.sha256), key=lambda f: f.rel)
     kept: list[_File] = []
     dropped: list[dict[str, str]] = []
     first_of: dict[tuple[str | None, str, str], str] = {}
@@ -322,6 +349,10 @@ def _deduplicate(found: list[_File], root: Path, *, val: float, test: float, see
         if len(members[key_of[f.sha256]]) > 1:
             sample["group"] = f"dup-{key_of[f.sha256][:16]}"
         samples.append(sample)
+    for f in escaped:
+        samples.append({"path": f.rel, "label": f.label, "split": f.split or assign_split(f"path:{f.rel}", val, test,
+                                                                                         seed), "source": source})
+    samples.sort(key=lambda x: str(x["path"]))
     multi = [{"group": f"dup-{key[:16]}", "kind": "near" if len({f.sha256 for f in fs}) > 1 else "exact",
               "paths": [f.rel for f in fs], "labels": sorted({f.label for f in fs}),
               "splits": sorted({split_of[f.rel] for f in fs})}

@@ -378,6 +378,8 @@ def push_snapshot(snapshot_dir: Path, uri: str, *, workers: int = 8, client: S3C
         raise ValueError(f"snapshot {snap.dir} is inconsistent: its manifest hashes to {fp} but {META} says "
                          f"{snap.fingerprint}: re-create the snapshot")
     files = _manifest_files(snap.samples, where)
+    for rel in files:  # PathEscapesRoot for a symlink out of the files root, before anything is read or uploaded
+        snap.file(rel)
     client = client if client is not None else s3_client()
     _check_bucket(client, bucket)
 

@@ -20,7 +20,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from defectops.core.fsutil import read_json, sha256_file, write_json, write_text
@@ -34,6 +34,55 @@ SPLITS = ("train", "val", "test")
 GROUP_BY = ("none", "design")
 
 
+class PathEscapesRoot(ValueError):
+    """A manifest path that leads outside its dataset root (``..``, an absolute path, or a symlink out)."""
+
+
+def escape_reason(root: Path, rel: object) -> str | None:
+    """Why ``root/rel`` is not inside ``root`` (both resolved, symlinks followed), or None when it is.
+
+    Dataset roots are closed: a sample path that is absolute, holds ``..``, or passes through a symlink (the file
+    itself or any folder on the way) whose target resolves outside ``root`` escapes; a symlink that stays inside
+    ``root`` is fine. Only ``lstat`` and ``readlink`` are used: nothing the path leads to is opened. Reasons read
+    ``escapes the dataset root (symlink to /etc/passwd)``.
+
+    Limits: a *hard* link to a file outside the root is indistinguishable by path from a file of the dataset (it is
+    the same inode under a second name), so it cannot be detected here; keep datasets on a file system the data's
+    owners control. The check and a later open are not atomic: a symlink swapped in between is not seen.
+    """
+    if not isinstance(rel, str) or not rel:
+        return f"path {rel!r} is not a relative file path"
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
+        return "escapes the dataset root (absolute path)"
+    if ".." in parts:
+        return "escapes the dataset root ('..' in the path)"
+    try:
+        real_root = Path(root).resolve()
+        cur = real_root
+        for n, part in enumerate(parts, 1):
+            cur = cur / part
+            if cur.is_symlink():
+                target = cur.resolve()
+                if not target.is_relative_to(real_root):
+                    where = "symlink" if n == len(parts) else f"{'/'.join(parts[:n])} is a symlink"
+                    return f"escapes the dataset root ({where} to {target})"
+                cur = target
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long ...
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return f"path cannot be resolved inside the dataset root ({type(e).__name__}: {detail[:120]})"
+    return None
+
+
+def resolve_inside(root: Path, rel: str) -> Path:
+    """``root / rel`` after checking that it stays inside ``root`` (:func:`escape_reason`); ``PathEscapesRoot``
+    naming the path and the reason otherwise."""
+    reason = escape_reason(root, rel)
+    if reason:
+        raise PathEscapesRoot(f"{rel!r} {reason}")
+    return Path(root) / rel
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A snapshot on disk: where its manifest lives and where its files are read from."""
@@ -45,7 +94,9 @@ class Snapshot:
     samples: tuple[dict[str, Any], ...]
 
     def file(self, rel: str) -> Path:
-        return self.files_root / rel
+        """``files_root / rel``; ``PathEscapesRoot`` when that leads outside ``files_root`` (``..``, an absolute path,
+        a symlink out: :func:`escape_reason`), so no caller opens a file outside the dataset by accident."""
+        return resolve_inside(self.files_root, rel)
 
 
 def canonical_manifest(samples: Iterable[dict[str, Any]]) -> str:
@@ -206,7 +257,10 @@ def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: s
                     hash_files: bool = True) -> list[dict[str, Any]]:
     """Manifest entries for the pairs listed in a DeepPCB-format list file (``group/N/STEM.jpg group/N_not/STEM.txt``).
 
-    Box labels are DeepPCB's type names; a missing or malformed annotation raises ``ValueError`` naming the file.
+    Box labels are DeepPCB's type names; a missing or malformed annotation raises ``ValueError`` naming the file, as
+    does an annotation or list file outside ``root``. A tested image or template leading outside ``root`` (``..``, a
+    symlink out) is never opened: its pair is listed without that checksum and validation quarantines it with the
+    reason (:func:`escape_reason`).
     Splits follow ``split`` (:func:`assign_splits`): per pair by a hash of the image name, or by board design (the
     list's first folder, ``groupNNNNN``).
     """
@@ -214,6 +268,8 @@ def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: s
 
     check_split_config(split)
     root = Path(root)
+    if reason := escape_reason(root, list_file):
+        raise ValueError(f"list file {list_file!r} {reason}: keep it inside data.root")
     list_path = root / list_file
     if not list_path.is_file():
         raise FileNotFoundError(f"list file {list_path} not found: set data.root to a DeepPCB-format folder "
@@ -228,6 +284,8 @@ def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: s
         image, ann = parts
         stem = image[: -len(".jpg")] if image.endswith(".jpg") else image
         tested, template = f"{stem}_test.jpg", f"{stem}_temp.jpg"
+        if reason := escape_reason(root, ann):
+            raise ValueError(f"{list_path} line {n}: annotation {ann!r} {reason}")
         boxes = [[b.x1, b.y1, b.x2, b.y2, b.label] for b in read_deeppcb_annotations(root / ann)]
         entry: dict[str, Any] = {
             "path": tested, "template": template, "annotation": ann, "label": BOARD_LABEL, "boxes": boxes,
@@ -235,6 +293,8 @@ def deeppcb_samples(root: Path, list_file: str, split: SplitConfig, *, source: s
         }
         if hash_files:
             for key, rel in (("sha256", tested), ("template_sha256", template)):
+                if escape_reason(root, rel):
+                    continue  # never opened: validation quarantines the pair with the reason
                 p = root / rel
                 if not p.is_file():
                     raise FileNotFoundError(f"{p} listed in {list_path} line {n} does not exist")

@@ -10,15 +10,22 @@ quarantined, since which label is right is a question for whoever labelled it). 
 Each quarantined sample has a ``kind``: ``conflict`` (label conflict), ``leakage``, ``duplicate`` (twice in one
 split: the folder importer keeps such copies once, so this comes from snapshots built elsewhere) or ``invalid``.
 Conflicts are counted apart from the rest (:attr:`ValidationReport.conflict_fraction` against
-``max_conflict_fraction``, :attr:`ValidationReport.bad_fraction` against ``max_bad_fraction``); see
-:class:`training.config.ValidationConfig` for why.
+``max_conflict_fraction``; the rest, :attr:`ValidationReport.bad`, against the bad-file budget of
+:func:`bad_file_budget`); see :class:`training.config.ValidationConfig` for why.
+
+Dataset roots are closed: a sample (or template) path that leads outside the snapshot's files root, through ``..``,
+an absolute path or a symlink (to a file or to a folder) whose target lies outside, is quarantined with a reason such
+as ``escapes the dataset root (symlink to /etc/passwd)`` and never opened or stat'ed beyond ``lstat``; symlinks that
+stay inside the root are followed (:func:`training.snapshot.escape_reason`). A hard link to a file outside the root
+cannot be told from a dataset file by its path and is not detected.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,7 @@ from PIL import Image
 from defectops.core.fsutil import sha256_file
 from defectops.training.config import ValidationConfig
 from defectops.training.images import ImageError, load_image
-from defectops.training.snapshot import BOARD_LABEL, SPLITS, Snapshot
+from defectops.training.snapshot import BOARD_LABEL, SPLITS, Snapshot, escape_reason
 
 CONFLICT, LEAKAGE, DUPLICATE, INVALID = "conflict", "leakage", "duplicate", "invalid"
 
@@ -41,19 +48,70 @@ class Quarantined:
     kind: str = INVALID
 
 
+def bad_file_budget(total: int, class_counts: Mapping[str, int], max_bad_fraction: float,
+                    max_class_loss: float) -> int:
+    """How many samples may be quarantined as bad (any kind but a label conflict) before validation fails.
+
+    ``min(floor(max_bad_fraction * total), min over classes c of floor(max_class_loss * class_counts[c]))``, classes
+    with no sample left out (and the class term left out when no class has a sample), never below 0. The second term
+    bounds the total by what the *smallest* class can lose, so however the bad files fall, no class loses more than
+    ``max_class_loss`` of its samples. With the defaults (0.01, 0.1): 1 bad file in 100 samples, 10 in 1,000 unless the
+    smallest class has fewer than 100 samples; 0 when the smallest class has fewer than 10. A pure function;
+    ``ValueError`` for fractions outside [0, 1] or negative counts.
+    """
+    if not (0.0 <= max_bad_fraction <= 1.0 and 0.0 <= max_class_loss <= 1.0):
+        raise ValueError(f"max_bad_fraction={max_bad_fraction} and max_class_loss={max_class_loss} must lie in [0, 1]")
+    if total < 0 or any(n < 0 for n in class_counts.values()):
+        raise ValueError("sample counts cannot be negative")
+    eps = 1e-9  # 0.29 * 100 is 28.999999999999996 in floating point
+    budget = math.floor(max_bad_fraction * total + eps)
+    sizes = [n for n in class_counts.values() if n > 0]
+    if sizes:
+        budget = min(budget, math.floor(max_class_loss * min(sizes) + eps))
+    return max(0, budget)
+
+
+def class_counts(snap: Snapshot) -> dict[str, int]:
+    """Samples per class of the manifest (``label``; board pairs all count under ``board``); labels that are not
+    classes (quarantined as unknown) are left out."""
+    known = {*snap.classes, BOARD_LABEL}
+    return dict(Counter(str(s.get("label")) for s in snap.samples if s.get("label") in known))
+
+
 @dataclass
 class ValidationReport:
     total: int
     accepted: list[int] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
+    budget: int | None = None
+    """The bad-file budget (:func:`bad_file_budget`) the report is judged against; None: not computed."""
+    budget_rule: str = ""
+    """How ``budget`` was reached, for messages: ``min(1% of 300 samples, 10% of the smallest class 'short' (40))``."""
 
     def count(self, kind: str) -> int:
         return sum(1 for q in self.quarantined if q.kind == kind)
 
     @property
+    def bad(self) -> int:
+        """Samples quarantined for any reason but a label conflict."""
+        return len(self.quarantined) - self.count(CONFLICT)
+
+    @property
     def bad_fraction(self) -> float:
         """Fraction quarantined for any reason but a label conflict."""
-        return (len(self.quarantined) - self.count(CONFLICT)) / self.total if self.total else 0.0
+        return self.bad / self.total if self.total else 0.0
+
+    @property
+    def over_budget(self) -> bool:
+        """More bad samples than :attr:`budget` (False when no budget was computed)."""
+        return self.budget is not None and self.bad > self.budget
+
+    def budget_message(self, *, first_reason: bool = True) -> str:
+        """One line: how many bad samples against which budget, and (``first_reason``) the first reason."""
+        first = next((q for q in self.quarantined if q.kind != CONFLICT), None)
+        head = (f"{self.bad} of {self.total} samples quarantined (label conflicts aside), "
+                f"{'over' if self.over_budget else 'within'} the bad-file budget of {self.budget} ({self.budget_rule})")
+        return head + (f"; first: {first.path}: {first.reason}" if first and first_reason else "")
 
     @property
     def conflict_fraction(self) -> float:
@@ -69,20 +127,28 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "accepted": len(self.accepted), "bad_fraction": self.bad_fraction,
                 "conflict_fraction": self.conflict_fraction, "label_conflicts": self.count(CONFLICT),
-                "leakage": self.count(LEAKAGE), "duplicates": self.count(DUPLICATE),
-                "quarantined": [asdict(q) for q in self.quarantined]}
+                "leakage": self.count(LEAKAGE), "duplicates": self.count(DUPLICATE), "bad": self.bad,
+                "bad_file_budget": self.budget, "bad_file_budget_rule": self.budget_rule,
+                "over_budget": self.over_budget, "quarantined": [asdict(q) for q in self.quarantined]}
 
 
-def _safe_rel(rel: str) -> bool:
-    p = Path(rel)
-    return bool(rel) and not p.is_absolute() and ".." not in p.parts
-
-
-def check_image(path: Path, cfg: ValidationConfig, expected_sha: str | None = None) -> tuple[str | None, str]:
-    """Return ``(problem or None, sha256)`` for one image file."""
-    if not path.is_file():
-        return f"missing file {path.name}", ""
-    size = path.stat().st_size
+def check_image(path: Path, cfg: ValidationConfig, expected_sha: str | None = None, *,
+                root: Path | None = None) -> tuple[str | None, str]:
+    """Return ``(problem or None, sha256)`` for one image file. With ``root``, ``path`` must lie inside it
+    (:func:`training.snapshot.escape_reason`), checked before anything but ``lstat`` touches the file."""
+    if root is not None:
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            return f"path {str(path)!r} escapes the dataset root (not under {root})", ""
+        if reason := escape_reason(root, rel):
+            return f"path {rel!r} {reason}", ""
+    try:
+        if not path.is_file():
+            return f"missing file {path.name}", ""
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot read {path.name} ({type(e).__name__}: {e.strerror})", ""
     if size == 0:
         return f"zero-byte file {path.name}", ""
     if size > cfg.max_file_bytes:
@@ -117,6 +183,12 @@ def validate_snapshot(snap: Snapshot, cfg: ValidationConfig, *,
     """Validate every sample of ``snap``; pure of side effects besides reading the files."""
     known = set(snap.classes)
     report = ValidationReport(total=len(snap.samples))
+    counts = class_counts(snap)
+    report.budget = bad_file_budget(report.total, counts, cfg.max_bad_fraction, cfg.max_class_loss)
+    smallest = min(counts.items(), key=lambda kv: (kv[1], kv[0])) if counts else None
+    report.budget_rule = (f"min of data.validation.max_bad_fraction={cfg.max_bad_fraction} of {report.total} samples"
+                          + (f" and data.validation.max_class_loss={cfg.max_class_loss} of the smallest class "
+                             f"{smallest[0]!r} ({smallest[1]} samples)" if smallest else ""))
     conflicts = _label_conflicts(snap.samples)
     seen: dict[str, tuple[int, str, str]] = {}
     for i, s in enumerate(snap.samples):
@@ -152,9 +224,9 @@ def _validate_sample(snap: Snapshot, s: dict[str, Any], cfg: ValidationConfig, k
                      conflict: tuple[str, str] | None) -> tuple[str, str] | None:
     """``(reason, kind)`` if sample ``i`` is quarantined, else None (and its content is recorded in ``seen``)."""
     rels = [s.get("path", "")] + ([s["template"]] if "template" in s else [])
-    for rel in rels:
-        if not isinstance(rel, str) or not _safe_rel(rel):
-            return f"path {rel!r} escapes the snapshot root", INVALID
+    for rel in rels:  # before anything opens or stats the files
+        if reason := escape_reason(snap.files_root, rel):
+            return f"path {rel!r} {reason}", INVALID
     label = s.get("label")
     if label != BOARD_LABEL and label not in known:
         return f"unknown label {label!r}", INVALID
@@ -169,7 +241,7 @@ def _validate_sample(snap: Snapshot, s: dict[str, Any], cfg: ValidationConfig, k
     shapes = []
     digests = []
     for rel, key in zip(rels, ("sha256", "template_sha256"), strict=False):
-        problem, digest = check_image(snap.file(rel), cfg, s.get(key))
+        problem, digest = check_image(snap.file(rel), cfg, s.get(key), root=snap.files_root)
         if problem:
             return problem, INVALID
         digests.append(digest)

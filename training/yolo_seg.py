@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from defectops.training.snapshot import assign_split
+from defectops.training.snapshot import assign_split, escape_reason
 
 __all__ = ["CLASSES", "IMAGE_SUFFIXES", "SegSample", "YoloSegError", "rasterize", "read_yolo_seg", "yolo_seg_samples"]
 
@@ -42,6 +42,8 @@ class SegSample:
     path: Path
     split: str
     polygons: tuple[tuple[tuple[float, float], ...], ...]
+    escapes: str | None = None
+    """Why ``path`` leads outside the dataset root (a symlink out), or None; such an image is never opened."""
 
     @property
     def defective(self) -> bool:
@@ -77,12 +79,18 @@ def read_yolo_seg(root: Path) -> list[SegSample]:
         raise YoloSegError(f"{root} has no images/ folder: a YOLO segmentation dataset holds images/<split>/ and "
                            "labels/<split>/")
     samples = []
-    for split_dir in sorted(p for p in images.iterdir() if p.is_dir()):
+    for folder in ("images", "labels"):
+        if reason := escape_reason(root, folder):
+            raise YoloSegError(f"{root / folder} {reason}: keep the dataset's folders inside it")
+    for split_dir in sorted(p for p in images.iterdir() if not escape_reason(root, f"images/{p.name}") and p.is_dir()):
         for img in sorted(p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            rel = f"images/{split_dir.name}/{img.name}"
             label = root / "labels" / split_dir.name / f"{img.stem}.txt"
+            if reason := escape_reason(root, f"labels/{split_dir.name}/{img.stem}.txt"):
+                raise YoloSegError(f"label file {label} {reason}: keep labels inside the dataset")
             if not label.is_file():
                 raise YoloSegError(f"{img} has no label file {label}: add an empty one for a good sample")
-            samples.append(SegSample(img, split_dir.name, _polygons(label)))
+            samples.append(SegSample(img, split_dir.name, _polygons(label), escape_reason(root, rel)))
     if not samples:
         raise YoloSegError(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)}) in split folders")
     return samples
@@ -104,7 +112,11 @@ def yolo_seg_samples(root: Path, *, test: float, seed: int) -> list[dict[str, An
     ``sha256``, ``label`` (``good`` or ``defect``), ``split``, ``source`` and ``polygons`` (normalised x, y pairs).
 
     Byte-identical copies are kept once (the first in split-folder and name order), as the folder importer does:
-    KolektorSDD holds 16 such pairs, which validation would otherwise quarantine as duplicates."""
+    KolektorSDD holds 16 such pairs, which validation would otherwise quarantine as duplicates.
+
+    Dataset roots are closed: an image that is a symlink leading outside ``root`` is never opened; it is listed
+    without ``sha256`` and validation quarantines it with the reason. A split folder linked outside is skipped, and
+    ``images/``, ``labels/`` or a label file leading outside raise :class:`YoloSegError`."""
     root = Path(root)
     found = read_yolo_seg(root)
     unknown = sorted({s.split for s in found} - set(SPLIT_NAMES))
@@ -114,14 +126,18 @@ def yolo_seg_samples(root: Path, *, test: float, seed: int) -> list[dict[str, An
     samples = []
     seen: set[str] = set()
     for s in found:
-        digest = hashlib.sha256(s.path.read_bytes()).hexdigest()
+        rel = s.path.relative_to(root).as_posix()
+        digest = "" if s.escapes else hashlib.sha256(s.path.read_bytes()).hexdigest()
         if digest in seen:
             continue
-        seen.add(digest)
+        if digest:
+            seen.add(digest)
         split = SPLIT_NAMES[s.split]
         if carve and split == "train":
-            split = "test" if assign_split(digest, 0.0, test, seed) == "test" else "train"
-        samples.append({"path": s.path.relative_to(root).as_posix(), "sha256": digest,
-                        "label": CLASSES[1] if s.defective else CLASSES[0], "split": split,
-                        "source": f"yolo_seg:{root.name}", "polygons": [list(map(list, p)) for p in s.polygons]})
+            split = "test" if assign_split(digest or f"path:{rel}", 0.0, test, seed) == "test" else "train"
+        sample = {"path": rel, "sha256": digest, "label": CLASSES[1] if s.defective else CLASSES[0], "split": split,
+                  "source": f"yolo_seg:{root.name}", "polygons": [list(map(list, p)) for p in s.polygons]}
+        if not digest:
+            del sample["sha256"]  # never opened: validation quarantines it with the reason
+        samples.append(sample)
     return samples

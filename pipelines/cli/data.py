@@ -102,6 +102,11 @@ def import_folder_cmd(
     if found.ignored:
         console.print(f"[yellow]ignored {len(found.ignored)} files[/] (hidden, not images, or outside class folders): "
                       + ", ".join(found.ignored[:5]) + (" ..." if len(found.ignored) > 5 else ""), highlight=False)
+    if found.escaped:
+        console.print(f"[yellow]{len(found.escaped)} symlinks lead outside {root}[/] and are never opened (image "
+                      "names stay in the manifest for validation to quarantine): "
+                      + "; ".join(f"{p}: {r}" for p, r in list(found.escaped.items())[:5])
+                      + (" ..." if len(found.escaped) > 5 else ""), highlight=False)
     _write(out, found.samples, found.classes, root.resolve())
     write_json(out / "duplicates.json", found.duplicates.to_dict())
     console.print(f"{found.duplicates.summary()}; list in {out / 'duplicates.json'}", highlight=False)
@@ -158,14 +163,20 @@ def import_synth(
 @data_app.command("validate")
 def validate(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot folder.")],
-    max_bad_fraction: Annotated[float, typer.Option(help="Exit 1 when more than this fraction is quarantined "
-                                                         "(label conflicts not counted).")] = 0.0,
+    max_bad_fraction: Annotated[float, typer.Option(help="Bad-file budget: at most this fraction of the samples may "
+                                                         "be quarantined (label conflicts not counted) ...")]
+    = ValidationConfig.max_bad_fraction,
+    max_class_loss: Annotated[float, typer.Option(help="... and never more than this fraction of the smallest "
+                                                       "class; exit 1 over the budget (0 and 0: any bad file).")]
+    = ValidationConfig.max_class_loss,
     max_conflict_fraction: Annotated[float, typer.Option(help="Exit 1 when more than this fraction is quarantined "
                                                               "as label conflicts (same content, two labels).")]
     = ValidationConfig.max_conflict_fraction,
 ) -> None:
     """Check every sample (corrupt, truncated, oversized, duplicates/leakage, label conflicts, unknown labels,
-    escaping paths) and list the quarantined ones with the reason."""
+    paths or symlinks escaping the dataset root) and list the quarantined ones with the reason. Exit 1 over the
+    bad-file budget (min of --max-bad-fraction of the samples and --max-class-loss of the smallest class) or
+    --max-conflict-fraction."""
     from defectops.training.snapshot import load_snapshot
     from defectops.training.validation import validate_snapshot
 
@@ -175,16 +186,20 @@ def validate(
         raise fail(str(e), EXIT_USAGE) from None
     with progress_bars() as progress:
         tid = progress.add_task("validating", total=len(snap.samples))
-        report = validate_snapshot(snap, ValidationConfig(), progress=lambda n: progress.advance(tid, n))
+        report = validate_snapshot(snap, ValidationConfig(max_bad_fraction=max_bad_fraction,
+                                                          max_class_loss=max_class_loss),
+                                   progress=lambda n: progress.advance(tid, n))
     if report.quarantined:
         t = Table("sample", "reason")
         for q in report.quarantined:
             t.add_row(q.path, q.reason)
         console.print(t)
     console.print(report.summary(), highlight=False)
-    if report.bad_fraction > max_bad_fraction:
-        raise fail(f"{report.bad_fraction:.1%} of samples quarantined (label conflicts aside), over "
-                   f"--max-bad-fraction {max_bad_fraction}", EXIT_FAILURE)
+    if report.over_budget:
+        raise fail(report.budget_message().replace("data.validation.max_bad_fraction", "--max-bad-fraction")
+                   .replace("data.validation.max_class_loss", "--max-class-loss"), EXIT_FAILURE)
+    if report.bad:
+        console.print(f"[yellow]WARNING[/] {report.budget_message(first_reason=False)}", highlight=False)
     if report.conflict_fraction > max_conflict_fraction:
         raise fail(f"{report.conflict_fraction:.1%} of samples are label conflicts (same content under two labels), "
                    f"over --max-conflict-fraction {max_conflict_fraction}: fix the class folders", EXIT_FAILURE)

@@ -21,13 +21,16 @@ from defectops.training.config import AnomalyConfig, DataConfig
 from defectops.training.snapshot import Snapshot, load_snapshot
 
 READS = (RUN.snapshot,)
+MAX_LISTED = 20  # quarantined samples named in the step's warning; validation.json and report.html list them all
 WRITES = (RUN.validation, RUN.crops, RUN.shortcut)
 
 
 def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind, anomaly: AnomalyConfig) -> ValidateDataResult:
     """Validate the snapshot (quarantine with reasons), then let the task make its training samples from the accepted
-    ones (candidate crops from boards, or fitted images). Fails over ``data.validation.max_bad_fraction`` (unusable
-    or leaking samples) or ``data.validation.max_conflict_fraction`` (label conflicts); the result counts
+    ones (candidate crops from boards, or fitted images). Fails over the bad-file budget (unusable, escaping or
+    leaking samples; :func:`training.validation.bad_file_budget` of ``data.validation.max_bad_fraction`` and
+    ``max_class_loss``) or ``data.validation.max_conflict_fraction`` (label conflicts); within them the quarantined
+    samples are logged as a ``WARNING`` with their reasons (and ``report.html`` lists them). The result counts
     ``label_conflicts``."""
     from defectops.training.validation import CONFLICT, validate_snapshot
 
@@ -38,20 +41,21 @@ def validate_data(ctx: StepContext, data: DataConfig, task: TaskKind, anomaly: A
     report = validate_snapshot(snap, data.validation, progress=advance)
     write_json(ctx.path(RUN.validation), report.to_dict())
     v = data.validation
-    bad = [q for q in report.quarantined if q.kind != CONFLICT]
     conflicts = [q for q in report.quarantined if q.kind == CONFLICT]
-    if report.bad_fraction > v.max_bad_fraction:
-        first = "; ".join(f"{q.path}: {q.reason}" for q in bad[:3])
-        raise StepError(f"{len(bad)} of {report.total} samples quarantined (over "
-                        f"data.validation.max_bad_fraction={v.max_bad_fraction}): {first}; "
-                        f"full list in {ctx.path(RUN.validation)}")
+    if report.over_budget:
+        raise StepError(f"{report.budget_message()}; full list in {ctx.path(RUN.validation)}")
     if report.conflict_fraction > v.max_conflict_fraction:
         first = "; ".join(f"{q.path}: {q.reason}" for q in conflicts[:3])
         raise StepError(f"{len(conflicts)} of {report.total} samples are label conflicts, the same content "
                         f"under two labels (over data.validation.max_conflict_fraction={v.max_conflict_fraction}): "
                         f"{first}; fix the class folders; full list in {ctx.path(RUN.validation)}")
     if report.quarantined:
-        ctx.reporter.log(f"{report.summary()}; list in {ctx.path(RUN.validation)}")
+        shown = report.quarantined[:MAX_LISTED]
+        more = len(report.quarantined) - len(shown)
+        ctx.reporter.log(f"WARNING {report.summary()}; {report.budget_message(first_reason=False)}; training goes "
+                         "on without them: "
+                         + "; ".join(f"{q.path}: {q.reason}" for q in shown)
+                         + (f"; ... {more} more" if more else "") + f" (full list in {ctx.path(RUN.validation)})")
     advance = ctx.reporter.task(kind.prepare_label, len(report.accepted))
     with atomic_dir(ctx.path(RUN.crops)) as tmp:
         prepared = kind.prepare(snap, report.accepted, tmp, data, advance)

@@ -388,7 +388,7 @@ def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val:
     from defectops.evaluation.anomaly_report import anomaly_section, heatmap_tiles
     from defectops.evaluation.metrics import pr_curves
     from defectops.evaluation.report import render_report, write_miss_tiles
-    from defectops.evaluation.report_sections import read_shortcut, split_note
+    from defectops.evaluation.report_sections import read_shortcut, read_validation, split_note
 
     good = crops.classes.index(good_class)
     threshold = float(judged.doc["threshold"]["value"])
@@ -408,7 +408,7 @@ def _write_report(ctx: StepContext, crops: Snapshot, state: dict[str, Any], val:
                   gates=scored.gates, curves=pr_curves(test.labels, scored.probs, crops.classes), info=info,
                   misses=tiles, sections=[("Anomaly scores, threshold and AUROC", section)],
                   intervals=scored.intervals, split_note=split_note(len(test.labels), scored.intervals),
-                  shortcut=read_shortcut(ctx.path(RUN.shortcut)))
+                  shortcut=read_shortcut(ctx.path(RUN.shortcut)), quarantine=read_validation(ctx.path(RUN.validation)))
 
 
 def _tile_boxes(crops: Snapshot, test: Scores, boxes: dict[str, Any]) -> list[tuple[list[Any], list[Any]]] | None:

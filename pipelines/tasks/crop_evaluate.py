@@ -16,7 +16,7 @@ from defectops.core.layout import RUN
 from defectops.evaluation.gates import GateConfig
 from defectops.evaluation.metrics import ClassificationMetrics, classification_metrics, pr_curves
 from defectops.evaluation.report import render_report, write_miss_tiles
-from defectops.evaluation.report_sections import board_html, gradcam_misses, read_shortcut, split_note
+from defectops.evaluation.report_sections import board_html, gradcam_misses, read_shortcut, read_validation, split_note
 from defectops.evaluation.scoring import Scored, score_crops
 from defectops.pipelines.context import StepContext, StepError
 from defectops.pipelines.results import EvaluateResult
@@ -125,4 +125,4 @@ def _write_report(ctx: StepContext, net: Any, scored: Scored, y: np.ndarray, x: 
     render_report(ctx.path(RUN.report), title=f"DefectOps evaluation: {ctx.run_id}", metrics=scored.metrics,
                   gates=scored.gates, curves=pr_curves(y, scored.probs, crops.classes), info=info, misses=misses,
                   sections=sections, intervals=scored.intervals, split_note=split_note(len(y), scored.intervals),
-                  shortcut=read_shortcut(ctx.path(RUN.shortcut)))
+                  shortcut=read_shortcut(ctx.path(RUN.shortcut)), quarantine=read_validation(ctx.path(RUN.validation)))

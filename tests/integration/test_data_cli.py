@@ -88,3 +88,33 @@ def test_import_folder_and_errors(tmp_path: Path) -> None:
     r = runner.invoke(app, ["data", "import", "deeppcb", str(tmp_path / "ds"), "--out", str(tmp_path / "y")])
     assert r.exit_code == EXIT_USAGE
     assert "trainval.txt" in r.output
+
+
+def test_validate_keeps_to_the_bad_file_budget_and_reports_links_out(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    for cls in ("normal", "short"):
+        (tmp_path / "ds" / cls).mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(tmp_path / "ds" / cls / f"{i}.png"), np.full((10, 12 + i, 3), 40 * i + (cls == "short"),
+                                                                         np.uint8))
+    (tmp_path / "secret").write_text("root:x:0:0\n")
+    try:
+        (tmp_path / "ds" / "short" / "passwd.png").symlink_to(tmp_path / "secret")
+    except OSError:
+        pytest.skip("symlinks are not available here")
+    runner = CliRunner()
+    r = runner.invoke(app, ["data", "import", "folder", str(tmp_path / "ds"), "--out", str(tmp_path / "s")])
+    out = " ".join(r.output.split())  # the terminal wraps long lines
+    assert r.exit_code == 0, r.output
+    assert "1 symlinks lead outside" in out and "short/passwd.png: escapes the dataset root" in out
+    r = runner.invoke(app, ["data", "validate", str(tmp_path / "s")])  # 9 samples: the default budget is 0
+    out = " ".join(r.output.split())
+    assert r.exit_code == EXIT_FAILURE, r.output
+    assert "over the bad-file budget of 0 (min of --max-bad-fraction=0.01 of 9 samples" in out
+    assert "escapes the dataset root (symlink to" in out
+    r = runner.invoke(app, ["data", "validate", str(tmp_path / "s"), "--max-bad-fraction", "0.2",
+                            "--max-class-loss", "0.25"])
+    assert r.exit_code == 0, r.output
+    assert "within the bad-file budget of 1" in " ".join(r.output.split())

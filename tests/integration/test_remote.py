@@ -402,3 +402,16 @@ def test_client_from_environment(s3: SeaweedS3, client: Any, base: str, tmp_path
     res = push_snapshot(snap.dir, base)  # default client: everything from the environment
     assert remote_fingerprint(base, client=client) == res.fingerprint
     assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
+
+
+def test_push_refuses_a_symlink_out_of_the_files_root_before_any_upload(tmp_path: Path) -> None:
+    _write(tmp_path / "s", "a.png", b"x")
+    (tmp_path / "secret").write_text("root:x:0:0\n")
+    try:
+        (tmp_path / "s" / "b.png").symlink_to(tmp_path / "secret")
+    except OSError:
+        pytest.skip("symlinks are not available here")
+    write_snapshot(tmp_path / "s", [{"path": "a.png", "label": "x", "split": "train"},
+                                    {"path": "b.png", "label": "x", "split": "train"}], ["x"])
+    with pytest.raises(ValueError, match=r"'b\.png' escapes the dataset root \(symlink to"):
+        push_snapshot(tmp_path / "s", "s3://bucket/p", client=object())  # never reaches the client

@@ -233,3 +233,18 @@ def test_intervals_next_to_headline_figures(tmp_path: Path) -> None:
                           info={}).read_text(encoding="utf-8")
     assert "Interval</th>" not in plain and 'id="split-note"' not in plain
     assert iv.escape_rate.format_bounds(4) in plain  # the escape-rate gate's detail gives the interval anyway
+
+
+def test_quarantined_samples_are_listed_with_their_reasons_escaped(tmp_path: Path) -> None:
+    metrics, gates, curves = _inputs(("ok", "bad"))
+    validation = {"total": 120, "bad": 1, "bad_file_budget": 1, "bad_file_budget_rule": "min of 1% and 10%",
+                  "quarantined": [{"index": 7, "path": "short/<s7>.png", "kind": "invalid", "reason":
+                                   "path 'short/<s7>.png' escapes the dataset root (symlink to /etc/passwd)"}]}
+    html = render_report(tmp_path / "r.html", title="t", metrics=metrics, gates=gates, curves=curves, info={},
+                         quarantine=validation).read_text()
+    assert 'id="quarantine"' in html and "1 of 120 samples were left out" in html
+    assert "escapes the dataset root (symlink to /etc/passwd)" in html and "short/&lt;s7&gt;.png" in html
+    assert "<s7>" not in html
+    plain = render_report(tmp_path / "p.html", title="t", metrics=metrics, gates=gates, curves=curves, info={},
+                          quarantine={"total": 3, "quarantined": []}).read_text()
+    assert 'id="quarantine"' not in plain

@@ -354,7 +354,7 @@ def test_validation_quarantines_each_broken_file_with_a_reason(tmp_path: Path) -
     assert len(report.accepted) + len(report.quarantined) == report.total == len(samples)
     reasons = {q.path: q.reason for q in report.quarantined}
     expected = {rel: words for rel, (_, words) in broken.items()}
-    expected |= {"normal/copy of 0.png": "leakage", "../outside.png": "escapes the snapshot root",
+    expected |= {"normal/copy of 0.png": "leakage", "../outside.png": "escapes the dataset root",
                  "normal/1.png": "unknown label 'tombstone'", "normal/2.png": "unknown split 'holdout'"}
     assert set(reasons) == set(expected)
     for rel, words in expected.items():
@@ -363,7 +363,9 @@ def test_validation_quarantines_each_broken_file_with_a_reason(tmp_path: Path) -
     assert "normal/0.png" in accepted and len(accepted) == 18 - 2
 
 
-def test_symlinks_are_followed_once_and_loops_reported(tmp_path: Path) -> None:
+def test_symlinks_inside_are_followed_once_links_out_are_never_followed(tmp_path: Path) -> None:
+    """Issue 17 reversed the old behaviour (a class folder linked from elsewhere was imported): dataset roots are
+    closed, so a link out is reported and never followed; links inside the root still are, once."""
     root = _dataset(tmp_path / "ds")
     elsewhere = tmp_path / "elsewhere"
     _img(elsewhere / "a.png")
@@ -371,11 +373,18 @@ def test_symlinks_are_followed_once_and_loops_reported(tmp_path: Path) -> None:
         (root / "linked").symlink_to(elsewhere, target_is_directory=True)
         (root / "normal" / "loop").symlink_to(root / "normal", target_is_directory=True)
         (root / "short" / "dangling.png").symlink_to(tmp_path / "gone.png")
+        (root / "short" / "inside.png").symlink_to(root / "normal" / "0.png")
+        (root / "short" / "dangling inside.png").symlink_to(root / "gone.png")
     except OSError:
         pytest.skip("symlinks are not available here")
-    samples, classes, ignored = _import(root)
-    assert "linked" in classes and "linked/a.png" in {s["path"] for s in samples}
-    assert ignored == ["normal/loop/", "short/dangling.png"]
+    found = _import(root)
+    by_path = {s["path"]: s for s in found.samples}
+    assert "linked" not in found.classes and not any(p.startswith("linked/") for p in by_path)
+    assert found.ignored == ["linked", "normal/loop/", "short/dangling inside.png"]
+    assert set(found.escaped) == {"linked", "short/dangling.png"}
+    assert found.escaped["linked"] == f"escapes the dataset root (symlink to {elsewhere.resolve()})"
+    assert "sha256" not in by_path["short/dangling.png"]  # never opened; validation quarantines it
+    assert by_path["short/inside.png"]["sha256"] == by_path["normal/0.png"]["sha256"]  # a link inside is a file
 
 
 def test_names_that_are_not_utf8_are_refused_or_reported(tmp_path: Path) -> None:
