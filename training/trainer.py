@@ -1,8 +1,9 @@
 """``fit``: the training run around :mod:`training.engine` — model, sampler, schedule, checkpoints and resume.
 
-A checkpoint is written atomically after every epoch (model, optimizer, scheduler, epoch, history). Rerunning with
-the same arguments resumes from the newest checkpoint and reproduces an uninterrupted run exactly on CPU: the sampler
-and the augmentation are seeded by (seed, epoch), never by state carried across epochs.
+A checkpoint is written atomically after every epoch (model, optimizer, scheduler, epoch, history): tensors and
+plain values only, read back with ``torch.load(weights_only=True)`` (no code runs from a checkpoint file). Rerunning
+with the same arguments resumes from the newest checkpoint and reproduces an uninterrupted run exactly on CPU: the
+sampler and the augmentation are seeded by (seed, epoch), never by state carried across epochs.
 
 Under torchrun (a process group initialised by :func:`training.distributed.init_from_env`) the same function trains
 with DistributedDataParallel: the global batch (``train.batch_size``) and the learning-rate schedule stay those of one

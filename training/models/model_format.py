@@ -49,6 +49,7 @@ ALLOW_PICKLE_ENV = "DEFECTOPS_ALLOW_PICKLE"
 KINDS = ("classifier", "anomaly")
 PICKLE_RISK = "unpickling runs code from the artifact store"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 
 
 class ModelFormatError(ValueError):
@@ -197,7 +198,24 @@ def load_registered_model(path_or_uri: str | Path, *, allow_pickle: bool | None 
     if _URI.match(src) and not Path(src).exists():
         import mlflow.artifacts
 
+        artifact_uri = _version_source(src, tracking_uri) if src.startswith("models:/") else src
         with tempfile.TemporaryDirectory(prefix="defectops-model-") as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=tmp, tracking_uri=tracking_uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp,
+                                                        tracking_uri=tracking_uri)
             return _load_folder(Path(local), src, allow_pickle, warn)
     return _load_folder(Path(src).expanduser(), src, allow_pickle, warn)
+
+
+def _version_source(uri: str, tracking_uri: str | None) -> str:
+    """The artifact URI of the version behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (the
+    registry is the tracking server's, ``tracking_uri`` or MLflow's default)."""
+    from mlflow import MlflowClient
+
+    m = _MODELS_URI.match(uri)
+    if m is None:
+        raise ModelFormatError(f"{uri} is not models:/<name>@<alias> or models:/<name>/<version>")
+    c = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    name, alias, version = m.group("name"), m.group("alias"), m.group("version")
+    if alias is not None:
+        version = str(c.get_model_version_by_alias(name, alias).version)
+    return str(c.get_model_version_download_uri(name, str(version)))
