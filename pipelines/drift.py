@@ -3,8 +3,9 @@
 The register step writes the reference profile (``drift/reference.{npz,json}`` of the run root, logged under
 ``drift/`` of the version's run; :mod:`pipelines.steps.register`).
 * :func:`load_checked_model`: a ``models:/name@alias`` / ``models:/name/<version>`` reference or a run root ->
-  the PyTorch model (the version's ``model`` artifact: the ONNX export only outputs logits, and the embeddings need
-  the penultimate layer) and its reference profile.
+  the PyTorch model (the version's ``model`` artifact, read without unpickling by
+  :func:`training.models.model_format.load_registered_model`: the ONNX export only outputs logits, and the
+  embeddings need the penultimate layer) and its reference profile.
 * :func:`load_batch`: a folder of images (crops for AOI models) or ``s3://bucket/prefix`` -> uint8 pixels
   preprocessed exactly as the model was trained.
 """
@@ -51,8 +52,11 @@ class CheckedModel:
     version: dict[str, str] = field(default_factory=dict)  # name, version, run_id, dataset fingerprint
 
 
-def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> CheckedModel:
-    """The model and reference profile behind ``ref`` (``models:/...`` or a run root)."""
+def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path, allow_pickle: bool | None = None
+                       ) -> CheckedModel:
+    """The model and reference profile behind ``ref`` (``models:/...`` or a run root). A registry version is read by
+    :func:`training.models.model_format.load_registered_model`: a pickled one only with ``allow_pickle``
+    (``--allow-pickle``; default ``DEFECTOPS_ALLOW_PICKLE=1``)."""
     from defectops.serving.model_ref import ModelRefError, parse_registry_ref
 
     try:
@@ -60,7 +64,7 @@ def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> Check
     except ModelRefError as e:
         raise DriftUsageError(str(e)) from None
     if parsed:
-        return _from_registry(*parsed, tracking_uri, cache_dir, ref)
+        return _from_registry(*parsed, tracking_uri, cache_dir, ref, allow_pickle)
     root = Path(ref).expanduser()
     if not root.is_dir():
         raise DriftUsageError(f"--model {ref!r} is neither models:/name@alias nor a run root")
@@ -84,11 +88,11 @@ def load_checked_model(ref: str, *, tracking_uri: str, cache_dir: Path) -> Check
 
 
 def _from_registry(name: str, alias: str | None, version: str | None, tracking_uri: str, cache_dir: Path,
-                   ref: str) -> CheckedModel:
-    import mlflow.pytorch
+                   ref: str, allow_pickle: bool | None) -> CheckedModel:
     from mlflow.exceptions import MlflowException
 
     from defectops.serving.model_ref import ModelRefError, cache_folder, registry_version
+    from defectops.training.models.model_format import load_registered_model
 
     try:
         c, mv = registry_version(name, alias, version, tracking_uri, ref)
@@ -109,10 +113,10 @@ def _from_registry(name: str, alias: str | None, version: str | None, tracking_u
                 (tmp / DRIFT).rename(tmp / "reference")
                 c.download_artifacts(mv.run_id, "model", str(tmp))
         reference, meta = load_profile(dest / "reference")
-        net = mlflow.pytorch.load_model(str(dest / "model"), map_location="cpu")
+        net = load_registered_model(dest / "model", allow_pickle=allow_pickle)
     except DriftUsageError:
         raise
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: also a pickled version without --allow-pickle
         raise DriftUsageError(f"{ref} (version {mv.version}): {e}") from None
     except Exception as e:  # noqa: BLE001 - unreachable store, broken artifact: the check cannot run
         raise DriftFailure(f"could not load {ref} (version {mv.version}): {type(e).__name__}: {str(e)[:200]}") \

@@ -1,8 +1,9 @@
 """``fit``: the training run around :mod:`training.engine` — model, sampler, schedule, checkpoints and resume.
 
-A checkpoint is written atomically after every epoch (model, optimizer, scheduler, epoch, history). Rerunning with
-the same arguments resumes from the newest checkpoint and reproduces an uninterrupted run exactly on CPU: the sampler
-and the augmentation are seeded by (seed, epoch), never by state carried across epochs.
+A checkpoint is written atomically after every epoch (model, optimizer, scheduler, epoch, history): tensors and
+plain values only, read back with ``torch.load(weights_only=True)`` (no code runs from a checkpoint file). Rerunning
+with the same arguments resumes from the newest checkpoint and reproduces an uninterrupted run exactly on CPU: the
+sampler and the augmentation are seeded by (seed, epoch), never by state carried across epochs.
 
 Under torchrun (a process group initialised by :func:`training.distributed.init_from_env`) the same function trains
 with DistributedDataParallel: the global batch (``train.batch_size``) and the learning-rate schedule stay those of one
@@ -22,6 +23,7 @@ run finds it consistent) and becomes the run's model. Selection looks at val onl
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from defectops.training.engine import predict_logits, train_one_epoch
 from defectops.training.losses import create_loss
 from defectops.training.models import DefectClassifier, create_model
 from defectops.training.models.classifier import single_view
+from defectops.training.models.model_format import plain_values
 from defectops.training.samplers import BalancedSampler, DistributedBalancedSampler
 
 CKPT_RE = re.compile(r"^epoch-(\d{3})\.pt$")
@@ -93,11 +96,17 @@ def checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint (or a final ``model.pt``), read with ``torch.load(weights_only=True)``: tensors and plain values
+    only, so no code runs from the file. One saved by a DefectOps that pickled other objects is refused (retrain)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
             raise ValueError("not a DefectOps checkpoint")
         return state
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain values, which loading "
+                              f"would run code for ({str(e).splitlines()[0][:120]}); delete it to retrain from the "
+                              f"previous epoch") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]}); delete it to resume "
                               f"from the previous epoch") from None
@@ -276,11 +285,17 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, epoch: int,
                     history: list[dict[str, float]], classes: Sequence[str], model_cfg: ModelConfig, img_size: int,
                     counts: np.ndarray, extra: dict[str, Any] | None = None) -> None:
-    """Atomically save model (and, for a resumable checkpoint, optimizer and scheduler) with what rebuilds it."""
+    """Atomically save model (and, for a resumable checkpoint, optimizer and scheduler) with what rebuilds it: tensors
+    and plain values only (dicts, lists, str, int, float, bool, None), so :func:`load_checkpoint` reads it with
+    ``torch.load(weights_only=True)``. The optimizer's (AdamW) and scheduler's (LambdaLR: its lambda is a function,
+    saved as ``None``) state dicts are such values already."""
     state: dict[str, Any] = {
-        "model": model.state_dict(), "epoch": epoch, "history": history, "classes": list(classes),
-        "model_name": model_cfg.name, "model_kwargs": dict(model_cfg.kwargs), "model_tta": str(model_cfg.tta),
-        "img_size": img_size, "class_counts": counts.tolist(), **(extra or {})}
+        "model": model.state_dict(), "epoch": int(epoch), "history": plain_values(history),
+        "classes": [str(c) for c in classes], "model_name": str(model_cfg.name),
+        "model_kwargs": plain_values(dict(model_cfg.kwargs)), "model_tta": str(model_cfg.tta),
+        "img_size": int(img_size),
+        "in_chans": int(getattr(model, "mean", torch.zeros(1, 3)).shape[1]), "class_counts": counts.tolist(),
+        **plain_values(dict(extra or {}))}
     if optimizer is not None and scheduler is not None:
         state["optimizer"] = optimizer.state_dict()
         state["scheduler"] = scheduler.state_dict()

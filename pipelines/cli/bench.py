@@ -69,10 +69,9 @@ def _from_run_root(root: Path) -> BenchModels:
                        int(state.get("in_chans", 3)), drop, note, _crops_per_board(stats))
 
 
-def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
-    import mlflow.pytorch
-
+def _from_registry(ref: str, tracking_uri: str, cache: Path, allow_pickle: bool | None = None) -> BenchModels:
     from defectops.serving.model_ref import ModelRefError, cache_folder, parse_registry_ref, registry_version, resolve
+    from defectops.training.models.model_format import ModelFormatError, load_registered_model
 
     try:
         parsed = parse_registry_ref(ref)
@@ -87,7 +86,10 @@ def _from_registry(ref: str, tracking_uri: str, cache: Path) -> BenchModels:
     bench.mkdir(parents=True, exist_ok=True)
     if not (bench / "model").is_dir():
         c.download_artifacts(run_id, "model", str(bench))
-    net = mlflow.pytorch.load_model(str(bench / "model"), map_location="cpu").eval()
+    try:
+        net = load_registered_model(bench / "model", allow_pickle=allow_pickle)
+    except ModelFormatError as e:  # a pickled version without --allow-pickle, an incomplete artifact
+        raise fail(f"{ref} (version {mv.version}): {e}", EXIT_USAGE) from None
     int8 = None
     if mv.tags.get("defectops.int8_published") == "true":
         int8 = bench / "model.int8.onnx"
@@ -161,6 +163,9 @@ def latency(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ references (default: "
                                                           "$MLFLOW_TRACKING_URI, else $DEFECTOPS_HOME's SQLite).")]
         = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load a version registered in the old pickled "
+                                               "MLflow PyTorch format (unpickling runs code from the artifact store: "
+                                               "only for a store you trust). Default: refused.")] = False,
 ) -> None:
     """p50/p99 latency and images/s of PyTorch eager, ONNX FP32, ONNX INT8 and (with --triton-url) Triton, at batch 1
     and at the best batch, against the time budget per board at --line-rate.
@@ -187,7 +192,7 @@ def latency(
     home = home_dir()
     if model.startswith("models:/"):
         uri = resolve_tracking_uri(tracking_uri, home)
-        m = _from_registry(model, uri, home / "cache")
+        m = _from_registry(model, uri, home / "cache", allow_pickle=allow_pickle or None)
         default_name = model.removeprefix("models:/").split("@")[0].split("/")[0]
     else:
         root = Path(model).expanduser()

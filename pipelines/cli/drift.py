@@ -57,6 +57,9 @@ def check_cmd(
     namespace: Annotated[str, typer.Option("--namespace", "-n", envvar="ARGO_NAMESPACE",
                                            help="Namespace of the retrain workflow.")] = "defectops",
     template: Annotated[str, typer.Option(help="WorkflowTemplate of the retrain.")] = "defectops-pipeline",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load a version registered in the old pickled "
+                                               "MLflow PyTorch format (unpickling runs code from the artifact store: "
+                                               "only for a store you trust). Default: refused.")] = False,
     overrides: Annotated[list[str] | None, typer.Argument(help="Extra overrides for the retrain (key=value).",
                                                           show_default=False)] = None,
 ) -> None:
@@ -80,7 +83,7 @@ def check_cmd(
     home = home_dir()
     uri = resolve_tracking_uri(tracking_uri, home)
     try:
-        m = load_checked_model(model, tracking_uri=uri, cache_dir=home / "cache")
+        m = load_checked_model(model, tracking_uri=uri, cache_dir=home / "cache", allow_pickle=allow_pickle or None)
         pixels, found = load_batch(images, m.meta, max_images=max_images, seed=seed)
         drift, batch = check(m, pixels, alpha=alpha, n_perm=permutations, seed=seed, min_psi=min_psi)
     except DriftUsageError as e:

@@ -2,6 +2,10 @@
 page's dataset summary and misses, the drift reference profile); only a version that passed its gates becomes
 ``challenger``.
 
+The ``model`` artifact is the tensors-only format of :mod:`training.models.model_format` (the task's ``save_model``):
+logged with ``log_artifacts`` under ``model/`` of the run and registered with that folder as the version's source
+(``create_model_version``), no MLflow flavor; nothing in it is unpickled when a version is loaded.
+
 Reads: ``RUN.gates``, ``RUN.model``, ``RUN.metrics``, ``RUN.report``, ``RUN.validation``, ``RUN.config``,
 ``RUN.crops``, ``RUN.snapshot``, ``RUN.misses``. Writes: ``RUN.registered_model``, ``RUN.review_evidence``,
 ``RUN.drift``, ``RUN.registration``.
@@ -63,11 +67,12 @@ def register(ctx: StepContext, registry: RegistryConfig, data: DataConfig, task:
              anomaly: AnomalyConfig) -> RegisterResult:
     """Register the model version with its evidence; only a version that passed its gates becomes challenger."""
     from defectops.registry import mlflow_registry as reg
+    from defectops.training.models.model_format import is_registered_model
 
     gates = GateReport.from_dict(read_json(ctx.path(RUN.gates)))
     c, rid = mlflow_run(ctx, registry)
     model_dir = ctx.path(RUN.registered_model)
-    if not (model_dir / "MLmodel").is_file():
+    if not is_registered_model(model_dir):  # the tensors-only format (a pickled MLflow model of before is replaced)
         with atomic_dir(model_dir) as tmp:
             create_task(task, anomaly=anomaly).save_model(ctx, tmp)
     c.log_artifact(rid, str(ctx.path(RUN.metrics)))

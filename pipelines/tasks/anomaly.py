@@ -260,12 +260,12 @@ class AnomalyTask(Task):
         import tempfile
 
         import mlflow.artifacts
-        import mlflow.pytorch
 
         from defectops.evaluation.anomaly import ScoreNormalization, anomaly_probabilities
         from defectops.evaluation.metrics import classification_metrics
         from defectops.pipelines.tracking import registry_client
         from defectops.registry import mlflow_registry as reg
+        from defectops.training.models.model_format import load_registered_model
 
         c, _ = registry_client(ctx, registry)
         mv = reg.alias_version(c, registry.model_name, registry.champion_alias)
@@ -283,10 +283,8 @@ class AnomalyTask(Task):
                 doc = json.loads(Path(mlflow.artifacts.download_artifacts(
                     run_id=mv.run_id, artifact_path="metrics.json", dst_path=tmp,
                     tracking_uri=c.tracking_uri)).read_text())["anomaly"]
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=c.get_model_version_download_uri(registry.model_name, str(mv.version)),
-                    dst_path=tmp, tracking_uri=c.tracking_uri)
-                net = mlflow.pytorch.load_model(local, map_location="cpu")
+                net = load_registered_model(c.get_model_version_download_uri(registry.model_name, str(mv.version)),
+                                            tracking_uri=c.tracking_uri)
             scores = score_split(crops, "test", torch_scorer(net), self.cfg).scores
             probs = anomaly_probabilities(scores, ScoreNormalization.from_dict(doc["normalization"]))
         except Exception as e:  # noqa: BLE001 - an unloadable champion is reported; the regression gates are skipped
@@ -303,18 +301,14 @@ class AnomalyTask(Task):
 
     # ------------------------------------------------------------------------------------------------ register
     def save_model(self, ctx: StepContext, out: Path) -> None:
-        """An MLflow PyTorch model of the fitted PatchCore (pickle, as the classifiers; its own file format is
-        ``RUN.model``, tensors only)."""
-        import logging
-        import shutil
+        """The registered format (:mod:`training.models.model_format`): ``RUN.model``'s tensors-only PatchCore file and
+        a JSON of the registry name and constructor kwargs; loading it runs no code from the artifact store."""
+        from defectops.training.models.model_format import save_registered_anomaly
 
-        import mlflow.pytorch
-
-        net, _ = self._load(ctx)
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        shutil.rmtree(out)
-        mlflow.pytorch.save_model(net, str(out), serialization_format="pickle",
-                                  pip_requirements=["defectops", "torch==2.14.1", "timm", "anomalib==2.7.0"])
+        net, state = self._load(ctx)
+        hw = state["input_hw"]
+        save_registered_anomaly(net, out, model_name=str(state["model_name"]), input_hw=(int(hw[0]), int(hw[1])),
+                                classes=[str(c) for c in state["classes"]], extra=state.get("extra") or {})
 
     def drift_reference(self, ctx: StepContext, data: DataConfig, out: Path) -> None:
         """Image statistics, mean patch embeddings and decision probabilities of the held-out (val + test) **good**

@@ -5,7 +5,6 @@ gate table, the predictions, the worst-miss tiles and the HTML report.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -89,12 +88,10 @@ def evaluate_crop_classifier(detect_fn: DetectionScores, ctx: StepContext, data:
 def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray, y: np.ndarray,
                       classes: tuple[str, ...], good_class: str) -> tuple[ClassificationMetrics | None, str]:
     """Score the current champion on this run's test crops (a like-for-like no-regression baseline)."""
-    import mlflow.artifacts
-    import mlflow.pytorch
-
     from defectops.registry import mlflow_registry as reg
     from defectops.training.data import to_tensor
     from defectops.training.engine import predict_logits, softmax
+    from defectops.training.models.model_format import load_registered_model
 
     c, _ = registry_client(ctx, registry)
     mv = reg.alias_version(c, registry.model_name, registry.champion_alias)
@@ -103,9 +100,7 @@ def _champion_metrics(ctx: StepContext, registry: RegistryConfig, x: np.ndarray,
     label = f"version {mv.version}"
     try:
         uri = c.get_model_version_download_uri(registry.model_name, str(mv.version))
-        with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=c.tracking_uri)
-            net = mlflow.pytorch.load_model(local, map_location="cpu")
+        net = load_registered_model(uri, tracking_uri=c.tracking_uri)  # refuses a pickled version (opt-in: env)
         logits = predict_logits(net, to_tensor(x), resolve_device("cpu"))
     except Exception as e:  # noqa: BLE001 - an unloadable champion is reported, and the regression gates are then not applied
         return None, f"{label} could not be evaluated ({type(e).__name__}: {str(e)[:120]})"

@@ -8,8 +8,6 @@ beyond the test crops (``detection_scores``: the board-level detector) and what 
 
 from __future__ import annotations
 
-import logging
-import shutil
 from abc import ABC
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ class CropClassifierTask(Task, ABC):
         from defectops.registry import mlflow_registry as reg
         from defectops.training import distributed
         from defectops.training.data import class_counts, load_split
-        from defectops.training.trainer import CheckpointError, fit
+        from defectops.training.trainer import CheckpointError, fit, load_checkpoint
 
         main, world = distributed.rank() == 0, distributed.world_size()
         crops = load_snapshot(ctx.path(RUN.crops))
@@ -80,7 +78,10 @@ class CropClassifierTask(Task, ABC):
         if result.resumed_from:
             advance(result.resumed_from * per_epoch)
         with atomic_path(ctx.path(RUN.model)) as tmp:
-            state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+            try:
+                state = load_checkpoint(result.checkpoint)  # torch.load(weights_only=True): no code runs from it
+            except CheckpointError as e:
+                raise StepError(str(e)) from None
             for k in ("optimizer", "scheduler"):
                 state.pop(k, None)
             torch.save(state, tmp)
@@ -114,18 +115,19 @@ class CropClassifierTask(Task, ABC):
         return evaluate_crop_classifier(self.detection_scores, ctx, data, gates, registry, detect)
 
     def save_model(self, ctx: StepContext, out: Path) -> None:
-        """An MLflow PyTorch model (pickle, not pt2: pt2 traces a fixed batch size)."""
-        import mlflow.pytorch
-
+        """The registered format (:mod:`training.models.model_format`): the weights as safetensors and a JSON of the
+        registry name and constructor kwargs; loading it runs no code from the artifact store."""
+        from defectops.training.models.model_format import save_registered_classifier
         from defectops.training.trainer import load_trained_model
 
         net, state = load_trained_model(ctx.path(RUN.model))
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # MLflow warns about pickle on every save
-        shutil.rmtree(out)
-        size = int(state["img_size"])
-        mlflow.pytorch.save_model(net, str(out), serialization_format="pickle",
-                                  input_example=np.zeros((1, 3, size, size), np.float32),
-                                  pip_requirements=["defectops", "torch==2.14.1", "timm"])
+        classes = [str(c) for c in state["classes"]]
+        save_registered_classifier(net, out, model_name=str(state["model_name"]), num_classes=len(classes),
+                                   img_size=int(state["img_size"]), classes=classes,
+                                   in_chans=int(state.get("in_chans", 3)), tta=str(state.get("model_tta", "none")),
+                                   kwargs=state.get("model_kwargs") or {},
+                                   extra={"task": self.model_task, "epoch": int(state.get("epoch", 0)),
+                                          "weights_info": state.get("weights_info") or {}})
 
     def drift_reference(self, ctx: StepContext, data: DataConfig, out: Path) -> None:
         """Penultimate-layer embeddings and class probabilities of the held-out (val + test) crops."""

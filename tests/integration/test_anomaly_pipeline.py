@@ -91,6 +91,21 @@ def test_the_model_file_loads_without_unpickling(anomaly_run: AnomalyRun) -> Non
     assert state["weights_info"]["weights_sha256"]
 
 
+def test_the_registered_version_loads_without_unpickling(anomaly_run: AnomalyRun) -> None:
+    from defectops.training.models.model_format import ANOMALY_WEIGHTS, META, load_registered_model
+    from defectops.training.models.patchcore import load_anomaly_model
+
+    s = json.loads((anomaly_run.root / RUN.summary).read_text())
+    c = client(s["tracking_uri"])
+    mv = c.get_model_version(s["registered_model"], s["version"])
+    assert {a.path for a in c.list_artifacts(mv.run_id, "model")} == {f"model/{META}", f"model/{ANOMALY_WEIGHTS}"}
+    net = load_registered_model(f"models:/{s['registered_model']}/{s['version']}", tracking_uri=s["tracking_uri"])
+    ref, _ = load_anomaly_model(anomaly_run.root / RUN.model)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(net(x)[0], ref(x)[0])
+
+
 def test_onnx_carries_raw_outputs_and_the_operating_point_as_metadata(anomaly_run: AnomalyRun) -> None:
     model = onnx.load(str(anomaly_run.root / RUN.onnx), load_external_data=False)
     assert [o.name for o in model.graph.output] == ["scores", "anomaly_map"]

@@ -71,19 +71,64 @@ def test_registry_state(tiny_run: TinyRun) -> None:
 
 
 def test_registered_model_loads_and_matches_onnx(tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlflow.pytorch
+    """The version's ``model`` artifact is the tensors-only format (no MLflow pickle) and loads through
+    ``load_registered_model`` like the ONNX export scores."""
     import torch
 
     from defectops.serving.onnx_export import onnx_logits, onnx_session
+    from defectops.training.models.model_format import META, WEIGHTS, load_registered_model
 
     s = json.loads((tiny_run.root / "summary.json").read_text())
+    mv = _client(s["tracking_uri"]).get_model_version_by_alias(s["registered_model"], "challenger")
+    files = {a.path for a in _client(s["tracking_uri"]).list_artifacts(mv.run_id, "model")}
+    assert files == {f"model/{META}", f"model/{WEIGHTS}"}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s["tracking_uri"])  # what a user of this registry would set
-    model = mlflow.pytorch.load_model(f"models:/{s['registered_model']}@challenger")
+    model = load_registered_model(f"models:/{s['registered_model']}@challenger")
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     got = onnx_logits(onnx_session(Path(s["onnx_path"])), x)
     assert np.abs(ref - got).max() < 1e-3
+
+
+def test_a_pickled_version_in_the_store_is_refused_by_drift_check(tiny_run: TinyRun, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version whose ``model`` artifact is an MLflow pickle (here a booby-trapped one: unpickling it would create a
+    file) is refused by `drift check` with the reason and the opt-in; its code never runs."""
+    import pickle
+
+    s = json.loads((tiny_run.root / "summary.json").read_text())
+    c = _client(s["tracking_uri"])
+    marker = tmp_path / "pwned"
+
+    class Trap:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return open, (str(marker), "w")
+
+    old = tmp_path / "model"
+    (old / "data").mkdir(parents=True)
+    (old / "MLmodel").write_text("flavors:\n  pytorch:\n    model_data: data\n    serialization_format: pickle\n")
+    (old / "data" / "model.pth").write_bytes(pickle.dumps(Trap()))
+    name = "trapped-pickle"
+    reg = json.loads((tiny_run.root / "registry.json").read_text())
+    exp = c.get_run(reg["mlflow_run_id"]).info.experiment_id
+    rid = c.create_run(exp).info.run_id
+    c.log_artifacts(rid, str(old), "model")
+    c.log_artifacts(rid, str(tiny_run.root / "drift"), "drift")
+    c.create_registered_model(name)
+    try:
+        c.create_model_version(name, f"{c.get_run(rid).info.artifact_uri}/model", run_id=rid)
+        monkeypatch.setenv("DEFECTOPS_HOME", str(tiny_run.home))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("DEFECTOPS_ALLOW_PICKLE", raising=False)
+        r = CliRunner().invoke(app, ["drift", "check", "--model", f"models:/{name}/1", "--images", str(tmp_path)])
+        assert r.exit_code == EXIT_USAGE, r.output
+        out = " ".join(r.output.split())
+        assert "pickled MLflow PyTorch model" in out and "unpickling runs code from the artifact store" in out
+        assert "--allow-pickle" in out
+        assert not marker.exists()
+    finally:
+        c.delete_registered_model(name)
 
 
 def test_triton_repository_layout(tiny_run: TinyRun) -> None:

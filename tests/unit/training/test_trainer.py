@@ -82,6 +82,32 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         fit(x, y, CLASSES, MODEL, _cfg(epochs=2), tmp_path, seed=0)
 
 
+def test_checkpoints_are_tensors_and_plain_values_and_a_pickled_one_never_runs(tmp_path: Path) -> None:
+    """Resumable checkpoints (optimizer and scheduler included) load with ``torch.load(weights_only=True)``; a
+    checkpoint holding another object (here one whose unpickling would create a file) is refused, its code not run."""
+    import pickle
+
+    x, y = _data(32)
+    fit(x, y, CLASSES, MODEL, _cfg(epochs=1), tmp_path, seed=0)
+    ckpt = checkpoints(tmp_path)[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "history", "classes", "in_chans"} <= set(state)
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] > 0
+
+    marker = tmp_path / "pwned"
+
+    class Trap:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return open, (str(marker), "w")
+
+    torch.save({**state, "history": [Trap()]}, ckpt)
+    assert pickle.loads(pickle.dumps(Trap())) and marker.exists()  # the trap is real when unpickled
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="other than tensors and plain values"):
+        fit(x, y, CLASSES, MODEL, _cfg(epochs=2), tmp_path, seed=0)
+    assert not marker.exists()
+
+
 def test_checkpoint_from_other_classes_is_refused(tmp_path: Path) -> None:
     x, y = _data(32)
     fit(x, y, CLASSES, MODEL, _cfg(epochs=1), tmp_path, seed=0)
@@ -162,7 +188,7 @@ def test_bf16_channels_last_training_learns_and_saves_a_plain_float32_model(tmp_
     res = fit(x, y, CLASSES, ModelConfig(name="aoi_resnet10t"), cfg, tmp_path / "bf16", seed=0)
     assert all(np.isfinite(h["loss"]) for h in res.history)
     assert res.history[-1]["loss"] < res.history[0]["loss"] / 2 and res.history[-1]["accuracy"] > 0.7
-    saved = torch.load(checkpoints(tmp_path / "bf16")[-1], weights_only=False)["model"]
+    saved = torch.load(checkpoints(tmp_path / "bf16")[-1], weights_only=True)["model"]
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
 
 
