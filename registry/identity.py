@@ -72,33 +72,27 @@ def resolve_identity(tracking_uri: str, model: str, *, declared_user: str | None
     return _ask_server(tracking_uri, model, user)
 
 
+def _refusal(tracking_uri: str, user: str, error: Exception) -> IdentityError:
+    """What a failed identity check means, in one line with the fix."""
+    text, code = str(error), str(getattr(error, "error_code", ""))
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in text or "Unauthorized" in text:
+        return IdentityError(f"the registry at {tracking_uri} refused the credentials of {user!r}: check "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    if code == "ENDPOINT_NOT_FOUND" or "404" in text:
+        return IdentityError(f"the registry at {tracking_uri} has no authentication (start it with `mlflow server "
+                             "--app-name basic-auth`): decisions on a shared registry need an authenticated user")
+    return IdentityError(f"could not establish {user!r}'s identity at {tracking_uri}: {text[:200]}")
+
+
 def _ask_server(tracking_uri: str, model: str, user: str) -> Identity:
-    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
     try:
         auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
         account = auth.get_user(user)
         permission = auth.get_user_permission(user, "registered_model", model).permission
-    except RestException as e:
-        code = str(getattr(e, "error_code", ""))
-        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in str(e) or "Unauthorized" in str(e):
-            raise IdentityError(f"the registry at {tracking_uri} refused the credentials of {user!r}: check "
-                                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
-        if code in ("ENDPOINT_NOT_FOUND", "RESOURCE_DOES_NOT_EXIST") or "404" in str(e):
-            raise IdentityError(f"the registry at {tracking_uri} has no authentication (start it with `mlflow server "
-                                "--app-name basic-auth`): decisions on a shared registry need an authenticated user"
-                                ) from None
-        raise IdentityError(f"could not establish {user!r}'s identity at {tracking_uri}: {str(e)[:200]}") from None
-    except (MlflowException, OSError) as e:
-        msg = str(e)
-        if "401" in msg or "Unauthorized" in msg or "credentials" in msg.lower():
-            raise IdentityError(f"the registry at {tracking_uri} refused the credentials of {user!r}: check "
-                                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
-        if "404" in msg:
-            raise IdentityError(f"the registry at {tracking_uri} has no authentication (start it with `mlflow server "
-                                "--app-name basic-auth`): decisions on a shared registry need an authenticated user"
-                                ) from None
-        raise IdentityError(f"could not establish {user!r}'s identity at {tracking_uri}: {msg[:200]}") from None
+    except (MlflowException, OSError) as e:  # RestException is an MlflowException
+        raise _refusal(tracking_uri, user, e) from None
     return Identity(account.username, role_from_permission(permission, is_admin=bool(account.is_admin)),
                     AUTHENTICATED)

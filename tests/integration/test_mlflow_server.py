@@ -36,7 +36,16 @@ def test_run_register_and_approve_on_a_tracking_server(mlflow_server: str, home:
     monkeypatch.setenv("DEFECTOPS_USER", "alice")
     r = runner.invoke(app, ["registry", "approve", summary["version"], "--reason", "trial passed", "--role",
                             "quality-lead", "--tracking-uri", mlflow_server])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 2 and "--as/--role are refused against the shared registry" in r.output  # self-declared
+    r = runner.invoke(app, ["registry", "approve", summary["version"], "--reason", "trial passed", "--tracking-uri",
+                        mlflow_server])
+    assert r.exit_code == 2 and "needs your MLflow credentials" in r.output  # this server authenticates no one
+    # the decision itself through the library (what the review page calls), recorded in the server's store
+    from defectops.registry.config import RegistryConfig
+    from defectops.registry.governance import approve
+
+    approve(c, "defectops-aoi", summary["version"], actor="alice", role="quality-lead", reason="trial passed",
+            cfg=RegistryConfig(), max_regression=0.02, lock_dir=home, identity="review-password")
     assert c.get_model_version_by_alias("defectops-aoi", "champion").version == mv.version
     r = runner.invoke(app, ["registry", "audit", "--verify", "--tracking-uri", mlflow_server])
     assert r.exit_code == 0, r.output
