@@ -14,9 +14,12 @@ to an older snapshot together with its head tag.
 Why: a trail under one machine's ``$DEFECTOPS_HOME`` is invisible to the review server, CI and other operators of the
 same registry, and is lost with that machine. The registry is what every party already shares and backs up.
 
-Concurrency: appends and the decisions around them are serialised by an ``fcntl`` lock in a local ``lock_dir``
-(default ``$DEFECTOPS_HOME``), which covers every process on one host (the CLI and the review server together).
-Across hosts it depends on the artifact store of the trail's run:
+Concurrency: appends and the decisions around them are serialised by an ``fcntl`` lock. On a **SQLite** registry
+the lock file lives beside the database (``.<db name>.defectops-locks/``): a database-level lock that every process
+using that database takes, whatever its ``$DEFECTOPS_HOME`` (the CLI, the review server, other users' pipelines; a
+SQLite registry is one host's, or one shared file system's, by nature). Otherwise the lock is in a local ``lock_dir``
+(default ``$DEFECTOPS_HOME``), which covers the processes on one host that share it. Across hosts it depends on the
+artifact store of the trail's run:
 
 * **S3** (the run's artifact URI is ``s3://...``, i.e. the client writes to S3 itself): every record is also its own
   object ``records/<seq:08d>-<prev_hash[:16]>.json`` under the run's artifact root, written with a conditional put
@@ -33,7 +36,8 @@ Across hosts it depends on the artifact store of the trail's run:
   successor: the last tag write wins and the other record drops out of the chain. The loss is not silent: the loser's
   snapshot stays in ``trail/`` and its version tag ``defectops.audit.<seq>`` disagrees with the trail, which
   :meth:`RegistryTrail.check` (``defectops registry audit --verify``) reports. Decide from one host (one review
-  server per registry) there. No database-level lock is taken on SQL registries.
+  server per registry) there. No database-level lock is taken on a PostgreSQL registry (an advisory lock would be
+  the way; not built).
 
 Limits in both modes: the registry writes that follow an append (aliases, tags) are not transactional with it, and
 two hosts creating the trail's run for a model's very first record at the same instant can create two runs (the
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -210,6 +215,18 @@ class RegistryTrail:
 
     # ------------------------------------------------------------------------------------------------ locking
     def _lock_file(self, kind: str) -> Path:
+        """The lock of this model's decisions (``kind``: ``decide`` or ``append``). On a SQLite registry it lives
+        beside the database file, so every process that uses that database takes the same lock whatever its
+        ``lock_dir`` (``$DEFECTOPS_HOME``): the CLI, the review server and the pipeline of different users.
+        ``DEFECTOPS_AUDIT_LOCK_DIR`` puts the locks elsewhere (every party of one registry must then name the same
+        folder)."""
+        override = os.environ.get("DEFECTOPS_AUDIT_LOCK_DIR")
+        if override:
+            return Path(override) / f"{self.model}.{kind}.lock"
+        uri = str(getattr(self.client, "tracking_uri", "") or "")
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            return db.parent / f".{db.name}.defectops-locks" / f"{self.model}.{kind}.lock"
         return self.lock_dir / "audit" / f"{self.model}.{kind}.lock"
 
     @contextmanager

@@ -90,7 +90,46 @@ def s3_registry(s3: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return {"uri": uri, "client": c, "bucket": bucket, "env": env, "tmp": tmp_path, "s3": s3}
 
 
-def _race(reg: dict[str, Any], mode: str) -> dict[str, dict[str, Any]]:
+@pytest.fixture
+def local_registry(tmp_path: Path) -> dict[str, Any]:
+    """The same registry with a local artifact store (no compare-and-set): SQLite + a folder."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = make_client(uri)
+    exp = c.create_experiment("aoi", artifact_location=str(tmp_path / "artifacts"))
+    run = c.create_run(exp).info
+    evidence = tmp_path / "evidence"
+    (evidence / "evidence").mkdir(parents=True)
+    (evidence / "metrics.json").write_text("{}")
+    (evidence / "evidence" / "gates.json").write_text('{"passed": true}')
+    c.log_artifacts(run.run_id, str(evidence))
+    c.create_registered_model("m")
+    mv = c.create_model_version("m", f"{run.artifact_uri}/model", run_id=run.run_id)
+    c.set_model_version_tag("m", str(mv.version), "defectops.gates_passed", "true")
+    c.set_registered_model_alias("m", CFG.challenger_alias, str(mv.version))
+    record_register(c, "m", str(mv.version), actor="rita", role="ml-engineer", lock_dir=tmp_path / "host0")
+    return {"uri": uri, "client": c, "env": {}, "tmp": tmp_path}
+
+
+def test_two_processes_on_one_sqlite_registry_are_serialised_by_its_lock(local_registry: dict[str, Any]) -> None:
+    """Two processes with different homes (lock dirs) approving on one SQLite registry whose artifacts are a local
+    folder (no compare-and-set): the lock beside the database serialises them, exactly one approval is recorded, the
+    other is refused, and the trail is whole."""
+    reg = local_registry
+    out = _race(reg, "approve-local", both_reach_barrier=False)
+    won = [n for n, o in out.items() if "seq" in o]
+    lost = [n for n, o in out.items() if "error" in o]
+    assert len(won) == 1 and len(lost) == 1, out
+    assert out[lost[0]]["type"] == "GovernanceError"
+    c = reg["client"]
+    assert str(c.get_registered_model("m").aliases[CFG.champion_alias]) == "1"
+    result = RegistryTrail(c, "m", reg["tmp"] / "reader").check()
+    assert result.ok, result.problem
+    assert [(r["action"], r["actor"]) for r in result.records] == [("register", "rita"), ("approve", won[0])]
+    db = Path(reg["uri"].removeprefix("sqlite:///"))
+    assert (db.parent / f".{db.name}.defectops-locks" / "m.decide.lock").is_file()
+
+
+def _race(reg: dict[str, Any], mode: str, *, both_reach_barrier: bool = True) -> dict[str, dict[str, Any]]:
     """Start two worker processes (hosts ``a`` and ``b``) together; their JSON outcomes by name."""
     barrier = reg["tmp"] / f"barrier-{mode}"
     barrier.mkdir()
@@ -103,7 +142,8 @@ def _race(reg: dict[str, Any], mode: str) -> dict[str, dict[str, Any]]:
         stdout, stderr = p.communicate(timeout=120)
         assert p.returncode == 0, stderr.decode()[-2000:]
         out[name] = json.loads(stdout.decode().strip().splitlines()[-1])
-    assert sorted(p.name for p in barrier.iterdir()) == ["a", "b"]  # both reached the put after the same head
+    if both_reach_barrier:
+        assert sorted(p.name for p in barrier.iterdir()) == ["a", "b"]  # both reached the put after the same head
     return out
 
 
