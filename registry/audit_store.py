@@ -36,8 +36,9 @@ artifact store of the trail's run:
   successor: the last tag write wins and the other record drops out of the chain. The loss is not silent: the loser's
   snapshot stays in ``trail/`` and its version tag ``defectops.audit.<seq>`` disagrees with the trail, which
   :meth:`RegistryTrail.check` (``defectops registry audit --verify``) reports. Decide from one host (one review
-  server per registry) there. No database-level lock is taken on a PostgreSQL registry (an advisory lock would be
-  the way; not built).
+  server per registry) there, or use a SQL registry: on PostgreSQL every decision also holds a session-level advisory
+  lock in the registry's database (``pg_advisory_lock``), which serialises deciders on every host; on SQLite the lock
+  file beside the database does the same for every process that can open it.
 
 Limits in both modes: the registry writes that follow an append (aliases, tags) are not transactional with it, and
 two hosts creating the trail's run for a model's very first record at the same instant can create two runs (the
@@ -232,7 +233,15 @@ class RegistryTrail:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """The decision lock: hold it around the registry checks and writes that go with an append."""
-        with audit.locked(self._lock_file("decide")):
+        with self._locks("decide"):
+            yield
+
+    @contextmanager
+    def _locks(self, kind: str) -> Iterator[None]:
+        """The file lock of :meth:`_lock_file` and, on a PostgreSQL registry, a session-level advisory lock in that
+        database (``pg_advisory_lock`` of a key derived from the model and ``kind``): every host deciding on the
+        registry takes it, and it never blocks MLflow's own writes (an advisory lock only excludes other takers)."""
+        with audit.locked(self._lock_file(kind)), _advisory_lock(self.client, f"{self.model}\0{kind}"):
             yield
 
     # ------------------------------------------------------------------------------------------------ pointers
@@ -399,7 +408,7 @@ class RegistryTrail:
         tag and ``audit.jsonl`` are refreshed as hints. Elsewhere the extended snapshot is uploaded and the head tag
         moved to it (the commit point). Callers that also change the registry hold :meth:`locked` around both (as
         :mod:`registry.governance` does); this locks appends on this host itself."""
-        with audit.locked(self._lock_file("append")):
+        with self._locks("append"):
             for attempt in range(1, CAS_ATTEMPTS + 1):
                 trail = self._verified()
                 records = trail.records
@@ -464,3 +473,27 @@ class RegistryTrail:
                 self.client.log_artifact(run, str(latest))
             except (MlflowException, OSError) as e:
                 log.warning("audit record %s committed; refreshing %s failed: %s", rec.seq, LATEST, e)
+
+
+@contextmanager
+def _advisory_lock(client: MlflowClient, name: str) -> Iterator[None]:
+    """``pg_advisory_lock`` on a dedicated connection for the duration (PostgreSQL registries only; a no-op else)."""
+    uri = str(getattr(client, "tracking_uri", "") or "")
+    if not uri.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(f"defectops-audit\0{name}".encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()

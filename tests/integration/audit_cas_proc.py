@@ -1,7 +1,8 @@
 """One "host" of tests/integration/test_audit_cas.py: appends to (or approves on) a registry whose artifacts are on S3.
 
-Usage: ``python audit_cas_proc.py append|approve|approve-local TRACKING_URI MODEL LOCK_DIR BARRIER_DIR NAME``
-(``approve-local``: a registry with a local artifact store, where the race is held at the commit instead). Each
+Usage: ``python audit_cas_proc.py append|approve|approve-local|approve-hosts TRACKING_URI MODEL LOCK_DIR BARRIER NAME``
+(``approve-local``/``-hosts``: a local artifact store, where the race is held at the commit instead; ``-hosts``:
+each process with its own lock files, as on separate hosts). Each
 process has its own lock dir (nothing shared but the registry and the S3 store). Its first conditional put waits
 until both processes have reached theirs (a file barrier), so both have read the same trail head and race for the
 same key.
@@ -20,7 +21,7 @@ from typing import Any
 
 def main() -> None:
     mode, uri, model, lock_dir, barrier, name = sys.argv[1:7]
-    if mode != "approve-local":  # two "hosts": each its own decision locks, only the registry and S3 shared
+    if mode != "approve-local":  # two "hosts": each its own decision lock files, only the registry and store shared
         os.environ["DEFECTOPS_AUDIT_LOCK_DIR"] = lock_dir
     from defectops.registry import audit_store
     from defectops.registry.config import RegistryConfig
@@ -51,7 +52,7 @@ def main() -> None:
             time.sleep(0.01)
         return publish(self, *args, **kwargs)
 
-    if mode == "approve-local":
+    if mode in ("approve-local", "approve-hosts"):
         audit_store.RegistryTrail._publish = publish_at_barrier  # type: ignore[method-assign]
     c = make_client(uri)
     try:

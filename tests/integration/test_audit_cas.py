@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,7 @@ def s3_registry(s3: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return {"uri": uri, "client": c, "bucket": bucket, "env": env, "tmp": tmp_path, "s3": s3}
 
 
-@pytest.fixture
-def local_registry(tmp_path: Path) -> dict[str, Any]:
-    """The same registry with a local artifact store (no compare-and-set): SQLite + a folder."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _local_registry(uri: str, tmp_path: Path) -> dict[str, Any]:
     c = make_client(uri)
     exp = c.create_experiment("aoi", artifact_location=str(tmp_path / "artifacts"))
     run = c.create_run(exp).info
@@ -108,6 +106,43 @@ def local_registry(tmp_path: Path) -> dict[str, Any]:
     c.set_registered_model_alias("m", CFG.challenger_alias, str(mv.version))
     record_register(c, "m", str(mv.version), actor="rita", role="ml-engineer", lock_dir=tmp_path / "host0")
     return {"uri": uri, "client": c, "env": {}, "tmp": tmp_path}
+
+
+@pytest.fixture
+def local_registry(tmp_path: Path) -> dict[str, Any]:
+    """The same registry with a local artifact store (no compare-and-set): SQLite + a folder."""
+    return _local_registry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+
+
+@pytest.fixture
+def pg_registry(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The same registry on a real PostgreSQL server (MLflow's SQL backend through psycopg 3), local artifacts."""
+    import psycopg
+    from pg_server import postgres
+
+    with postgres() as dsn:
+        with psycopg.connect(f"{dsn} dbname=postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE mlflow")
+        port = dsn.split("port=")[1].split()[0]
+        yield _local_registry(f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow", tmp_path)
+
+
+def test_two_hosts_on_one_postgresql_registry_are_serialised_by_an_advisory_lock(pg_registry: dict[str, Any]
+                                                                                  ) -> None:
+    """Two processes with separate lock files (two hosts) approving on one PostgreSQL registry with an artifact store
+    that has no compare-and-set: the advisory lock in the database serialises them; exactly one approval, the other
+    refused, the trail whole."""
+    reg = pg_registry
+    out = _race(reg, "approve-hosts", both_reach_barrier=False)
+    won = [n for n, o in out.items() if "seq" in o]
+    lost = [n for n, o in out.items() if "error" in o]
+    assert len(won) == 1 and len(lost) == 1, out
+    assert out[lost[0]]["type"] == "GovernanceError"
+    c = reg["client"]
+    assert str(c.get_registered_model("m").aliases[CFG.champion_alias]) == "1"
+    result = RegistryTrail(c, "m", reg["tmp"] / "reader").check()
+    assert result.ok, result.problem
+    assert [(r["action"], r["actor"]) for r in result.records] == [("register", "rita"), ("approve", won[0])]
 
 
 def test_two_processes_on_one_sqlite_registry_are_serialised_by_its_lock(local_registry: dict[str, Any]) -> None:
