@@ -74,26 +74,15 @@ def s3_registry(s3: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": s3.region}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = make_client(uri)
-    exp = c.create_experiment("aoi", artifact_location=f"s3://{bucket}/mlruns")
-    run = c.create_run(exp).info
-    evidence = tmp_path / "evidence"
-    (evidence / "evidence").mkdir(parents=True)
-    (evidence / "metrics.json").write_text("{}")
-    (evidence / "evidence" / "gates.json").write_text('{"passed": true}')
-    c.log_artifacts(run.run_id, str(evidence))
-    c.create_registered_model("m")
-    mv = c.create_model_version("m", f"{run.artifact_uri}/model", run_id=run.run_id)
-    c.set_model_version_tag("m", str(mv.version), "defectops.gates_passed", "true")
-    c.set_registered_model_alias("m", CFG.challenger_alias, str(mv.version))
-    record_register(c, "m", str(mv.version), actor="rita", role="ml-engineer", lock_dir=tmp_path / "host0")
-    return {"uri": uri, "client": c, "bucket": bucket, "env": env, "tmp": tmp_path, "s3": s3}
+    reg = _registry(f"sqlite:///{tmp_path / 'mlflow.db'}", f"s3://{bucket}/mlruns", tmp_path)
+    return {**reg, "bucket": bucket, "env": env, "s3": s3}
 
 
-def _local_registry(uri: str, tmp_path: Path) -> dict[str, Any]:
+def _registry(uri: str, artifact_location: str, tmp_path: Path) -> dict[str, Any]:
+    """Model ``m`` in the registry at ``uri`` (artifacts under ``artifact_location``), version 1 the gated
+    ``challenger`` registered by ``rita`` (its ``register`` record the trail's first)."""
     c = make_client(uri)
-    exp = c.create_experiment("aoi", artifact_location=str(tmp_path / "artifacts"))
+    exp = c.create_experiment("aoi", artifact_location=artifact_location)
     run = c.create_run(exp).info
     evidence = tmp_path / "evidence"
     (evidence / "evidence").mkdir(parents=True)
@@ -111,7 +100,7 @@ def _local_registry(uri: str, tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def local_registry(tmp_path: Path) -> dict[str, Any]:
     """The same registry with a local artifact store (no compare-and-set): SQLite + a folder."""
-    return _local_registry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    return _registry(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), tmp_path)
 
 
 @pytest.fixture
@@ -124,7 +113,8 @@ def pg_registry(tmp_path: Path) -> Iterator[dict[str, Any]]:
         with psycopg.connect(f"{dsn} dbname=postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE mlflow")
         port = dsn.split("port=")[1].split()[0]
-        yield _local_registry(f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow", tmp_path)
+        yield _registry(f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow", str(tmp_path / "artifacts"),
+                        tmp_path)
 
 
 def test_two_hosts_on_one_postgresql_registry_are_serialised_by_an_advisory_lock(pg_registry: dict[str, Any]
