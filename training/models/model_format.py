@@ -23,7 +23,6 @@ environment); then a one-line warning names the risk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 
 from torch import nn
 
+from defectops.core.fsutil import sha256_file
 from defectops.training.models import DefectClassifier, create_model
 
 __all__ = ["ALLOW_PICKLE_ENV", "ANOMALY_WEIGHTS", "FORMAT", "META", "WEIGHTS", "ModelFormatError", "PickledModelError",
@@ -59,13 +59,6 @@ class ModelFormatError(ValueError):
 class PickledModelError(ModelFormatError):
     """The folder is a pickled MLflow PyTorch model and the caller did not opt in to unpickling it."""
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def plain_values(value: Any) -> Any:
@@ -101,7 +94,7 @@ def save_registered_classifier(model: DefectClassifier, out: Path, *, model_name
                    "img_size": int(img_size), "tta": str(tta or model.tta), "kwargs": plain_values(dict(kwargs or {}))}
     _write_meta(out, {"kind": "classifier", "model_name": model_name, "constructor": constructor,
                       "classes": [str(c) for c in classes], "weights": WEIGHTS,
-                      "weights_sha256": _sha256(out / WEIGHTS), "extra": plain_values(dict(extra or {}))})
+                      "weights_sha256": sha256_file(out / WEIGHTS), "extra": plain_values(dict(extra or {}))})
 
 
 def save_registered_anomaly(model: Any, out: Path, *, model_name: str, input_hw: tuple[int, int],
@@ -116,7 +109,7 @@ def save_registered_anomaly(model: Any, out: Path, *, model_name: str, input_hw:
     constructor = {"num_neighbors": int(model.model.num_neighbors), "layers": list(model.spec.layers)}
     _write_meta(out, {"kind": "anomaly", "model_name": model_name, "constructor": constructor,
                       "input_hw": [int(input_hw[0]), int(input_hw[1])], "classes": [str(c) for c in classes],
-                      "weights": ANOMALY_WEIGHTS, "weights_sha256": _sha256(out / ANOMALY_WEIGHTS),
+                      "weights": ANOMALY_WEIGHTS, "weights_sha256": sha256_file(out / ANOMALY_WEIGHTS),
                       "extra": plain_values(dict(extra or {}))})
 
 
@@ -138,7 +131,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     weights = folder / str(meta.get("weights", ""))
     if Path(str(meta.get("weights", ""))).name != meta.get("weights") or not weights.is_file():
         raise ModelFormatError(f"{folder} has no weights file {meta.get('weights')!r}: the artifact is incomplete")
-    if meta.get("weights_sha256") != _sha256(weights):
+    if meta.get("weights_sha256") != sha256_file(weights):
         raise ModelFormatError(f"{weights} does not match the SHA-256 in {META}: the artifact is damaged or was "
                                f"altered")
     return meta

@@ -15,7 +15,6 @@ classes are ImageNet's), and a first convolution for other than 3 input channels
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from defectops.core.fsutil import sha256_file
 
 __all__ = ["SOURCES", "WeightsError", "WeightsSource", "load_backbone_weights", "weights_file"]
 
@@ -52,13 +53,6 @@ SOURCES: dict[str, WeightsSource] = {
 
 HEAD_PREFIXES = ("classifier.", "fc.", "head.")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_file(source: str) -> tuple[Path, WeightsSource | None]:
@@ -108,7 +102,7 @@ def load_backbone_weights(backbone: nn.Module, source: str) -> dict[str, str]:
     from timm.models import adapt_input_conv
 
     path, spec = weights_file(source)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if spec is not None and digest != spec.sha256:
         raise WeightsError(f"{path} has SHA-256 {digest[:16]}..., not the {spec.pip_name} file: reinstall it")
     given = _read_state_dict(path)
